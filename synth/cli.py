@@ -1,0 +1,142 @@
+"""The command surface. Each command parses its arguments and calls one function.
+
+A user's mistake (SynthError) is printed as one line, `synth: error: ...`, with exit code 2.
+Heavy modules are imported inside the commands, so `synth --help` starts fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+FORMATS = click.Choice(["table", "csv", "json"])
+
+
+def _console():
+    from rich.console import Console
+    return Console()
+
+
+def _err_console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+class SynthGroup(click.Group):
+    """Turns SynthError into one line and exit code 2 for every command."""
+
+    def invoke(self, ctx):
+        from synth.errors import SynthError
+        try:
+            return super().invoke(ctx)
+        except SynthError as exc:
+            click.echo(f"synth: error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("synth: interrupted; everything received so far is saved, re-run to continue", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=SynthGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="synth-distill")
+def main() -> None:
+    """synth: distil large language models through data.
+
+    A pipeline file names a store (one DuckDB file), teachers and stages. `synth run` runs the
+    stale stages; every stage's output is a table you can query by the stage's name.
+    """
+
+
+PIPELINE = click.argument("pipeline", type=click.Path(path_type=Path))
+
+
+@main.command()
+@PIPELINE
+@click.argument("stages", nargs=-1)
+@click.option("--force", is_flag=True, help="Run the named stages even if they are up to date.")
+def run(pipeline: Path, stages: tuple[str, ...], force: bool) -> None:
+    """Run the stale stages of PIPELINE (or the named STAGES and what they read), in DAG order."""
+    from synth.pipeline import load_pipeline, run as run_pipeline
+
+    p = load_pipeline(pipeline)
+    counts = run_pipeline(p, list(stages) or None, force=force, argv=sys.argv[1:], console=_err_console())
+    click.echo(f"run {counts['run_id']}: {len(counts['stages_run'])} stages run, {counts['sent']} requests sent, "
+               f"{counts['cached']} cached, {counts['errors']} errors", err=True)
+    if counts["errors"]:
+        click.echo("some requests failed; `synth status` counts them and a re-run retries them", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@PIPELINE
+@click.argument("stages", nargs=-1)
+def plan(pipeline: Path, stages: tuple[str, ...]) -> None:
+    """Show what `synth run` would do, without calling any teacher: each stage, stale or fresh and
+    why, requests cached vs to send, and a token estimate (~4 characters per token)."""
+    from rich.table import Table
+
+    from synth.pipeline import load_pipeline, plan as make_plan
+
+    p = load_pipeline(pipeline)
+    rows = make_plan(p, list(stages) or None)
+    table = Table(title=f"plan for {p.path.name}")
+    for col in ("stage", "kind", "status", "requests", "cached", "to send", "est. prompt tokens",
+                "max completion tokens", "why"):
+        table.add_column(col)
+    fmt = lambda v: "" if v is None else (f"{v:,}" if isinstance(v, int) else str(v))  # noqa: E731
+    for r in rows:
+        table.add_row(r["stage"], r["kind"], "stale" if r["stale"] else "fresh", fmt(r.get("requests")),
+                      fmt(r.get("cached")), fmt(r.get("to_send")), fmt(r.get("est_prompt_tokens")),
+                      fmt(r.get("max_completion_tokens")), r.get("note") or r["reason"])
+    _console().print(table)
+
+
+@main.command()
+@PIPELINE
+def status(pipeline: Path) -> None:
+    """Per-stage counts (rows, requests done / failed / pending, tokens) and the last runs.
+    Answers while a run is writing."""
+    from synth.inspect import print_status
+    from synth.pipeline import load_pipeline
+
+    print_status(load_pipeline(pipeline), _console())
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("query")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def sql(target: Path, query: str, fmt: str) -> None:
+    """Run a SQL QUERY on the store of TARGET (a pipeline file or a .duckdb file). Stage outputs are
+    tables named after their stages; internals live in the `synth` schema (synth.runs, ...)."""
+    from synth.inspect import format_rows, run_query, store_for
+
+    format_rows(run_query(store_for(target), query), fmt, _console())
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("stage")
+@click.option("-n", "n", default=5, show_default=True, help="How many rows.")
+def show(target: Path, stage: str, n: int) -> None:
+    """Pretty-print the first N rows of STAGE's output."""
+    from synth.inspect import show as show_rows, store_for
+
+    show_rows(store_for(target), stage, n, _console())
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("row_id")
+def why(target: Path, row_id: str) -> None:
+    """The lineage of a row (a request id, or a unique prefix of one): input row, rendered messages,
+    teacher, params, completion, errors and the run that wrote it."""
+    from synth.inspect import store_for, why as show_why
+
+    show_why(store_for(target), row_id, _console())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The pipeline file's schema: strict pydantic models, and YAML errors turned into one line each.
+
+Every key is declared here with its default; an unknown key anywhere is an error that names the
+file, the line, the stage and the key. Cross-references (inputs, teachers, templates, cycles) are
+checked by synth/pipeline.py once the file's shape is valid.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from synth.errors import SynthError
+from synth.teachers import SamplingParams, TeacherConfig
+
+STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_NAMES = {"synth", "main", "information_schema", "pg_catalog"}
+
+
+class _Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str | None = None
+
+
+class LoadStage(_Stage):
+    """Seed rows from a file: .jsonl .json .csv .parquet or a saved HF dataset directory."""
+    kind: Literal["load"]
+    path: str
+    limit: int | None = Field(None, ge=1)
+
+
+class GenerateStage(_Stage):
+    """input rows x template x samples -> requests -> completions."""
+    kind: Literal["generate"]
+    input: str
+    teacher: str
+    prompt: str
+    samples: int = Field(1, ge=1)
+    params: SamplingParams = Field(default_factory=SamplingParams)
+
+
+class ExportStage(_Stage):
+    """A generate stage's rows as training data in TRL's conversational format."""
+    kind: Literal["export"]
+    input: str
+    format: Literal["sft"] = "sft"
+    path: str
+    system: bool = Field(True, description="keep the template's system message")
+    few_shot: bool = Field(False, description="keep the template's few-shot turns")
+
+
+Stage = Annotated[Union[LoadStage, GenerateStage, ExportStage], Field(discriminator="kind")]
+STAGE_KINDS = ("load", "generate", "export")
+
+
+class PipelineFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    store: str | None = None
+    teachers: dict[str, TeacherConfig] = Field(default_factory=dict)
+    stages: dict[str, Stage]
+
+
+def read_pipeline_file(path: Path) -> PipelineFile:
+    """Parse and validate the shape of a pipeline file; raise SynthError with one line on any problem."""
+    if not path.is_file():
+        raise SynthError(f"{path}: no such pipeline file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SynthError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise SynthError(f"{path}: a pipeline file is a mapping with a `stages:` key")
+    for name in (data.get("stages") or {}) if isinstance(data.get("stages"), dict) else {}:
+        if not isinstance(name, str) or not STAGE_NAME.match(name) or name.lower() in RESERVED_NAMES:
+            raise SynthError(f"{path}:{_line_of(text, ['stages', name])}: stage name {name!r} is not allowed; "
+                             "use letters, digits and _ (it becomes a table name), and not "
+                             + ", ".join(sorted(RESERVED_NAMES)))
+    try:
+        return PipelineFile.model_validate(data)
+    except ValidationError as exc:
+        raise SynthError(_describe(path, text, data, exc)) from None
+
+
+def _describe(path: Path, text: str, data: Any, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = [p for p in err["loc"]]
+    # Drop the union tags pydantic inserts into locations (stages.x.generate.key -> stages.x.key).
+    clean: list = []
+    for i, part in enumerate(loc):
+        if i >= 2 and loc[0] in ("stages", "teachers") and i == 2 and isinstance(part, str) and \
+                part in (*STAGE_KINDS, "hf", "openai", "vllm"):
+            continue
+        clean.append(part)
+    where = _where(clean)
+    line = _line_of(text, [str(p) for p in clean])
+    prefix = f"{path}:{line}" if line else str(path)
+    etype = err["type"]
+    key = clean[-1] if clean else ""
+    if etype == "extra_forbidden":
+        return f"{prefix}: {where}unknown key '{key}'{_allowed(clean, data)}"
+    if etype == "missing":
+        return f"{prefix}: {where}missing required key '{key}'"
+    if etype == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        field = "kind" if clean and clean[0] == "stages" else "backend"
+        return (f"{prefix}: {where}unknown {field} {ctx.get('tag')!r} "
+                f"(choose from {ctx.get('expected_tags', '')})")
+    if etype == "union_tag_not_found":
+        field = "kind" if clean and clean[0] == "stages" else "backend"
+        return f"{prefix}: {where}missing required key '{field}'"
+    return f"{prefix}: {where}key '{key}': {err['msg'].lower()}"
+
+
+def _where(loc: list) -> str:
+    if len(loc) >= 2 and loc[0] == "stages":
+        return f"stage '{loc[1]}': "
+    if len(loc) >= 2 and loc[0] == "teachers":
+        return f"teacher '{loc[1]}': "
+    return ""
+
+
+def _allowed(loc: list, data: Any) -> str:
+    """List the keys allowed where an unknown key was found, for stages and teachers."""
+    from synth import config as me
+    try:
+        if loc[0] == "stages" and len(loc) == 3:
+            kind = data["stages"][loc[1]]["kind"]
+            model = {"load": me.LoadStage, "generate": me.GenerateStage, "export": me.ExportStage}[kind]
+        elif loc[0] == "teachers" and len(loc) == 3:
+            from synth.teachers import HFTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig
+            backend = data["teachers"][loc[1]]["backend"]
+            model = {"hf": HFTeacherConfig, "openai": OpenAITeacherConfig, "vllm": VLLMTeacherConfig}[backend]
+        elif loc[0] == "stages" and len(loc) == 4 and loc[2] == "params":
+            model = SamplingParams
+        elif len(loc) == 1:
+            model = PipelineFile
+        else:
+            return ""
+    except (KeyError, TypeError):
+        return ""
+    return f" (allowed: {', '.join(model.model_fields)})"
+
+
+def _line_of(text: str, keys: list[str]) -> int | None:
+    """1-based line of the deepest mapping key along `keys` in the YAML text (best effort)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in keys:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for k, v in node.value:
+            if str(k.value) == str(key):
+                line = k.start_mark.line + 1
+                node = v
+                break
+        else:
+            break
+    return line

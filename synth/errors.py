@@ -1,0 +1,14 @@
+"""The one exception type a user ever sees.
+
+A SynthError carries a message that is already a complete sentence for the user: what was wrong,
+where (file, stage, key, row), and what to do. The CLI prints it on one line and exits with code 2.
+Anything else that escapes is a bug in synth, and is shown as a traceback.
+"""
+
+
+class SynthError(Exception):
+    """A user's mistake or an environmental condition the user must act on (exit code 2)."""
+
+
+class StoreLocked(SynthError):
+    """Another process held the store's write lock for longer than the lock timeout."""

@@ -1,0 +1,262 @@
+"""The generate stage: input rows x template x samples -> requests -> completions.
+
+Contract (DESIGN.md, "Data model"):
+- a request's id is the hash of (model, rendered messages, sampling params, sample index);
+- the completions table is the cache: only ids without a completion are sent, so a finished stage
+  re-run sends nothing and an edited template re-sends only the rows whose messages changed;
+- completions are committed in short transactions as they arrive (every SYNTH_FLUSH_ROWS rows or
+  SYNTH_FLUSH_SECONDS seconds), so `kill -9` loses at most the batch in flight and a re-run continues;
+- a failed request is an error row with its cause; a re-run retries it.
+
+The stage's output is a view named after the stage over synth.generations (membership and parsed
+columns), synth.completions, synth.requests and the input stage's rows: it fills in live as
+completions are committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from synth.config import GenerateStage, LoadStage
+from synth.errors import SynthError
+from synth.ids import prompt_id, request_id
+from synth.parsers import PARSER_COLUMNS, PARSERS
+from synth.store import Store, now, quote_ident
+from synth.teachers import Completion, Request, load_teacher
+
+CHARS_PER_TOKEN = 4.0  # token estimate without a tokenizer: ~4 characters per token for English text
+
+
+def flush_rows() -> int:
+    return int(os.environ.get("SYNTH_FLUSH_ROWS", "256"))
+
+
+def flush_seconds() -> float:
+    return float(os.environ.get("SYNTH_FLUSH_SECONDS", "2"))
+
+
+@dataclass
+class Planned:
+    requests: list[Request]  # unique by id, in input order
+    input_ids: dict[str, str]  # request id -> input row id
+    prompts: dict[str, list[dict]]  # prompt id -> messages
+    prompt_of: dict[str, str]  # request id -> prompt id
+    collapsed: int  # requests dropped because another input row rendered the same messages
+
+
+def build_requests(pipeline, name: str, rows: list[dict]) -> Planned:
+    stage: GenerateStage = pipeline.stage(name)
+    template = pipeline.templates[name]
+    model = pipeline.spec.teachers[stage.teacher].model
+    params = stage.params.model_dump(exclude_none=True)
+    planned = Planned([], {}, {}, {}, 0)
+    for row in rows:
+        messages = template.render(row, where=f"{pipeline.where(name)}: input row id {row.get('id')!r}")
+        pid = prompt_id(messages)
+        planned.prompts[pid] = messages
+        for k in range(stage.samples):
+            rid = request_id(model, messages, params, k)
+            if rid in planned.input_ids:
+                planned.collapsed += 1
+                continue
+            planned.input_ids[rid] = str(row["id"])
+            planned.prompt_of[rid] = pid
+            planned.requests.append(Request(id=rid, messages=messages, params=params, sample=k))
+    return planned
+
+
+def input_rows(pipeline, name: str, from_store: bool) -> list[dict] | None:
+    """The rows the stage reads: a load input's seeds, or a generate input's rows from the store.
+    None when they are not known yet (an upstream generate stage has not run)."""
+    inp = pipeline.stage(name).input
+    if isinstance(pipeline.stage(inp), LoadStage) and not from_store:
+        return pipeline.seeds[inp].table.to_pylist()
+    if not pipeline.store.exists():
+        return None
+    with pipeline.store.read() as con:
+        exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' "
+                             "AND table_name = ?", [inp]).fetchone()[0]
+        if not exists:
+            return None
+        return con.sql(f"SELECT * FROM {quote_ident(inp)}").to_arrow_table().to_pylist()
+
+
+def cached_ids(store: Store, ids: list[str]) -> set[str]:
+    if not store.exists() or not ids:
+        return set()
+    with store.read() as con:
+        con.register("_ids", pa.table({"id": ids}))
+        return {r[0] for r in con.execute("SELECT c.id FROM synth.completions c JOIN _ids USING (id)").fetchall()}
+
+
+def estimate(pipeline, name: str, statuses) -> dict:
+    """Requests cached vs to send and estimated tokens, for `synth plan` (no teacher, no writes)."""
+    stage: GenerateStage = pipeline.stage(name)
+    upstream_unknown = statuses[stage.input].stale and not isinstance(pipeline.stage(stage.input), LoadStage)
+    rows = None if upstream_unknown else input_rows(pipeline, name, from_store=False)
+    if rows is None:
+        return {"requests": None, "cached": None, "to_send": None,
+                "note": f"requests known once '{stage.input}' has run"}
+    planned = build_requests(pipeline, name, rows)
+    cached = cached_ids(pipeline.store, [r.id for r in planned.requests])
+    to_send = [r for r in planned.requests if r.id not in cached]
+    prompt_chars = sum(len(m["content"]) for r in to_send for m in r.messages)
+    return {"requests": len(planned.requests), "cached": len(cached), "to_send": len(to_send),
+            "est_prompt_tokens": int(prompt_chars / CHARS_PER_TOKEN),
+            "max_completion_tokens": len(to_send) * stage.params.max_tokens}
+
+
+# ---- running ----------------------------------------------------------------------------------------
+
+def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
+    from synth.pipeline import record_stage
+
+    stage: GenerateStage = pipeline.stage(name)
+    template = pipeline.templates[name]
+    parse = PARSERS[template.spec.parse]
+    rows = input_rows(pipeline, name, from_store=True)
+    if rows is None:
+        raise SynthError(f"{pipeline.where(name)}: input '{stage.input}' has no rows in the store; run it first")
+    planned = build_requests(pipeline, name, rows)
+    ids = [r.id for r in planned.requests]
+    store = pipeline.store
+
+    # One transaction records the stage's requests and re-derives its membership from the cache.
+    with store.write() as con:
+        Store.insert_arrow(con, "synth.prompts", pa.table({
+            "id": list(planned.prompts), "messages": [json.dumps(m, ensure_ascii=False) for m in planned.prompts.values()]}))
+        Store.insert_arrow(con, "synth.requests", pa.table({
+            "id": ids, "prompt_id": [planned.prompt_of[i] for i in ids],
+            "model": [pipeline.spec.teachers[stage.teacher].model] * len(ids),
+            "params": [json.dumps(r.params) for r in planned.requests], "sample": [r.sample for r in planned.requests]}))
+        con.execute("DELETE FROM synth.generations WHERE stage = ?", [name])
+        con.register("_ids", pa.table({"id": ids}))
+        cached = dict(con.execute("SELECT c.id, c.text FROM synth.completions c JOIN _ids USING (id)").fetchall())
+        con.unregister("_ids")
+        Store.insert_arrow(con, "synth.generations", _membership(name, stage.teacher, planned.requests,
+                                                                 planned.input_ids, cached, parse))
+        _create_view(con, pipeline, name)
+        record_stage(con, pipeline, name, "running", len(cached), run_id, total=len(ids))
+
+    pending = [r for r in planned.requests if r.id not in cached]
+    sent, errors, tokens = 0, 0, 0
+    buffer: list[Completion] = []
+    by_id = {r.id: r for r in pending}
+
+    def flush() -> None:
+        if not buffer:
+            return
+        good = [c for c in buffer if c.ok]
+        bad = [c for c in buffer if not c.ok]
+        with store.write() as con:
+            Store.insert_arrow(con, "synth.completions", _completion_rows(good, stage.teacher, run_id))
+            Store.insert_arrow(con, "synth.generations", _membership(
+                name, stage.teacher, [by_id[c.request_id] for c in good], planned.input_ids,
+                {c.request_id: c.text for c in good}, parse), mode="OR REPLACE")
+            Store.insert_arrow(con, "synth.errors", pa.table({
+                "request_id": [c.request_id for c in bad], "stage": [name] * len(bad),
+                "cause": [c.error for c in bad], "message": [(c.error_message or "")[:2000] for c in bad],
+                "run_id": [run_id] * len(bad), "created_at": [now()] * len(bad)}))
+        buffer.clear()
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("cached {task.fields[cached]} · sent {task.fields[sent]} · "
+                                   "errors {task.fields[errors]} · {task.fields[tps]} tok/s"),
+                        TimeElapsedColumn(), console=console, transient=False)
+    started = time.monotonic()
+    last_flush = started
+    teacher = None
+    try:
+        with progress:
+            task = progress.add_task(name, total=len(ids), completed=len(cached), cached=len(cached), sent=0,
+                                     errors=0, tps=0)
+            if pending:
+                teacher = load_teacher(stage.teacher, pipeline.spec.teachers[stage.teacher], pipeline.base_dir)
+                for completion in teacher.generate(pending):
+                    sent += 1
+                    if completion.ok:
+                        tokens += completion.completion_tokens or 0
+                    else:
+                        errors += 1
+                    buffer.append(completion)
+                    elapsed = max(time.monotonic() - started, 1e-6)
+                    progress.update(task, advance=1 if completion.ok else 0, sent=sent, errors=errors,
+                                    tps=f"{tokens / elapsed:,.0f}")
+                    if len(buffer) >= flush_rows() or time.monotonic() - last_flush >= flush_seconds():
+                        flush()
+                        last_flush = time.monotonic()
+    finally:
+        flush()  # an exception or Ctrl-C keeps everything that had arrived
+        if teacher is not None:
+            teacher.close()
+
+    with store.write() as con:
+        done = con.execute("SELECT count(*) FROM synth.generations g JOIN synth.completions c USING (id) "
+                           "WHERE g.stage = ?", [name]).fetchone()[0]
+        missing = len(ids) - done
+        _create_view(con, pipeline, name)  # json parsers: columns for the keys seen
+        record_stage(con, pipeline, name, "done" if missing == 0 else "incomplete", done, run_id,
+                     total=len(ids), errors=missing, sent=sent, cached=len(cached), collapsed=planned.collapsed)
+    elapsed = time.monotonic() - started
+    console.print(f"  {name}: {done}/{len(ids)} rows · {len(cached)} cached · {sent} sent · {errors} errors · "
+                  f"{tokens:,} tokens in {elapsed:.1f}s")
+    return {"rows": done, "total": len(ids), "cached": len(cached), "sent": sent, "errors": errors,
+            "completion_tokens": tokens}
+
+
+def _membership(stage: str, teacher: str, requests: list[Request], input_ids: dict[str, str],
+                texts: dict[str, str], parse) -> pa.Table:
+    return pa.table({
+        "stage": [stage] * len(requests),
+        "id": [r.id for r in requests],
+        "input_id": [input_ids[r.id] for r in requests],
+        "sample": [r.sample for r in requests],
+        "teacher": [teacher] * len(requests),
+        "parsed": [json.dumps(parse(texts[r.id]), ensure_ascii=False) if r.id in texts else None for r in requests],
+    }, schema=pa.schema([("stage", pa.string()), ("id", pa.string()), ("input_id", pa.string()),
+                         ("sample", pa.int32()), ("teacher", pa.string()), ("parsed", pa.string())]))
+
+
+def _completion_rows(completions: list[Completion], teacher: str, run_id: str) -> pa.Table:
+    return pa.table({
+        "id": [c.request_id for c in completions], "text": [c.text for c in completions],
+        "finish_reason": [c.finish_reason for c in completions],
+        "prompt_tokens": pa.array([c.prompt_tokens for c in completions], pa.int32()),
+        "completion_tokens": pa.array([c.completion_tokens for c in completions], pa.int32()),
+        "latency_s": pa.array([c.latency_s for c in completions], pa.float64()),
+        "teacher": [teacher] * len(completions), "run_id": [run_id] * len(completions),
+        "created_at": [now()] * len(completions)})
+
+
+def _create_view(con, pipeline, name: str) -> None:
+    from synth.pipeline import GENERATION_COLUMNS, input_alias
+
+    stage: GenerateStage = pipeline.stage(name)
+    parse = pipeline.templates[name].spec.parse
+    parsed_cols = list(PARSER_COLUMNS[parse])
+    if parse == "json":
+        keys = con.execute("SELECT DISTINCT unnest(json_keys(parsed)) AS k FROM synth.generations "
+                           "WHERE stage = ? AND parsed IS NOT NULL ORDER BY k", [name]).fetchall()
+        parsed_cols += [k[0] for k in keys if k[0] not in GENERATION_COLUMNS]
+    own = GENERATION_COLUMNS + parsed_cols
+    select = ["g.id", "g.input_id", "g.sample", "g.teacher", "r.model", "c.text", "c.finish_reason",
+              "c.prompt_tokens", "c.completion_tokens"]
+    select += [f"json_extract_string(g.parsed, {_sql_str('$.' + json.dumps(k))}) AS {quote_ident(k)}"
+               for k in parsed_cols]
+    select += [f"i.{quote_ident(c)} AS {quote_ident(input_alias(c, own))}"
+               for c in pipeline.columns[stage.input] if c != "id"]
+    Store.replace_view(con, name, (
+        f"SELECT {', '.join(select)} FROM synth.generations g "
+        "JOIN synth.completions c ON c.id = g.id JOIN synth.requests r ON r.id = g.id "
+        f"LEFT JOIN {quote_ident(stage.input)} i ON i.id = g.input_id WHERE g.stage = {_sql_str(name)}"))
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"

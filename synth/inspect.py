@@ -1,0 +1,207 @@
+"""Read-only views of a store for people: status, sql, show, why. Nothing here writes.
+
+Every function opens short read-only connections (see store.py), so all of them answer while a
+`synth run` is writing in another process, waiting at most one batch write for the lock.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from synth.errors import SynthError
+from synth.store import Store, quote_ident
+
+
+def store_for(path: Path) -> Store:
+    """A .duckdb file is the store itself; a pipeline file names its store."""
+    from synth.config import read_pipeline_file
+    from synth.pipeline import default_store_path
+
+    path = Path(path).resolve()
+    if path.suffix in (".duckdb", ".db"):
+        return Store(path)
+    spec = read_pipeline_file(path)
+    return Store(path.parent / spec.store) if spec.store else Store(default_store_path(path))
+
+
+def run_query(store: Store, query: str):
+    import duckdb
+
+    try:
+        with store.read() as con:
+            return con.sql(query).to_arrow_table()
+    except duckdb.Error as exc:
+        raise SynthError(f"{store.path}: query failed: {' '.join(str(exc).split())}") from None
+
+
+def format_rows(table, fmt: str, console: Console, max_width: int = 60) -> None:
+    """Print an Arrow table as a rich table, CSV or JSON lines."""
+    rows = table.to_pylist()
+    if fmt == "json":
+        for row in rows:
+            console.print_json(json.dumps(row, default=str, ensure_ascii=False)) if console.is_terminal else \
+                print(json.dumps(row, default=str, ensure_ascii=False))
+        return
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(table.column_names)
+        for row in rows:
+            writer.writerow([_cell(v) for v in row.values()])
+        print(buf.getvalue(), end="")
+        return
+    out = Table(show_lines=False)
+    for name in table.column_names:
+        out.add_column(name, overflow="fold", max_width=max_width)
+    for row in rows:
+        out.add_row(*[Text(_cell(v, max_width * 3)) for v in row.values()])
+    console.print(out)
+    console.print(f"[dim]{len(rows)} rows[/dim]")
+
+
+def _cell(value, limit: int | None = None) -> str:
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+    if limit and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text
+
+
+def status_rows(pipeline) -> list[dict]:
+    """Per stage: kind, fresh/stale and why, rows, and for generate stages requests done, failed,
+    pending and tokens, counted live from the store."""
+    from synth.pipeline import staleness
+
+    store = pipeline.store
+    states = store.stage_states()
+    statuses = staleness(pipeline, states)
+    counts: dict[str, dict] = {}
+    if store.exists() and states:
+        with store.read() as con:
+            for r in con.execute(
+                    "SELECT g.stage, count(*) AS total, count(c.id) AS done, "
+                    "count(*) FILTER (WHERE c.id IS NULL AND g.id IN (SELECT request_id FROM synth.errors e "
+                    "WHERE e.stage = g.stage)) AS failed, coalesce(sum(c.completion_tokens), 0) AS tokens "
+                    "FROM synth.generations g LEFT JOIN synth.completions c USING (id) GROUP BY g.stage").fetchall():
+                counts[r[0]] = {"requests": r[1], "done": r[2], "failed": r[3], "pending": r[1] - r[2] - r[3],
+                                "completion_tokens": int(r[4])}
+    rows = []
+    for name in pipeline.order:
+        st, state = statuses[name], states.get(name, {})
+        row = {"stage": name, "kind": st.kind, "state": state.get("status", "-"),
+               "fresh": "stale" if st.stale else "fresh", "why": st.reason, "rows": state.get("rows")}
+        row.update(counts.get(name, {}))
+        rows.append(row)
+    return rows
+
+
+def last_runs(store: Store, n: int = 5) -> list[dict]:
+    if not store.exists():
+        return []
+    with store.read() as con:
+        cur = con.execute("SELECT id, command, status, started_at, ended_at, counts FROM synth.runs "
+                          "ORDER BY started_at DESC LIMIT ?", [n])
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def print_status(pipeline, console: Console) -> None:
+    rows = status_rows(pipeline)
+    table = Table(title=f"{pipeline.path.name} → {pipeline.store.path}")
+    for col in ("stage", "kind", "fresh", "rows", "requests", "done", "failed", "pending", "tokens", "why"):
+        table.add_column(col, justify="right" if col in ("rows", "requests", "done", "failed", "pending",
+                                                          "tokens") else "left")
+    for r in rows:
+        table.add_row(r["stage"], r["kind"], r["fresh"] if r["state"] != "running" else "running",
+                      *[_cell(r.get(k)) for k in ("rows", "requests", "done", "failed", "pending")],
+                      _cell(r.get("completion_tokens")), r["why"])
+    console.print(table)
+    for run in last_runs(pipeline.store, 3):
+        counts = json.loads(run["counts"]) if run["counts"] else {}
+        console.print(f"[dim]run {run['id']} {run['command']} {run['status']} started {run['started_at']:%Y-%m-%d %H:%M:%S} "
+                      f"sent {counts.get('sent', '-')} errors {counts.get('errors', '-')}[/dim]")
+
+
+def show(store: Store, stage: str, n: int, console: Console) -> None:
+    table = run_query(store, f"SELECT * FROM {quote_ident(stage)} LIMIT {int(n)}") \
+        if stage in _relations(store) else None
+    if table is None:
+        raise SynthError(f"{store.path}: no stage output named {stage!r} (have: {', '.join(_relations(store)) or 'none'})")
+    for i, row in enumerate(table.to_pylist(), start=1):
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(style="bold cyan", no_wrap=True)
+        grid.add_column(overflow="fold")
+        for key, value in row.items():
+            grid.add_row(key, _cell(value))
+        console.print(Panel(grid, title=f"{stage} #{i}", title_align="left"))
+
+
+def _relations(store: Store) -> list[str]:
+    return store.relations()
+
+
+def why(store: Store, row_id: str, console: Console) -> None:
+    """Lineage of a row: its request (teacher, model, params, sample), the rendered messages, the input
+    row it came from, the completion and the run that wrote it, and any errors on the way."""
+    import duckdb
+
+    with store.read() as con:
+        req = con.execute("SELECT r.id, r.model, r.params, r.sample, p.messages FROM synth.requests r "
+                          "JOIN synth.prompts p ON p.id = r.prompt_id WHERE r.id = ?", [row_id]).fetchone()
+        if req is None:
+            matches = con.execute("SELECT id FROM synth.requests WHERE starts_with(id, ?) LIMIT 2", [row_id]).fetchall()
+            if len(matches) == 1:
+                return why(store, matches[0][0], console)
+            raise SynthError(f"{store.path}: no request with id {row_id!r}" +
+                             (" (the prefix is ambiguous)" if matches else ""))
+        rid, model, params, sample, messages = req
+        members = con.execute("SELECT stage, input_id, teacher, parsed FROM synth.generations WHERE id = ?",
+                              [rid]).fetchall()
+        comp = con.execute("SELECT text, finish_reason, prompt_tokens, completion_tokens, latency_s, run_id, "
+                           "created_at FROM synth.completions WHERE id = ?", [rid]).fetchone()
+        errors = con.execute("SELECT stage, cause, message, run_id, created_at FROM synth.errors "
+                             "WHERE request_id = ? ORDER BY created_at", [rid]).fetchall()
+        run = con.execute("SELECT id, command, argv, started_at, status FROM synth.runs WHERE id = ?",
+                          [comp[5]]).fetchone() if comp else None
+        inputs = []
+        for stage, input_id, _, _ in members:
+            src = con.execute("SELECT json_extract_string(detail, '$.input_runs') FROM synth.stages WHERE name = ?",
+                              [stage]).fetchone()
+            for inp in (json.loads(src[0]) if src and src[0] else {}):
+                try:
+                    row = con.execute(f"SELECT * FROM {quote_ident(inp)} WHERE id = ?", [input_id]).to_arrow_table()
+                except duckdb.Error:  # the input stage's output is gone (renamed or dropped)
+                    continue
+                inputs.append((inp, row.to_pylist()[0] if row.num_rows else {"id": input_id, "note": "no longer in the input"}))
+
+    from synth.ids import sample_seed
+    p = json.loads(params)
+    parts = [Text.assemble(("request ", "bold"), rid)]
+    for stage, input_id, teacher, parsed in members:
+        parts.append(Text(f"stage {stage} · teacher {teacher} · input_id {input_id} · parsed {parsed}"))
+    parts.append(Text(f"model {model} · sample {sample} · sent seed {sample_seed(p.get('seed'), sample)} · "
+                      f"params {json.dumps(p)}"))
+    for inp, row in inputs:
+        parts.append(Panel(_cell(row), title=f"input row ({inp})", title_align="left"))
+    for m in json.loads(messages):
+        parts.append(Panel(m["content"], title=m["role"], title_align="left"))
+    if comp:
+        parts.append(Panel(comp[0] or "", title=f"completion · {comp[1]} · {comp[2]}+{comp[3]} tokens · "
+                                               f"{(comp[4] or 0):.2f}s", title_align="left"))
+    else:
+        parts.append(Text("no completion yet", style="yellow"))
+    for e in errors:
+        parts.append(Text(f"error in {e[0]}: {e[1]}: {e[2]} (run {e[3]})", style="red"))
+    if run:
+        parts.append(Text(f"written by run {run[0]} ({run[1]} {' '.join(json.loads(run[2]))}, "
+                          f"started {run[3]:%Y-%m-%d %H:%M:%S}, {run[4]})"))
+    console.print(Group(*parts))

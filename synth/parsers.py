@@ -1,0 +1,80 @@
+"""Parsers: completion text -> a dict of extra columns. One function per parser, named by templates.
+
+A template's `parse:` names one of PARSERS. Parsers never raise on a model's text: what cannot be
+extracted is None (the verifiers in issue 3 treat None as a failure, never a pass).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Callable
+
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def parse_text(text: str) -> dict:
+    return {}
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces matched; None when absent or unclosed."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth, begin = 1, i
+    while i < len(text):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[begin:i].strip()
+        i += 1
+    return None
+
+
+def parse_boxed(text: str) -> dict:
+    return {"answer": last_boxed(text)}
+
+
+def final_number(text: str) -> str | None:
+    """The last number in the text, thousands separators removed ("1,234.5" -> "1234.5")."""
+    matches = _NUMBER.findall(text)
+    if not matches:
+        return None
+    return matches[-1].replace(",", "").lstrip("+")
+
+
+def parse_final_number(text: str) -> dict:
+    return {"answer": final_number(text)}
+
+
+def parse_json(text: str) -> dict:
+    """The first JSON object in the text (``` fences allowed); its top-level keys become columns.
+    Anything else gives {"parse_error": "invalid_json"}."""
+    body = text.strip()
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", body, re.DOTALL)
+    if fenced:
+        body = fenced.group(1).strip()
+    start = body.find("{")
+    if start >= 0:
+        try:
+            value, _ = json.JSONDecoder().raw_decode(body[start:])
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+    return {"parse_error": "invalid_json"}
+
+
+PARSERS: dict[str, Callable[[str], dict]] = {
+    "text": parse_text,
+    "json": parse_json,
+    "boxed": parse_boxed,
+    "final_number": parse_final_number,
+}
+
+# Columns a parser is known to produce (json's columns are the keys it finds).
+PARSER_COLUMNS: dict[str, list[str]] = {"text": [], "json": [], "boxed": ["answer"], "final_number": ["answer"]}

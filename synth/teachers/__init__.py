@@ -1,0 +1,141 @@
+"""Teachers: one Protocol, one module per backend (hf.py, openai.py, vllm.py).
+
+A teacher takes a batch of requests and yields exactly one Completion per request, in the order they
+finish, so that the caller can commit results as they arrive. It is synchronous to its caller and
+may be asynchronous inside. A failed request is a Completion with `error` set (a short cause code)
+rather than an exception: the generate stage records it as an error row that a re-run retries.
+Heavy libraries (torch, transformers, vllm) are imported inside the backend modules only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Iterator, Literal, Protocol, Sequence, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from synth.ids import sample_seed
+
+
+class SamplingParams(BaseModel):
+    """Sampling parameters; exactly these (minus unset ones) are hashed into the request id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int = Field(256, ge=1)
+    seed: int | None = None
+    stop: list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    messages: list[dict]
+    params: dict  # SamplingParams.model_dump(exclude_none=True): what was hashed
+    sample: int
+
+    @property
+    def seed(self) -> int | None:
+        """The seed actually sent for this sample (derived from params.seed and the sample index)."""
+        return sample_seed(self.params.get("seed"), self.sample)
+
+
+@dataclass
+class Completion:
+    request_id: str
+    text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_s: float | None = None
+    error: str | None = None  # cause code: rate_limit, server_error, timeout, bad_request, connection, ...
+    error_message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    n_samples: bool = True  # can produce several independent samples of one prompt
+    logprobs: bool = False
+    structured_output: bool = False
+
+
+class Teacher(Protocol):
+    name: str
+    model: str  # the model id hashed into request ids
+    capabilities: Capabilities
+
+    def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
+        """Yield one Completion per request, in completion order. Never raises for a single
+        request's failure; raises SynthError only for a condition no request can survive."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# ---- teacher configuration (the `teachers:` section of a pipeline file) ------------------------
+
+class _TeacherConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="hub id or local directory (relative to the pipeline file)")
+
+
+class HFTeacherConfig(_TeacherConfig):
+    backend: Literal["hf"]
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(16, ge=1)
+
+
+class OpenAITeacherConfig(_TeacherConfig):
+    backend: Literal["openai"]
+    base_url: str | None = None
+    api_key_env: str | None = Field(None, description="NAME of the environment variable with the key")
+    max_concurrency: int = Field(16, ge=1)
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class VLLMTeacherConfig(_TeacherConfig):
+    backend: Literal["vllm"]
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    chunk_size: int = Field(256, ge=1, description="requests submitted per engine call; a crash loses at most one")
+    engine: dict = Field(default_factory=dict, description="extra keyword arguments for vllm.LLM")
+
+
+TeacherConfig = Annotated[Union[HFTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig],
+                          Field(discriminator="backend")]
+
+
+def resolve_model_path(model: str, base_dir: Path) -> str:
+    """A model given as a relative path that exists next to the pipeline file resolves there;
+    anything else (a hub id, an absolute path) passes through unchanged."""
+    candidate = base_dir / model
+    if not os.path.isabs(model) and candidate.exists():
+        return str(candidate.resolve())
+    return model
+
+
+def load_teacher(name: str, config: _TeacherConfig, base_dir: Path) -> Teacher:
+    """Construct the backend for a teacher config. Imports the backend module only now."""
+    if config.backend == "hf":
+        from synth.teachers.hf import HFTeacher
+        return HFTeacher(name, config, base_dir)
+    if config.backend == "openai":
+        from synth.teachers.openai import OpenAITeacher
+        return OpenAITeacher(name, config, base_dir)
+    if config.backend == "vllm":
+        from synth.teachers.vllm import VLLMTeacher
+        return VLLMTeacher(name, config, base_dir)
+    raise AssertionError(f"unknown backend {config.backend!r}")  # pydantic rejected it already

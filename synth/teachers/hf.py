@@ -1,0 +1,114 @@
+"""The `hf` teacher: transformers in-process, batched, left-padded generation. Runs on CPU.
+
+Each request is one sample. A batch is seeded from its first request's per-sample seed, so a
+request's text is reproducible given the same batch composition (the request id, and hence the
+cache, does not depend on it). The chat template comes from the tokenizer.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from synth.errors import SynthError
+from synth.teachers import Capabilities, Completion, HFTeacherConfig, Request, resolve_model_path
+
+
+class HFTeacher:
+    capabilities = Capabilities(n_samples=True, logprobs=False, structured_output=False)
+
+    def __init__(self, name: str, config: HFTeacherConfig, base_dir: Path):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.name, self.config, self.model = name, config, config.model
+        path = resolve_model_path(config.model, base_dir)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            dtype = torch.float32 if config.dtype == "float32" else (config.dtype if config.dtype == "auto"
+                                                                     else getattr(torch, config.dtype))
+            self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(config.device).eval()
+        except (OSError, ValueError) as exc:
+            raise SynthError(f"teacher '{name}': cannot load model {config.model!r}: {' '.join(str(exc).split())[:300]}") from None
+        if not self.tokenizer.chat_template:
+            raise SynthError(f"teacher '{name}': the tokenizer of {config.model!r} has no chat template")
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        eos = self.lm.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self.eos_ids.discard(None)
+        self.max_positions = getattr(self.lm.config, "max_position_embeddings", None)
+
+    def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
+        import torch
+
+        size = self.config.batch_size
+        for start in range(0, len(requests), size):
+            batch = list(requests[start:start + size])
+            # Requests of one batch must share sampling params; split where they differ.
+            groups: dict[str, list[Request]] = {}
+            for r in batch:
+                groups.setdefault(repr(sorted(r.params.items())), []).append(r)
+            for group in groups.values():
+                with torch.inference_mode():
+                    yield from self._generate_batch(group)
+
+    def _generate_batch(self, batch: list[Request]) -> Iterator[Completion]:
+        import torch
+
+        params = batch[0].params
+        started = time.monotonic()
+        enc = self.tokenizer.apply_chat_template([r.messages for r in batch], add_generation_prompt=True,
+                                                 padding=True, return_tensors="pt", return_dict=True)
+        prompt_len = enc["input_ids"].shape[1]
+        max_new = params.get("max_tokens", 256)
+        if self.max_positions and prompt_len + max_new > self.max_positions:
+            # Retry one by one so that only the overlong requests fail.
+            if len(batch) > 1:
+                for r in batch:
+                    yield from self._generate_batch([r])
+                return
+            yield Completion(batch[0].id, error="context_length", error_message=(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_new}) exceeds the model's {self.max_positions}"))
+            return
+        seed = batch[0].seed
+        if seed is not None:
+            torch.manual_seed(seed)
+        temperature = params.get("temperature", 1.0)
+        sampling = {"do_sample": temperature > 0}
+        if temperature > 0:
+            sampling.update(temperature=temperature, top_p=params.get("top_p", 1.0), top_k=params.get("top_k", 0))
+        try:
+            out = self.lm.generate(**{k: v.to(self.lm.device) for k, v in enc.items()}, max_new_tokens=max_new,
+                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=list(self.eos_ids),
+                                   **sampling)
+        except (RuntimeError, ValueError) as exc:  # e.g. out of memory: the batch fails, a re-run retries it
+            for r in batch:
+                yield Completion(r.id, error="backend_error", error_message=" ".join(str(exc).split())[:500])
+            return
+        latency = time.monotonic() - started
+        for i, r in enumerate(batch):
+            new = out[i, prompt_len:].tolist()
+            stop_at = next((j for j, t in enumerate(new) if t in self.eos_ids), None)
+            tokens = new if stop_at is None else new[:stop_at]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            finish = "length" if stop_at is None else "stop"
+            text, finish = _apply_stop_strings(text, finish, params.get("stop"))
+            yield Completion(r.id, text=text, finish_reason=finish,
+                             prompt_tokens=int(enc["attention_mask"][i].sum()),
+                             completion_tokens=len(tokens) + (0 if stop_at is None else 1), latency_s=latency)
+
+    def close(self) -> None:
+        self.lm = None
+
+
+def _apply_stop_strings(text: str, finish: str, stop: list[str] | None) -> tuple[str, str]:
+    """Cut at the first stop string, as OpenAI-compatible servers do (the stop string is not kept)."""
+    if not stop:
+        return text, finish
+    cuts = [text.find(s) for s in stop if s and s in text]
+    if not cuts:
+        return text, finish
+    return text[:min(cuts)], "stop"
