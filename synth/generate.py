@@ -28,7 +28,7 @@ from synth.config import GenerateStage, LoadStage
 from synth.errors import SynthError
 from synth.ids import prompt_id, request_id
 from synth.parsers import PARSER_COLUMNS, PARSERS
-from synth.store import Store, now, quote_ident
+from synth.store import fetch_one, Store, now, quote_ident
 from synth.teachers import Completion, Request, load_teacher
 
 CHARS_PER_TOKEN = 4.0  # token estimate without a tokenizer: ~4 characters per token for English text
@@ -81,8 +81,8 @@ def input_rows(pipeline, name: str, from_store: bool) -> list[dict] | None:
     if not pipeline.store.exists():
         return None
     with pipeline.store.read() as con:
-        exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' "
-                             "AND table_name = ?", [inp]).fetchone()[0]
+        exists = fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' "
+                             "AND table_name = ?", [inp])[0]
         if not exists:
             return None
         return con.sql(f"SELECT * FROM {quote_ident(inp)}").to_arrow_table().to_pylist()
@@ -198,8 +198,8 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             teacher.close()
 
     with store.write() as con:
-        done = con.execute("SELECT count(*) FROM synth.generations g JOIN synth.completions c USING (id) "
-                           "WHERE g.stage = ?", [name]).fetchone()[0]
+        done = fetch_one(con, "SELECT count(*) FROM synth.generations g JOIN synth.completions c USING (id) "
+                           "WHERE g.stage = ?", [name])[0]
         missing = len(ids) - done
         _create_view(con, pipeline, name)  # json parsers: columns for the keys seen
         record_stage(con, pipeline, name, "done" if missing == 0 else "incomplete", done, run_id,

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from synth.errors import SynthError
-from synth.store import Store, quote_ident
+from synth.store import fetch_one, Store, quote_ident
 
 
 def store_for(path: Path) -> Store:
@@ -155,8 +155,8 @@ def why(store: Store, row_id: str, console: Console) -> None:
     import duckdb
 
     with store.read() as con:
-        req = con.execute("SELECT r.id, r.model, r.params, r.sample, p.messages FROM synth.requests r "
-                          "JOIN synth.prompts p ON p.id = r.prompt_id WHERE r.id = ?", [row_id]).fetchone()
+        req = fetch_one(con, "SELECT r.id, r.model, r.params, r.sample, p.messages FROM synth.requests r "
+                          "JOIN synth.prompts p ON p.id = r.prompt_id WHERE r.id = ?", [row_id])
         if req is None:
             matches = con.execute("SELECT id FROM synth.requests WHERE starts_with(id, ?) LIMIT 2", [row_id]).fetchall()
             if len(matches) == 1:
@@ -166,16 +166,16 @@ def why(store: Store, row_id: str, console: Console) -> None:
         rid, model, params, sample, messages = req
         members = con.execute("SELECT stage, input_id, teacher, parsed FROM synth.generations WHERE id = ?",
                               [rid]).fetchall()
-        comp = con.execute("SELECT text, finish_reason, prompt_tokens, completion_tokens, latency_s, run_id, "
-                           "created_at FROM synth.completions WHERE id = ?", [rid]).fetchone()
+        comp = fetch_one(con, "SELECT text, finish_reason, prompt_tokens, completion_tokens, latency_s, run_id, "
+                           "created_at FROM synth.completions WHERE id = ?", [rid])
         errors = con.execute("SELECT stage, cause, message, run_id, created_at FROM synth.errors "
                              "WHERE request_id = ? ORDER BY created_at", [rid]).fetchall()
-        run = con.execute("SELECT id, command, argv, started_at, status FROM synth.runs WHERE id = ?",
-                          [comp[5]]).fetchone() if comp else None
+        run = fetch_one(con, "SELECT id, command, argv, started_at, status FROM synth.runs WHERE id = ?",
+                          [comp[5]]) if comp else None
         inputs = []
         for stage, input_id, _, _ in members:
-            src = con.execute("SELECT json_extract_string(detail, '$.input_runs') FROM synth.stages WHERE name = ?",
-                              [stage]).fetchone()
+            src = fetch_one(con, "SELECT json_extract_string(detail, '$.input_runs') FROM synth.stages WHERE name = ?",
+                              [stage])
             for inp in (json.loads(src[0]) if src and src[0] else {}):
                 try:
                     row = con.execute(f"SELECT * FROM {quote_ident(inp)} WHERE id = ?", [input_id]).to_arrow_table()

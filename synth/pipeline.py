@@ -25,7 +25,7 @@ from synth.ids import content_hash
 from synth.load import Seeds, read_seeds
 from synth.parsers import PARSER_COLUMNS
 from synth.prompts import Template, load_template
-from synth.store import Store
+from synth.store import fetch_one, Store
 
 GENERATION_COLUMNS = ["id", "input_id", "sample", "teacher", "model", "text", "finish_reason",
                       "prompt_tokens", "completion_tokens"]
@@ -282,7 +282,7 @@ def record_stage(con, pipeline: Pipeline, name: str, status: str, rows: int, run
     """Write a stage's state with the fingerprint it ran under and the run ids of its inputs."""
     states = {}
     for inp in _inputs(pipeline.stage(name)):
-        r = con.execute("SELECT run_id FROM synth.stages WHERE name = ?", [inp]).fetchone()
+        r = fetch_one(con, "SELECT run_id FROM synth.stages WHERE name = ?", [inp])
         states[inp] = r[0] if r else None
     parts = pipeline.fingerprint_parts(name)
     Store.set_stage(con, name, pipeline.stage(name).kind, content_hash(parts), status, rows, run_id,

@@ -70,6 +70,13 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def fetch_one(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> tuple | None:
+    """First row of a query, or None. Fetches the whole result: DuckDB 2.0 refuses the next statement
+    on a connection whose last result was not read to the end."""
+    rows = con.execute(sql, params or []).fetchall()
+    return rows[0] if rows else None
+
+
 def _is_lock_error(exc: Exception) -> bool:
     return isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower()
 
@@ -210,8 +217,8 @@ class Store:
     @staticmethod
     def drop_relation(con: duckdb.DuckDBPyConnection, name: str) -> None:
         """Drop a stage's output relation, whichever of table or view it currently is."""
-        row = con.execute("SELECT table_type FROM information_schema.tables WHERE table_schema = 'main' "
-                          "AND table_name = ?", [name]).fetchone()
+        row = fetch_one(con, "SELECT table_type FROM information_schema.tables WHERE table_schema = 'main' "
+                          "AND table_name = ?", [name])
         if row is None:
             return
         kind = "VIEW" if row[0] == "VIEW" else "TABLE"
@@ -250,8 +257,8 @@ class Store:
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
-    return con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND "
-                       "table_name = ?", [schema, table]).fetchone()[0] > 0
+    return fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND "
+                       "table_name = ?", [schema, table])[0] > 0
 
 
 def _lock_holder(exc: Exception) -> str:

@@ -1,0 +1,159 @@
+"""The `openai` teacher: any OpenAI-compatible chat endpoint (OpenAI, vLLM serve, SGLang, llama.cpp,
+Ollama, `transformers serve`), through the official `openai` client.
+
+- Bounded concurrency: `max_concurrency` workers on one asyncio loop in a background thread; the
+  caller iterates completions synchronously, in the order they finish.
+- Retries: the openai client's own (exponential backoff with jitter on connection errors, 408, 409,
+  429 and 5xx, honouring Retry-After / retry-after-ms), up to `max_retries`; `timeout_s` per attempt.
+  A request that still fails becomes a Completion with a cause code, which the stage records as an
+  error row and a re-run retries.
+- Keys: read from the environment variable NAMED by `api_key_env`, never from the pipeline file,
+  and never stored. A local server (base_url set, no api_key_env) gets a placeholder key.
+- Each sample is its own request with its own seed (sample_seed), so servers that ignore `n` work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from synth.errors import SynthError
+from synth.teachers import Capabilities, Completion, OpenAITeacherConfig, Request
+
+_DONE = object()
+
+
+class OpenAITeacher:
+    capabilities = Capabilities(n_samples=True, logprobs=False, structured_output=False)
+
+    def __init__(self, name: str, config: OpenAITeacherConfig, base_dir: Path):
+        self.name, self.config, self.model = name, config, config.model
+        self.api_key = resolve_api_key(name, config)
+        self._stop = threading.Event()
+
+    def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
+        results: queue.Queue = queue.Queue()
+        self._stop.clear()
+        thread = threading.Thread(target=self._thread_main, args=(list(requests), results), daemon=True,
+                                  name=f"synth-openai-{self.name}")
+        thread.start()
+        try:
+            while True:
+                item = results.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._stop.set()  # the caller stopped early (error, Ctrl-C): start no new requests
+            thread.join(timeout=self.config.timeout_s)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # ---- inside the background thread ------------------------------------------------------------
+
+    def _thread_main(self, requests: list[Request], results: queue.Queue) -> None:
+        try:
+            asyncio.run(self._run_all(requests, results))
+        except BaseException as exc:  # surfaced to the caller's thread
+            results.put(exc)
+        finally:
+            results.put(_DONE)
+
+    async def _run_all(self, requests: list[Request], results: queue.Queue) -> None:
+        import openai
+
+        client = openai.AsyncOpenAI(base_url=self.config.base_url, api_key=self.api_key,
+                                    max_retries=self.config.max_retries, timeout=self.config.timeout_s)
+        todo = iter(requests)
+
+        async def worker() -> None:
+            for request in todo:  # one shared iterator: each request is taken by exactly one worker
+                if self._stop.is_set():
+                    return
+                results.put(await self._one(client, request))
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(self.config.max_concurrency, len(requests) or 1))))
+        finally:
+            await client.close()
+
+    async def _one(self, client, request: Request) -> Completion:
+        import openai
+
+        p = request.params
+        extra_body = {"top_k": p["top_k"]} if "top_k" in p else None
+        started = time.monotonic()
+        try:
+            response = await client.chat.completions.create(
+                model=self.model, messages=request.messages, temperature=p.get("temperature"),
+                top_p=p.get("top_p"), max_tokens=p.get("max_tokens"), seed=request.seed, stop=p.get("stop"),
+                presence_penalty=p.get("presence_penalty"), frequency_penalty=p.get("frequency_penalty"),
+                extra_body=extra_body)
+        except openai.AuthenticationError as exc:
+            raise SynthError(f"teacher '{self.name}': the server refused the API key "
+                             f"({_short(exc)}); check {self.config.api_key_env or 'the key'}") from None
+        except openai.NotFoundError as exc:
+            raise SynthError(f"teacher '{self.name}': model {self.model!r} not found at "
+                             f"{self.config.base_url or 'the OpenAI API'} ({_short(exc)})") from None
+        except openai.APIError as exc:
+            return Completion(request.id, error=error_cause(exc), error_message=_short(exc),
+                              latency_s=time.monotonic() - started)
+        latency = time.monotonic() - started
+        try:
+            choice = response.choices[0]
+            usage = response.usage
+            return Completion(request.id, text=choice.message.content or "", finish_reason=choice.finish_reason,
+                              prompt_tokens=usage.prompt_tokens if usage else None,
+                              completion_tokens=usage.completion_tokens if usage else None, latency_s=latency)
+        except (AttributeError, IndexError, TypeError) as exc:
+            return Completion(request.id, error="malformed_response", error_message=_short(exc), latency_s=latency)
+
+
+def resolve_api_key(name: str, config: OpenAITeacherConfig) -> str:
+    if config.api_key_env:
+        key = os.environ.get(config.api_key_env)
+        if not key:
+            raise SynthError(f"teacher '{name}': key 'api_key_env': the environment variable "
+                             f"{config.api_key_env} is not set; export it with the API key")
+        return key
+    if config.base_url:
+        return os.environ.get("OPENAI_API_KEY", "EMPTY")  # local servers ignore it
+    key = os.environ.get("OPENAI_API_KEY")
+    if not key:
+        raise SynthError(f"teacher '{name}': no API key: set api_key_env to the name of the variable that "
+                         "holds it, or export OPENAI_API_KEY")
+    return key
+
+
+def error_cause(exc: Exception) -> str:
+    """A short, stable cause code for an openai client exception."""
+    import openai
+
+    if isinstance(exc, openai.RateLimitError):
+        return "rate_limit"
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection"
+    if isinstance(exc, openai.InternalServerError) or getattr(exc, "status_code", 0) >= 500:
+        return "server_error"
+    if isinstance(exc, openai.BadRequestError):
+        text = str(exc).lower()
+        if "context" in text and ("length" in text or "window" in text) or "maximum" in text and "token" in text:
+            return "context_length"
+        return "bad_request"
+    if isinstance(exc, openai.APIResponseValidationError):
+        return "malformed_response"
+    return "api_error"
+
+
+def _short(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:500]
