@@ -6,6 +6,7 @@ Heavy modules are imported inside the commands, so `synth --help` starts fast.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,14 +15,16 @@ import click
 FORMATS = click.Choice(["table", "csv", "json"])
 
 
-def _console():
+def _console(stderr: bool = False):
+    """Rich console; when piped (scripts, tests, `| less`) it is wide enough not to fold tables."""
     from rich.console import Console
-    return Console()
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 200)
 
 
 def _err_console():
-    from rich.console import Console
-    return Console(stderr=True)
+    return _console(stderr=True)
 
 
 class SynthGroup(click.Group):
@@ -72,7 +75,8 @@ def run(pipeline: Path, stages: tuple[str, ...], force: bool) -> None:
 @main.command()
 @PIPELINE
 @click.argument("stages", nargs=-1)
-def plan(pipeline: Path, stages: tuple[str, ...]) -> None:
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def plan(pipeline: Path, stages: tuple[str, ...], fmt: str) -> None:
     """Show what `synth run` would do, without calling any teacher: each stage, stale or fresh and
     why, requests cached vs to send, and a token estimate (~4 characters per token)."""
     from rich.table import Table
@@ -81,6 +85,9 @@ def plan(pipeline: Path, stages: tuple[str, ...]) -> None:
 
     p = load_pipeline(pipeline)
     rows = make_plan(p, list(stages) or None)
+    if fmt == "json":
+        click.echo(json.dumps(rows))
+        return
     table = Table(title=f"plan for {p.path.name}")
     for col in ("stage", "kind", "status", "requests", "cached", "to send", "est. prompt tokens",
                 "max completion tokens", "why"):

@@ -21,7 +21,10 @@ class HFTeacher:
     def __init__(self, name: str, config: HFTeacherConfig, base_dir: Path):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # synth draws its own progress; keep stderr readable
+        hf_logging.set_verbosity_error()
         self.name, self.config, self.model = name, config, config.model
         path = resolve_model_path(config.model, base_dir)
         try:
