@@ -163,7 +163,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             Store.insert_arrow(con, "synth.errors", pa.table({
                 "request_id": [c.request_id for c in bad], "stage": [name] * len(bad),
                 "cause": [c.error for c in bad], "message": [(c.error_message or "")[:2000] for c in bad],
-                "run_id": [run_id] * len(bad), "created_at": [now()] * len(bad)}))
+                "run_id": [run_id] * len(bad), "created_at": [now()] * len(bad)}), mode="")
         buffer.clear()
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

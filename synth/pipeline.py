@@ -244,6 +244,7 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
         if t not in pipeline.spec.stages:
             raise SynthError(f"{pipeline.path}: no stage named {t!r} (stages: {', '.join(pipeline.order)})")
     names = pipeline.upstream(targets) if targets else pipeline.order
+    check_teachers(pipeline, names)
     store = pipeline.store
     run_id = store.start_run("run", argv or sys.argv[1:], str(pipeline.path),
                              pipeline.spec.model_dump(mode="json"))
@@ -276,6 +277,20 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
     store.finish_run(run_id, "incomplete" if counts["errors"] else "ok", counts)
     counts["run_id"] = run_id
     return counts
+
+
+def check_teachers(pipeline: Pipeline, names: list[str]) -> None:
+    """What can be checked about the teachers without calling them, before anything is written:
+    API keys present in the environment."""
+    from synth.teachers import OpenAITeacherConfig
+    from synth.teachers.openai import resolve_api_key
+
+    for name in names:
+        stage = pipeline.stage(name)
+        if isinstance(stage, GenerateStage):
+            config = pipeline.spec.teachers[stage.teacher]
+            if isinstance(config, OpenAITeacherConfig):
+                resolve_api_key(stage.teacher, config)
 
 
 def record_stage(con, pipeline: Pipeline, name: str, status: str, rows: int, run_id: str, **detail) -> None:

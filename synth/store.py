@@ -240,7 +240,8 @@ class Store:
 
     @staticmethod
     def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, arrow_table, mode: str = "OR IGNORE") -> None:
-        """INSERT {mode} INTO table SELECT * FROM the arrow table (columns in table order)."""
+        """INSERT {mode} INTO table SELECT the arrow table's columns, by name. The default mode skips
+        rows whose primary key exists (the cache contract: first write wins); "" for keyless tables."""
         if arrow_table.num_rows == 0:
             return
         con.register("_synth_batch", arrow_table)
