@@ -42,6 +42,12 @@ def flush_seconds() -> float:
     return float(os.environ.get("SYNTH_FLUSH_SECONDS", "2"))
 
 
+def log_seconds() -> float:
+    """When stderr is not a terminal (CI, nohup, a pipe) the live bar is replaced by a progress line
+    every this many seconds."""
+    return float(os.environ.get("SYNTH_PROGRESS_SECONDS", "10"))
+
+
 @dataclass
 class Planned:
     requests: list[Request]  # unique by id, in input order
@@ -171,7 +177,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                                    "errors {task.fields[errors]} · {task.fields[tps]} tok/s"),
                         TimeElapsedColumn(), console=console, transient=False)
     started = time.monotonic()
-    last_flush = started
+    last_flush = last_log = started
     teacher = None
     try:
         with progress:
@@ -192,6 +198,10 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                     if len(buffer) >= flush_rows() or time.monotonic() - last_flush >= flush_seconds():
                         flush()
                         last_flush = time.monotonic()
+                    if not console.is_terminal and time.monotonic() - last_log >= log_seconds():
+                        last_log = time.monotonic()
+                        console.print(f"  {name}: {len(cached) + sent - errors}/{len(ids)} · sent {sent} · "
+                                      f"errors {errors} · {tokens / elapsed:,.0f} tok/s", highlight=False)
     finally:
         flush()  # an exception or Ctrl-C keeps everything that had arrived
         if teacher is not None:
