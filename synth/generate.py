@@ -34,8 +34,8 @@ from synth.teachers import Completion, Request, load_teacher
 CHARS_PER_TOKEN = 4.0  # token estimate without a tokenizer: ~4 characters per token for English text
 
 
-def flush_rows() -> int:
-    return int(os.environ.get("SYNTH_FLUSH_ROWS", "256"))
+def flush_batch_rows() -> int:
+    return int(os.environ.get("SYNTH_FLUSH_ROWS", "2048"))
 
 
 def flush_seconds() -> float:
@@ -161,7 +161,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             return
         good = [c for c in buffer if c.ok]
         bad = [c for c in buffer if not c.ok]
-        with store.write() as con:
+        with store.write(threads=1) as con:
             Store.insert_arrow(con, "synth.completions", _completion_rows(good, stage.teacher, run_id))
             Store.insert_arrow(con, "synth.generations", _membership(
                 name, stage.teacher, [by_id[c.request_id] for c in good], planned.input_ids,
@@ -177,7 +177,8 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                                    "errors {task.fields[errors]} · {task.fields[tps]} tok/s"),
                         TimeElapsedColumn(), console=console, transient=False)
     started = time.monotonic()
-    last_flush = last_log = started
+    last_flush = last_log = last_update = started
+    flush_rows, flush_every, log_every = flush_batch_rows(), flush_seconds(), log_seconds()
     teacher = None
     try:
         with progress:
@@ -192,16 +193,20 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                     else:
                         errors += 1
                     buffer.append(completion)
-                    elapsed = max(time.monotonic() - started, 1e-6)
-                    progress.update(task, advance=1 if completion.ok else 0, sent=sent, errors=errors,
+                    t = time.monotonic()
+                    if t - last_update < 0.1:  # the bar refreshes 10x/s; updating it per row costs the client CPU
+                        continue
+                    last_update, elapsed = t, max(t - started, 1e-6)
+                    progress.update(task, completed=len(cached) + sent - errors, sent=sent, errors=errors,
                                     tps=f"{tokens / elapsed:,.0f}")
-                    if len(buffer) >= flush_rows() or time.monotonic() - last_flush >= flush_seconds():
+                    if len(buffer) >= flush_rows or t - last_flush >= flush_every:
                         flush()
                         last_flush = time.monotonic()
-                    if not console.is_terminal and time.monotonic() - last_log >= log_seconds():
-                        last_log = time.monotonic()
+                    if not console.is_terminal and t - last_log >= log_every:
+                        last_log = t
                         console.print(f"  {name}: {len(cached) + sent - errors}/{len(ids)} · sent {sent} · "
                                       f"errors {errors} · {tokens / elapsed:,.0f} tok/s", highlight=False)
+                progress.update(task, completed=len(cached) + sent - errors, sent=sent, errors=errors)
     finally:
         flush()  # an exception or Ctrl-C keeps everything that had arrived
         if teacher is not None:

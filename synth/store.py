@@ -94,12 +94,13 @@ class Store:
 
     # ---- connections -------------------------------------------------------------------------
 
-    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+    def _connect(self, read_only: bool, threads: int | None = None) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.02
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                return duckdb.connect(str(self.path), read_only=read_only,
+                                      config={"threads": threads} if threads else {})
             except duckdb.Error as exc:
                 if not _is_lock_error(exc):
                     raise SynthError(f"{self.path}: cannot open the store: {exc}") from None
@@ -123,11 +124,13 @@ class Store:
             con.close()
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def write(self, threads: int | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short read-write transaction: committed on success, rolled back on any exception,
-        and the file released either way. Creates the store and applies migrations on first use."""
+        and the file released either way. Creates the store and applies migrations on first use.
+        `threads=1` for small frequent writes (completion batches): DuckDB's thread pool would
+        otherwise take CPU from the teacher client on a small machine."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        con = self._connect(read_only=False)
+        con = self._connect(read_only=False, threads=threads)
         try:
             if not self._migrated:
                 self._migrate(con)
