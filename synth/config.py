@@ -72,12 +72,15 @@ def read_pipeline_file(path: Path) -> PipelineFile:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SynthError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise SynthError(f"{path}{at}: not valid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise SynthError(f"{path}: a pipeline file is a mapping with a `stages:` key")
     for name in (data.get("stages") or {}) if isinstance(data.get("stages"), dict) else {}:
         if not isinstance(name, str) or not STAGE_NAME.match(name) or name.lower() in RESERVED_NAMES:
-            raise SynthError(f"{path}:{_line_of(text, ['stages', name])}: stage name {name!r} is not allowed; "
+            raise SynthError(f"{path}:{line_of(text, ['stages', name])}: stage name {name!r} is not allowed; "
                              "use letters, digits and _ (it becomes a table name), and not "
                              + ", ".join(sorted(RESERVED_NAMES)))
     try:
@@ -90,14 +93,11 @@ def _describe(path: Path, text: str, data: Any, exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = [p for p in err["loc"]]
     # Drop the union tags pydantic inserts into locations (stages.x.generate.key -> stages.x.key).
-    clean: list = []
-    for i, part in enumerate(loc):
-        if i >= 2 and loc[0] in ("stages", "teachers") and i == 2 and isinstance(part, str) and \
-                part in (*STAGE_KINDS, "hf", "openai", "vllm"):
-            continue
-        clean.append(part)
+    tags = (*STAGE_KINDS, "hf", "openai", "vllm")
+    clean = [part for i, part in enumerate(loc)
+             if not (i == 2 and loc[0] in ("stages", "teachers") and part in tags)]
     where = _where(clean)
-    line = _line_of(text, [str(p) for p in clean])
+    line = line_of(text, [str(p) for p in clean])
     prefix = f"{path}:{line}" if line else str(path)
     etype = err["type"]
     key = clean[-1] if clean else ""
@@ -146,7 +146,7 @@ def _allowed(loc: list, data: Any) -> str:
     return f" (allowed: {', '.join(model.model_fields)})"
 
 
-def _line_of(text: str, keys: list[str]) -> int | None:
+def line_of(text: str, keys: list[str]) -> int | None:
     """1-based line of the deepest mapping key along `keys` in the YAML text (best effort)."""
     try:
         node = yaml.compose(text)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from synth.config import ExportStage, GenerateStage, LoadStage, PipelineFile, read_pipeline_file
+from synth.config import ExportStage, GenerateStage, LoadStage, PipelineFile, line_of, read_pipeline_file
 from synth.errors import SynthError
 from synth.ids import content_hash
 from synth.load import Seeds, read_seeds
@@ -99,38 +99,42 @@ def load_pipeline(path: Path) -> Pipeline:
     path = Path(path).resolve()
     spec = read_pipeline_file(path)
     store_path = (path.parent / spec.store) if spec.store else default_store_path(path)
-    where = lambda n: f"{path}: stage '{n}'"  # noqa: E731
+    text = path.read_text(encoding="utf-8")
+
+    def where(name: str, key: str | None = None) -> str:
+        line = line_of(text, ["stages", name] + ([key] if key else []))
+        return f"{path}{f':{line}' if line else ''}: stage '{name}'"
 
     for name, stage in spec.stages.items():
         for inp in _inputs(stage):
             if inp not in spec.stages:
-                raise SynthError(f"{where(name)}: key 'input': no stage named {inp!r} "
+                raise SynthError(f"{where(name, 'input')}: key 'input': no stage named {inp!r} "
                                  f"(stages: {', '.join(spec.stages)})")
             if isinstance(spec.stages[inp], ExportStage):
-                raise SynthError(f"{where(name)}: key 'input': {inp!r} is an export stage, which has no rows "
+                raise SynthError(f"{where(name, 'input')}: key 'input': {inp!r} is an export stage, which has no rows "
                                  "to read; point at the stage it exports")
         if isinstance(stage, GenerateStage) and stage.teacher not in spec.teachers:
             known = ", ".join(spec.teachers) or "none defined"
-            raise SynthError(f"{where(name)}: key 'teacher': no teacher named {stage.teacher!r} (teachers: {known})")
+            raise SynthError(f"{where(name, 'teacher')}: key 'teacher': no teacher named {stage.teacher!r} (teachers: {known})")
         if isinstance(stage, ExportStage) and not isinstance(spec.stages[stage.input], GenerateStage):
-            raise SynthError(f"{where(name)}: key 'input': format 'sft' exports a generate stage's rows")
+            raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports a generate stage's rows")
 
     pipeline = Pipeline(path=path, spec=spec, store=Store(store_path), order=_topological(path, spec))
     for name in pipeline.order:
         stage = spec.stages[name]
         if isinstance(stage, LoadStage):
-            seeds = read_seeds(pipeline.resolve(stage.path), where(name), stage.limit)
+            seeds = read_seeds(pipeline.resolve(stage.path), where(name, 'path'), stage.limit)
             pipeline.seeds[name] = seeds
             pipeline.columns[name] = seeds.columns
         elif isinstance(stage, GenerateStage):
-            template = load_template(stage.prompt, path.parent, f"{where(name)}: key 'prompt'")
-            template.check_columns(pipeline.columns[stage.input], where(name))
+            template = load_template(stage.prompt, path.parent, f"{where(name, 'prompt')}: key 'prompt'")
+            template.check_columns(pipeline.columns[stage.input], where(name, 'prompt'))
             pipeline.templates[name] = template
             pipeline.columns[name] = generation_columns(template, pipeline.columns[stage.input])
         elif isinstance(stage, ExportStage):
             out = pipeline.resolve(stage.path)
             if out.suffix not in (".parquet", ".jsonl"):
-                raise SynthError(f"{where(name)}: key 'path': write .parquet or .jsonl, not {out.name!r}")
+                raise SynthError(f"{where(name, 'path')}: key 'path': write .parquet or .jsonl, not {out.name!r}")
     return pipeline
 
 

@@ -121,10 +121,18 @@ def load_template(name: str, workspace: Path, where: str) -> Template:
     try:
         spec = TemplateSpec.model_validate(data)
     except ValidationError as exc:
+        from synth.config import line_of
+
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "(top)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].lower()
-        raise SynthError(f"{path}: key '{key}': {msg} (allowed: system, user, examples, parse)") from None
+        line = line_of(raw.decode("utf-8", "replace"), [str(p) for p in err["loc"]])
+        at = f"{path}:{line}" if line else str(path)
+        allowed = "allowed: system, user, examples, parse"
+        if err["type"] == "extra_forbidden":
+            raise SynthError(f"{at}: unknown key '{key}' ({allowed})") from None
+        if err["type"] == "missing":
+            raise SynthError(f"{at}: missing required key '{key}' ({allowed})") from None
+        raise SynthError(f"{at}: key '{key}': {err['msg'].lower()}") from None
     if spec.parse not in PARSERS:
         raise SynthError(f"{path}: key 'parse': unknown parser {spec.parse!r} (choose from {', '.join(PARSERS)})")
     template = Template(name=name, path=path, spec=spec, file_hash=content_hash(raw.decode("utf-8", "replace")))
