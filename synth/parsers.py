@@ -10,7 +10,9 @@ import json
 import re
 from typing import Callable
 
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# A sign counts only where it cannot be a hyphen or an operator between operands ("10-20" -> 20,
+# "x = -5" -> -5); U+2212 is a minus sign too; ".5" is a number.
+_NUMBER = re.compile(r"(?:(?<![\w).])[-+\u2212])?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
 
 
 def parse_text(text: str) -> dict:
@@ -30,7 +32,7 @@ def last_boxed(text: str) -> str | None:
         elif text[i] == "}":
             depth -= 1
             if depth == 0:
-                return text[begin:i].strip()
+                return text[begin:i].strip() or None  # \boxed{} is no answer
         i += 1
     return None
 
@@ -44,7 +46,7 @@ def final_number(text: str) -> str | None:
     matches = _NUMBER.findall(text)
     if not matches:
         return None
-    return matches[-1].replace(",", "").lstrip("+")
+    return matches[-1].replace(",", "").replace("\u2212", "-").lstrip("+")
 
 
 def parse_final_number(text: str) -> dict:

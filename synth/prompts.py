@@ -92,9 +92,10 @@ class Template:
         messages = []
         for role, template in self._compiled:
             try:
-                messages.append({"role": role, "content": template.render(**row)})
-            except TemplateError as exc:
-                raise SynthError(f"{where or self.path}: rendering {self.path.name} failed: {exc}") from None
+                messages.append({"role": role, "content": template.render(row)})
+            except Exception as exc:  # noqa: BLE001 - a template is the user's code: any error in it is theirs
+                kind = "" if isinstance(exc, TemplateError) else f"{type(exc).__name__}: "
+                raise SynthError(f"{where or self.path}: rendering {self.path.name} failed: {kind}{exc}") from None
         return messages
 
 
