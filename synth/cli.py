@@ -112,6 +112,22 @@ def status(pipeline: Path) -> None:
 
 
 @main.command()
+@PIPELINE
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def stats(pipeline: Path, fmt: str) -> None:
+    """The filter funnel: per filter stage rows judged, passed, rejected and the top rejection reasons;
+    per keep stage rows kept."""
+    from synth.inspect import print_stats, stats_rows
+    from synth.pipeline import load_pipeline
+
+    loaded = load_pipeline(pipeline)
+    if fmt == "json":
+        click.echo(json.dumps(stats_rows(loaded), indent=2))
+    else:
+        print_stats(loaded, _console())
+
+
+@main.command()
 @click.argument("target", type=click.Path(path_type=Path))
 @click.argument("query")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from synth.errors import SynthError
 from synth.teachers import SamplingParams, TeacherConfig
@@ -53,8 +53,94 @@ class ExportStage(_Stage):
     few_shot: bool = Field(False, description="keep the template's few-shot turns")
 
 
-Stage = Annotated[Union[LoadStage, GenerateStage, ExportStage], Field(discriminator="kind")]
-STAGE_KINDS = ("load", "generate", "export")
+# ---- filters: each writes one verdict (passed, score, reason) per input row; none deletes ---------
+
+class VerifyStage(_Stage):
+    """Check an answer against a reference column (exact, numeric, math) or run code against tests."""
+    kind: Literal["verify"]
+    input: str
+    method: Literal["exact", "numeric", "math", "code"] = "math"
+    answer: str = Field("answer", description="column with the answer, or the text to extract it from")
+    extract: Literal["none", "boxed", "final_number", "regex", "json"] = "none"
+    pattern: str | None = Field(None, description="extract: regex; group 1 if it has one, else the match")
+    field: str | None = Field(None, description="extract: json; dotted path of the answer")
+    reference: str | None = Field(None, description="column with the reference answer (not for code)")
+    tests: str | None = Field(None, description="method code: column with asserts or stdin/stdout cases")
+    tolerance: float = Field(1e-6, ge=0)
+    timeout_s: float = Field(10.0, gt=0)
+    memory_mb: int = Field(512, ge=16)
+    workers: int | None = Field(None, ge=1)
+
+
+class VoteStage(_Stage):
+    """Self-consistency: samples of one group agree on an answer; no reference needed."""
+    kind: Literal["vote"]
+    input: str
+    answer: str = "answer"
+    method: Literal["exact", "numeric", "math"] = "exact"
+    min_agreement: float = Field(0.5, gt=0, le=1)
+    group_by: str = "input_id"
+
+
+class JudgeStage(_Stage):
+    """An LLM critic: a pointwise rubric score per row, or pairwise comparisons within a group."""
+    kind: Literal["judge"]
+    input: str
+    teacher: str
+    prompt: str | None = Field(None, description="default: critic_score (pointwise), critic_pairwise")
+    mode: Literal["pointwise", "pairwise"] = "pointwise"
+    min_score: float = Field(7.0, description="pointwise: pass at this score; pairwise: at this win rate")
+    group_by: str = "input_id"
+    params: SamplingParams = Field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=256))
+    _name: str = PrivateAttr("")  # the stage's own name, set when the pipeline is loaded
+
+
+class DedupStage(_Stage):
+    """Exact (normalised text) and, with `near`, MinHash-LSH near-duplicates; the first row wins."""
+    kind: Literal["dedup"]
+    input: str
+    column: str = "text"
+    near: float | None = Field(None, gt=0, le=1, description="Jaccard threshold for near-duplicates")
+    num_perm: int = Field(128, ge=16)
+    shingle: int = Field(5, ge=1, description="words per shingle")
+    order_by: str | None = Field(None, description="SQL order that decides which copy is first")
+
+
+class DecontaminateStage(_Stage):
+    """n-gram overlap of rows with evaluation files."""
+    kind: Literal["decontaminate"]
+    input: str
+    against: list[str] = Field(min_length=1)
+    columns: list[str] = Field(default_factory=lambda: ["text"])
+    ngram: int = Field(13, ge=1)
+    eval_columns: list[str] | None = Field(None, description="columns of the eval files to read")
+
+
+class FilterStage(_Stage):
+    """A SQL boolean expression over the input's columns, or a filter file filters/NAME.py|.sql."""
+    kind: Literal["filter"]
+    input: str
+    where: str | None = None
+    use: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for a .py filter")
+
+
+class KeepStage(_Stage):
+    """Rows of `input` that passed every filter in `pass`."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    kind: Literal["keep"]
+    input: str
+    pass_: list[str] = Field(alias="pass", min_length=1)
+    strict: bool = Field(True, description="false: a row a filter did not judge counts as passed")
+
+
+FILTER_KINDS = ("verify", "vote", "judge", "dedup", "decontaminate", "filter")
+Stage = Annotated[Union[LoadStage, GenerateStage, ExportStage, VerifyStage, VoteStage, JudgeStage, DedupStage,
+                        DecontaminateStage, FilterStage, KeepStage], Field(discriminator="kind")]
+STAGE_KINDS = ("load", "generate", "export", *FILTER_KINDS, "keep")
+STAGE_MODELS = {"load": LoadStage, "generate": GenerateStage, "export": ExportStage, "verify": VerifyStage,
+                "vote": VoteStage, "judge": JudgeStage, "dedup": DedupStage, "decontaminate": DecontaminateStage,
+                "filter": FilterStage, "keep": KeepStage}
 
 
 class PipelineFile(BaseModel):
@@ -129,8 +215,7 @@ def _allowed(loc: list, data: Any) -> str:
     from synth import config as me
     try:
         if loc[0] == "stages" and len(loc) == 3:
-            kind = data["stages"][loc[1]]["kind"]
-            model = {"load": me.LoadStage, "generate": me.GenerateStage, "export": me.ExportStage}[kind]
+            model = me.STAGE_MODELS[data["stages"][loc[1]]["kind"]]
         elif loc[0] == "teachers" and len(loc) == 3:
             from synth.teachers import HFTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig
             backend = data["teachers"][loc[1]]["backend"]
@@ -143,7 +228,7 @@ def _allowed(loc: list, data: Any) -> str:
             return ""
     except (KeyError, TypeError):
         return ""
-    return f" (allowed: {', '.join(model.model_fields)})"
+    return f" (allowed: {', '.join(f.alias or n for n, f in model.model_fields.items())})"
 
 
 def line_of(text: str, keys: list[str]) -> int | None:

@@ -170,6 +170,8 @@ def why(store: Store, row_id: str, console: Console) -> None:
                            "created_at FROM synth.completions WHERE id = ?", [rid])
         errors = con.execute("SELECT stage, cause, message, run_id, created_at FROM synth.errors "
                              "WHERE request_id = ? ORDER BY created_at", [rid]).fetchall()
+        verdicts = con.execute("SELECT stage, passed, score, reason, details FROM synth.verdicts WHERE row_id = ? "
+                               "ORDER BY stage", [rid]).fetchall()
         run = fetch_one(con, "SELECT id, command, argv, started_at, status FROM synth.runs WHERE id = ?",
                           [comp[5]]) if comp else None
         inputs = []
@@ -201,7 +203,72 @@ def why(store: Store, row_id: str, console: Console) -> None:
         parts.append(Text("no completion yet", style="yellow"))
     for e in errors:
         parts.append(Text(f"error in {e[0]}: {e[1]}: {e[2]} (run {e[3]})", style="red"))
+    for v in verdicts:
+        mark = ("passed", "green") if v[1] else ("failed", "red")
+        score = "" if v[2] is None else f" · score {v[2]:g}"
+        parts.append(Text.assemble(("verdict ", "bold"), f"{v[0]}: ", mark, score,
+                                   f" · {v[3]}" if v[3] else "", f" · {_short_details(v[4])}" if v[4] else ""))
     if run:
         parts.append(Text(f"written by run {run[0]} ({run[1]} {' '.join(json.loads(run[2]))}, "
                           f"started {run[3]:%Y-%m-%d %H:%M:%S}, {run[4]})"))
     console.print(Group(*parts))
+
+
+def _short_details(details: str, limit: int = 160) -> str:
+    text = " ".join(str(details).split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+# ---- the filter funnel ----------------------------------------------------------------------------
+
+def stats_rows(pipeline) -> list[dict]:
+    """Per filter stage: rows judged, passed, rejected and the top rejection reasons; per keep stage:
+    rows kept of its input. Reasons that carry a row id or file (duplicate_of:<id>) are grouped."""
+    from synth.config import FILTER_KINDS
+
+    names = [n for n in pipeline.order if pipeline.stage(n).kind in (*FILTER_KINDS, "keep")]
+    if not names or not pipeline.store.exists():
+        return []
+    out = []
+    with pipeline.store.read() as con:
+        have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables "
+                                          "WHERE table_schema = 'main'").fetchall()}
+        for name in names:
+            stage = pipeline.stage(name)
+            row = {"stage": name, "kind": stage.kind, "input": stage.input}
+            if name not in have:
+                out.append({**row, "judged": None})
+                continue
+            if stage.kind == "keep":
+                kept = fetch_one(con, f"SELECT count(*) FROM {quote_ident(name)}")[0]
+                total = fetch_one(con, f"SELECT count(*) FROM {quote_ident(stage.input)}")[0]
+                out.append({**row, "judged": total, "passed": kept, "rejected": total - kept, "reasons": []})
+                continue
+            judged, passed = fetch_one(con, "SELECT count(*), count(*) FILTER (WHERE passed) FROM synth.verdicts "
+                                            "WHERE stage = ?", [name])
+            reasons = con.execute(
+                "SELECT CASE WHEN reason LIKE 'duplicate_of:%' THEN 'duplicate_of' ELSE reason END AS r, count(*) AS n "
+                "FROM synth.verdicts WHERE stage = ? AND NOT passed GROUP BY r ORDER BY n DESC, r LIMIT 5",
+                [name]).fetchall()
+            out.append({**row, "judged": judged, "passed": passed, "rejected": judged - passed,
+                        "reasons": [{"reason": r, "rows": n} for r, n in reasons]})
+    return out
+
+
+def print_stats(pipeline, console: Console) -> None:
+    rows = stats_rows(pipeline)
+    if not rows:
+        console.print("no filter or keep stages have run yet")
+        return
+    table = Table(title=f"filter funnel · {pipeline.path.name}")
+    for col in ("stage", "kind", "input", "judged", "passed", "rejected", "pass rate", "top rejection reasons"):
+        table.add_column(col, justify="right" if col in ("judged", "passed", "rejected", "pass rate") else "left")
+    for r in rows:
+        if r["judged"] is None:
+            table.add_row(r["stage"], r["kind"], r["input"], "not run", "", "", "", "")
+            continue
+        rate = f"{r['passed'] / r['judged']:.1%}" if r["judged"] else "-"
+        reasons = ", ".join(f"{x['reason']} {x['rows']}" for x in r["reasons"])
+        table.add_row(r["stage"], r["kind"], r["input"], str(r["judged"]), str(r["passed"]), str(r["rejected"]),
+                      rate, reasons)
+    console.print(table)

@@ -71,12 +71,46 @@ def parse_json(text: str) -> dict:
     return {"parse_error": "invalid_json"}
 
 
+_SCORE_LINE = re.compile(r"(?im)^\W*(?:score|rating)\W*[:=]\s*\**\s*([-+]?\d+(?:\.\d+)?)")
+
+
+def parse_score(text: str) -> dict:
+    """A critic's score: {"score": N} in a JSON object, else the last `Score: N` line; None otherwise."""
+    obj = parse_json(text)
+    value = obj.get("score") if "parse_error" not in obj else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"score": float(value)}
+    if isinstance(value, str):
+        try:
+            return {"score": float(value.strip())}
+        except ValueError:
+            pass
+    lines = _SCORE_LINE.findall(text or "")
+    return {"score": float(lines[-1]) if lines else None}
+
+
+_WINNER = re.compile(r"(?im)^\W*(?:winner|better|answer)\W*[:=]\s*\**\s*\[?\s*([AB])\b")
+
+
+def parse_winner(text: str) -> dict:
+    """A pairwise critic's choice: {"winner": "A"|"B"} in JSON, else the last `Winner: A|B` line."""
+    obj = parse_json(text)
+    value = obj.get("winner") if "parse_error" not in obj else None
+    if isinstance(value, str) and value.strip().upper() in ("A", "B"):
+        return {"winner": value.strip().upper()}
+    lines = _WINNER.findall(text or "")
+    return {"winner": lines[-1].upper() if lines else None}
+
+
 PARSERS: dict[str, Callable[[str], dict]] = {
     "text": parse_text,
     "json": parse_json,
     "boxed": parse_boxed,
     "final_number": parse_final_number,
+    "score": parse_score,
+    "winner": parse_winner,
 }
 
 # Columns a parser is known to produce (json's columns are the keys it finds).
-PARSER_COLUMNS: dict[str, list[str]] = {"text": [], "json": [], "boxed": ["answer"], "final_number": ["answer"]}
+PARSER_COLUMNS: dict[str, list[str]] = {"text": [], "json": [], "boxed": ["answer"], "final_number": ["answer"],
+                                        "score": ["score"], "winner": ["winner"]}

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from synth.config import ExportStage, GenerateStage, LoadStage, PipelineFile, line_of, read_pipeline_file
+from synth.config import (FILTER_KINDS, ExportStage, GenerateStage, JudgeStage, KeepStage, LoadStage, PipelineFile,
+                          line_of, read_pipeline_file)
 from synth.errors import SynthError
 from synth.ids import content_hash
 from synth.load import Seeds, read_seeds
@@ -77,15 +78,30 @@ class Pipeline:
             parts["prompt"] = self.templates[name].file_hash
             teacher = self.spec.teachers[stage.teacher]
             parts["teacher"] = content_hash({"backend": teacher.backend, "model": teacher.model})
+        if stage.kind in FILTER_KINDS:
+            from synth.filters import filter_version
+            parts["filter"] = filter_version(self, name)
         for inp in _inputs(stage):
             parts[f"input:{inp}"] = self.fingerprint(inp)
         return parts
+
+    def root(self, name: str) -> str:
+        """The stage whose rows a filter/keep chain carries (follows `input` through filters and keeps)."""
+        while self.stage(name).kind in (*FILTER_KINDS, "keep"):
+            name = self.stage(name).input
+        return name
 
     def fingerprint(self, name: str) -> str:
         return content_hash(self.fingerprint_parts(name))
 
 
 def _inputs(stage) -> list[str]:
+    """The stages a stage reads: its input, a keep's filters, a judge's critic calls."""
+    if isinstance(stage, KeepStage):
+        return [stage.input, *stage.pass_]
+    if isinstance(stage, JudgeStage):
+        from synth.judge import critic_stage_name
+        return [stage.input, critic_stage_name(stage._name)]
     return [stage.input] if hasattr(stage, "input") else []
 
 
@@ -98,6 +114,7 @@ def load_pipeline(path: Path) -> Pipeline:
     Reads seed files and templates, never the store's contents and never a teacher."""
     path = Path(path).resolve()
     spec = read_pipeline_file(path)
+    _add_critic_stages(path, spec)
     store_path = (path.parent / spec.store) if spec.store else default_store_path(path)
     text = path.read_text(encoding="utf-8")
 
@@ -106,18 +123,31 @@ def load_pipeline(path: Path) -> Pipeline:
         return f"{path}{f':{line}' if line else ''}: stage '{name}'"
 
     for name, stage in spec.stages.items():
-        for inp in _inputs(stage):
+        for inp in [stage.input] if hasattr(stage, "input") else []:
             if inp not in spec.stages:
                 raise SynthError(f"{where(name, 'input')}: key 'input': no stage named {inp!r} "
                                  f"(stages: {', '.join(spec.stages)})")
             if isinstance(spec.stages[inp], ExportStage):
                 raise SynthError(f"{where(name, 'input')}: key 'input': {inp!r} is an export stage, which has no rows "
                                  "to read; point at the stage it exports")
-        if isinstance(stage, GenerateStage) and stage.teacher not in spec.teachers:
+        if (stage.kind in FILTER_KINDS or isinstance(stage, KeepStage)) and \
+                spec.stages[stage.input].kind not in ("load", "generate", "keep"):
+            raise SynthError(f"{where(name, 'input')}: key 'input': {stage.input!r} is a {spec.stages[stage.input].kind} "
+                             "stage; a filter or keep reads a load, generate or keep stage")
+        if isinstance(stage, KeepStage):
+            for f in stage.pass_:
+                if f not in spec.stages:
+                    raise SynthError(f"{where(name, 'pass')}: key 'pass': no stage named {f!r} "
+                                     f"(stages: {', '.join(spec.stages)})")
+                if spec.stages[f].kind not in FILTER_KINDS:
+                    raise SynthError(f"{where(name, 'pass')}: key 'pass': {f!r} is a {spec.stages[f].kind} stage, "
+                                     f"not a filter ({', '.join(FILTER_KINDS)})")
+        if isinstance(stage, (GenerateStage, JudgeStage)) and stage.teacher not in spec.teachers:
             known = ", ".join(spec.teachers) or "none defined"
             raise SynthError(f"{where(name, 'teacher')}: key 'teacher': no teacher named {stage.teacher!r} (teachers: {known})")
-        if isinstance(stage, ExportStage) and not isinstance(spec.stages[stage.input], GenerateStage):
-            raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports a generate stage's rows")
+        if isinstance(stage, ExportStage) and spec.stages[stage.input].kind not in ("generate", "keep"):
+            raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports a generate stage's rows "
+                             "(or a keep stage's)")
 
     pipeline = Pipeline(path=path, spec=spec, store=Store(store_path), order=_topological(path, spec))
     for name in pipeline.order:
@@ -131,11 +161,34 @@ def load_pipeline(path: Path) -> Pipeline:
             template.check_columns(pipeline.columns[stage.input], where(name, 'prompt'))
             pipeline.templates[name] = template
             pipeline.columns[name] = generation_columns(template, pipeline.columns[stage.input])
+        elif stage.kind in FILTER_KINDS:
+            from synth.filters import VERDICT_COLUMNS, validate
+            validate(pipeline, name, pipeline.columns[stage.input])
+            pipeline.columns[name] = pipeline.columns[stage.input] + VERDICT_COLUMNS
+        elif isinstance(stage, KeepStage):
+            pipeline.columns[name] = pipeline.columns[stage.input]
         elif isinstance(stage, ExportStage):
+            if spec.stages[pipeline.root(stage.input)].kind != "generate":
+                raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports generated rows; "
+                                 f"{stage.input!r} carries {pipeline.root(stage.input)!r}'s rows")
             out = pipeline.resolve(stage.path)
             if out.suffix not in (".parquet", ".jsonl"):
                 raise SynthError(f"{where(name, 'path')}: key 'path': write .parquet or .jsonl, not {out.name!r}")
     return pipeline
+
+
+def _add_critic_stages(path: Path, spec: PipelineFile) -> None:
+    """Each judge stage J gets a generate stage J_critic for its critic calls (synth/judge.py)."""
+    from synth.judge import critic_stage, critic_stage_name
+
+    for name, stage in list(spec.stages.items()):
+        if isinstance(stage, JudgeStage):
+            stage._name = name
+            critic = critic_stage_name(name)
+            if critic in spec.stages:
+                raise SynthError(f"{path}: stage '{critic}': the name is taken by judge stage '{name}' for its "
+                                 "critic calls; rename one of them")
+            spec.stages[critic] = critic_stage(stage, name)
 
 
 def generation_columns(template: Template, input_columns: list[str]) -> list[str]:
@@ -241,7 +294,7 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
         console: Console | None = None) -> dict:
     """Run every stale stage among the targets (default: all) and their upstream, in DAG order.
     Records one run row. Returns the run's counts."""
-    from synth import export, generate
+    from synth import export, filters, generate
 
     console = console or Console(stderr=True)
     for t in targets or []:
@@ -267,6 +320,10 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
                 result = _run_load(pipeline, name, run_id)
             elif isinstance(stage, GenerateStage):
                 result = generate.run_stage(pipeline, name, run_id, console)
+            elif stage.kind in FILTER_KINDS:
+                result = filters.run_stage(pipeline, name, run_id, console)
+            elif isinstance(stage, KeepStage):
+                result = filters.run_keep(pipeline, name, run_id, console)
             else:
                 result = export.run_stage(pipeline, name, run_id)
             result["seconds"] = round(time.monotonic() - started, 3)

@@ -58,6 +58,12 @@ MIGRATIONS: list[str] = [
         stage VARCHAR, id VARCHAR, input_id VARCHAR, sample INTEGER, teacher VARCHAR,
         parsed JSON, PRIMARY KEY (stage, id));
     """,
+    # 2: filters. One verdict per (filter stage, row); re-judging a stage replaces its verdicts.
+    """
+    CREATE TABLE synth.verdicts (
+        stage VARCHAR, row_id VARCHAR, version VARCHAR, passed BOOLEAN, score DOUBLE, reason VARCHAR,
+        details JSON, run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (stage, row_id));
+    """,
 ]
 
 

@@ -1,0 +1,56 @@
+"""Self-consistency voting, as one DuckDB query over the input stage.
+
+For each group (default: the samples of one input row): answers fall into equivalence classes (the
+method's canonical key: normalised string, canonical number, or math-verify canonical form, computed
+once per DISTINCT answer in Python); a sample's agreement share is |its class| / |samples in the
+group| (samples without an answer count in the denominator). Verdicts:
+- no answer                                 -> failed, reason `no_answer`, score NULL;
+- not in the plurality class                -> failed, `minority_answer`, score = its share;
+- plurality class but share < min_agreement -> failed, `low_agreement`;
+- a tie for the plurality                   -> failed, `low_agreement` (no class wins);
+- otherwise                                 -> passed, score = share.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+
+def vote(con, source: str, answer: str, group_by: str, method: str, min_agreement: float) -> pa.Table:
+    """Verdict table (row_id, passed, score, reason, details) for every row of `source`."""
+    from synth import verify
+    from synth.store import quote_ident
+
+    a, g = quote_ident(answer), quote_ident(group_by)
+    distinct = [r[0] for r in con.execute(f"SELECT DISTINCT CAST({a} AS VARCHAR) FROM {source} "
+                                          f"WHERE {a} IS NOT NULL").fetchall()]
+    keys = pa.table({"answer": pa.array(distinct, pa.string()),
+                     "class": pa.array([verify.canonical(x, method) for x in distinct], pa.string())})
+    con.register("_synth_vote_keys", keys)
+    try:
+        return con.sql(vote_sql(source, a, g, "_synth_vote_keys", min_agreement)).to_arrow_table()
+    finally:
+        con.unregister("_synth_vote_keys")
+
+
+def vote_sql(source: str, answer: str, group: str, keys: str, min_agreement: float) -> str:
+    return f"""
+    WITH s AS (
+        SELECT CAST(i.id AS VARCHAR) AS row_id, i.{group} AS grp, k.class
+        FROM {source} i LEFT JOIN {keys} k ON k.answer = CAST(i.{answer} AS VARCHAR)),
+    sizes AS (SELECT grp, class, count(*) AS n FROM s WHERE class IS NOT NULL GROUP BY ALL),
+    totals AS (SELECT grp, count(*) AS total FROM s GROUP BY ALL),
+    top AS (SELECT grp, top_n, count(*) FILTER (WHERE n = top_n) AS tied FROM (
+              SELECT grp, n, max(n) OVER (PARTITION BY grp) AS top_n FROM sizes) GROUP BY grp, top_n)
+    SELECT s.row_id,
+           (s.class IS NOT NULL AND z.n = t.top_n AND t.tied = 1 AND z.n / o.total >= {min_agreement}) AS passed,
+           z.n / o.total AS score,
+           CASE WHEN s.class IS NULL THEN 'no_answer'
+                WHEN z.n < t.top_n THEN 'minority_answer'
+                WHEN t.tied > 1 OR z.n / o.total < {min_agreement} THEN 'low_agreement'
+           END AS reason,
+           to_json({{'class': s.class, 'votes': z.n, 'samples': o.total}})::VARCHAR AS details
+    FROM s JOIN totals o USING (grp)
+    LEFT JOIN sizes z ON z.grp = s.grp AND z.class = s.class
+    LEFT JOIN top t ON t.grp = s.grp
+    """
