@@ -55,6 +55,7 @@ class Planned:
     prompts: dict[str, list[dict]]  # prompt id -> messages
     prompt_of: dict[str, str]  # request id -> prompt id
     collapsed: int  # requests dropped because another input row rendered the same messages
+    by_input: dict[str, list[str]]  # input row id -> its request ids, collapsed ones included
 
 
 def build_requests(pipeline, name: str, rows: list[dict]) -> Planned:
@@ -62,13 +63,14 @@ def build_requests(pipeline, name: str, rows: list[dict]) -> Planned:
     template = pipeline.templates[name]
     model = pipeline.spec.teachers[stage.teacher].model
     params = stage.params.model_dump(exclude_none=True)
-    planned = Planned([], {}, {}, {}, 0)
+    planned = Planned([], {}, {}, {}, 0, {})
     for row in rows:
         messages = template.render(row, where=f"{pipeline.where(name)}: input row id {row.get('id')!r}")
         pid = prompt_id(messages)
         planned.prompts[pid] = messages
         for k in range(stage.samples):
             rid = request_id(model, messages, params, k)
+            planned.by_input.setdefault(str(row["id"]), []).append(rid)
             if rid in planned.input_ids:
                 planned.collapsed += 1
                 continue

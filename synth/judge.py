@@ -35,12 +35,17 @@ def critic_stage(stage: JudgeStage, name: str) -> GenerateStage:
 
 
 def verdicts(pipeline, name: str, rows: list[dict]) -> list[Verdict]:
+    from synth.generate import build_requests
+
     stage: JudgeStage = pipeline.stage(name)
+    # Rows whose critic prompts render identically share one critic call (one request id), so map
+    # rows to judgments through the request ids, not the critic stage's input_id.
+    planned = build_requests(pipeline, critic_stage_name(name), rows)
     with pipeline.store.read() as con:
-        judged = dict(con.execute(f"SELECT input_id, text FROM {quote_ident(critic_stage_name(name))}").fetchall())
+        judged = dict(con.execute(f"SELECT id, text FROM {quote_ident(critic_stage_name(name))}").fetchall())
     out = []
     for row in rows:
-        text = judged.get(str(row["id"]))
+        text = judged.get(planned.by_input[str(row["id"])][0])
         if text is None:
             out.append(Verdict.fail("no_judgment"))
             continue
