@@ -41,6 +41,7 @@ class GenerateStage(_Stage):
     prompt: str
     samples: int = Field(1, ge=1)
     params: SamplingParams = Field(default_factory=SamplingParams)
+    _pairs_for: str = PrivateAttr("")  # set on a pairwise judge's critic stage: it reads that judge's pairs
 
 
 class ExportStage(_Stage):
@@ -89,7 +90,8 @@ class JudgeStage(_Stage):
     teacher: str
     prompt: str | None = Field(None, description="default: critic_score (pointwise), critic_pairwise")
     mode: Literal["pointwise", "pairwise"] = "pointwise"
-    min_score: float = Field(7.0, description="pointwise: pass at this score; pairwise: at this win rate")
+    min_score: float | None = Field(None, description="pass at this score (pointwise, default 7) or win rate "
+                                                       "(pairwise, default 0.5)")
     group_by: str = "input_id"
     params: SamplingParams = Field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=256))
     _name: str = PrivateAttr("")  # the stage's own name, set when the pipeline is loaded

@@ -81,9 +81,18 @@ def build_requests(pipeline, name: str, rows: list[dict]) -> Planned:
 
 
 def input_rows(pipeline, name: str, from_store: bool) -> list[dict] | None:
-    """The rows the stage reads: a load input's seeds, or a generate input's rows from the store.
-    None when they are not known yet (an upstream generate stage has not run)."""
-    inp = pipeline.stage(name).input
+    """The rows the stage reads: a load input's seeds, or a generate input's rows from the store
+    (for a pairwise judge's critic stage: the pairs of those rows). None when they are not known yet
+    (an upstream generate stage has not run)."""
+    stage = pipeline.stage(name)
+    rows = _stage_rows(pipeline, stage.input, from_store)
+    if rows is not None and getattr(stage, "_pairs_for", ""):
+        from synth.judge import pair_rows
+        return pair_rows(pipeline, stage._pairs_for, rows)
+    return rows
+
+
+def _stage_rows(pipeline, inp: str, from_store: bool) -> list[dict] | None:
     if isinstance(pipeline.stage(inp), LoadStage) and not from_store:
         return pipeline.seeds[inp].table.to_pylist()
     if not pipeline.store.exists():

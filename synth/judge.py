@@ -1,26 +1,39 @@
-"""The judge filter: an LLM critic through any teacher backend.
+"""The judge filter: an LLM critic through any teacher backend, pointwise or pairwise.
 
-A judge stage `J` (pointwise) gets a companion generate stage `J_critic`, added to the pipeline when
-it is loaded: it renders the critic template (default `critic_score`) over each judged row and asks
-the judge's teacher once per row. Critic calls are therefore ordinary cached generations — same
-request ids, crash safety, error rows and lineage (their input_id is the judged row's id) — and
-`J_critic` is queryable like any generate stage. `J` then reads each judgment's score (JSON
-{"score": N} or a `Score: N` line) and writes the verdicts:
-- score >= min_score                   -> passed, score = the critic's score;
-- score < min_score                    -> failed, reason `low_score`;
-- a judgment without a parseable score -> failed, reason `unparseable_judgment` (raw judgment kept
-  in details);
-- no judgment (the critic call failed) -> failed, reason `no_judgment`; a re-run retries the call.
+A judge stage `J` gets a companion generate stage `J_critic`, added to the pipeline when it is
+loaded, that makes the critic calls. Critic calls are therefore ordinary cached generations — same
+request ids, crash safety, error rows, lineage — and `J_critic` is queryable like any generate
+stage. Rows whose critic prompts render identically share one call.
+
+Pointwise (template `critic_score`, over the judged row's columns): one call per row; the score is
+{"score": N} or the last `Score: N` line.
+- score >= min_score (default 7) -> passed, score = the critic's score;
+- score < min_score              -> failed, `low_score`;
+- no parseable score             -> failed, `unparseable_judgment` (the raw judgment kept in details);
+- no judgment (the call failed)  -> failed, `no_judgment`; a re-run retries the call.
+
+Pairwise (template `critic_pairwise`, over the row's columns plus `a`, `b`): within each group
+(default: the samples of one input row) every ordered pair of distinct samples is judged, so each
+pair is seen in both orders and position bias cancels. A sample's score is its win rate over the
+comparisons with a parseable `Winner: A|B`.
+- win rate >= min_score (default 0.5) -> passed;  below -> failed, `low_win_rate`;
+- a group with a single sample        -> failed, `no_pair` (nothing to rank it against);
+- comparisons made, none parseable    -> failed, `unparseable_judgment`;
+- comparisons not made yet            -> failed, `no_judgment`.
+details: wins, comparisons, and how many pairs the critic judged the same way in both orders.
 """
 
 from __future__ import annotations
 
 from synth.config import GenerateStage, JudgeStage
-from synth.parsers import parse_score
+from synth.ids import content_hash
+from synth.parsers import parse_score, parse_winner
 from synth.store import quote_ident
 from synth.verdicts import Verdict
 
 DEFAULT_PROMPT = {"pointwise": "critic_score", "pairwise": "critic_pairwise"}
+DEFAULT_MIN_SCORE = {"pointwise": 7.0, "pairwise": 0.5}
+PAIR_COLUMNS = ["a", "b", "a_id", "b_id"]
 
 
 def critic_stage_name(name: str) -> str:
@@ -29,20 +42,46 @@ def critic_stage_name(name: str) -> str:
 
 def critic_stage(stage: JudgeStage, name: str) -> GenerateStage:
     """The generate stage that makes a judge's critic calls."""
-    return GenerateStage(kind="generate", input=stage.input, teacher=stage.teacher,
-                         prompt=stage.prompt or DEFAULT_PROMPT[stage.mode], samples=1, params=stage.params,
-                         description=f"critic calls of judge stage '{name}'")
+    critic = GenerateStage(kind="generate", input=stage.input, teacher=stage.teacher,
+                           prompt=stage.prompt or DEFAULT_PROMPT[stage.mode], samples=1, params=stage.params,
+                           description=f"critic calls of judge stage '{name}' ({stage.mode})")
+    if stage.mode == "pairwise":
+        critic._pairs_for = name
+    return critic
+
+
+def pair_rows(pipeline, name: str, rows: list[dict]) -> list[dict]:
+    """Every ordered pair (A, B) of distinct rows in the same group: A's columns plus a, b (the two
+    texts) and a_id, b_id. Deterministic order: groups and members sorted by id."""
+    stage: JudgeStage = pipeline.stage(name)
+    groups: dict = {}
+    for r in sorted(rows, key=lambda r: str(r["id"])):
+        groups.setdefault(r.get(stage.group_by), []).append(r)
+    out = []
+    for _, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        for first in members:
+            for second in members:
+                if first["id"] == second["id"]:
+                    continue
+                base = {k: v for k, v in first.items() if k not in ("id", *PAIR_COLUMNS)}
+                out.append({**base, "id": content_hash([str(first["id"]), str(second["id"])]),
+                            "a": first.get("text"), "b": second.get("text"),
+                            "a_id": str(first["id"]), "b_id": str(second["id"])})
+    return out
 
 
 def verdicts(pipeline, name: str, rows: list[dict]) -> list[Verdict]:
     from synth.generate import build_requests
 
     stage: JudgeStage = pipeline.stage(name)
-    # Rows whose critic prompts render identically share one critic call (one request id), so map
-    # rows to judgments through the request ids, not the critic stage's input_id.
-    planned = build_requests(pipeline, critic_stage_name(name), rows)
+    min_score = stage.min_score if stage.min_score is not None else DEFAULT_MIN_SCORE[stage.mode]
+    critic = critic_stage_name(name)
     with pipeline.store.read() as con:
-        judged = dict(con.execute(f"SELECT id, text FROM {quote_ident(critic_stage_name(name))}").fetchall())
+        judged = dict(con.execute(f"SELECT id, text FROM {quote_ident(critic)}").fetchall())
+    if stage.mode == "pairwise":
+        return _pairwise(pipeline, stage, critic, rows, judged, min_score)
+    # Map rows to judgments through request ids: rows with identical critic prompts share a call.
+    planned = build_requests(pipeline, critic, rows)
     out = []
     for row in rows:
         text = judged.get(planned.by_input[str(row["id"])][0])
@@ -53,8 +92,52 @@ def verdicts(pipeline, name: str, rows: list[dict]) -> list[Verdict]:
         details = {"judgment": text}
         if score is None:
             out.append(Verdict.fail("unparseable_judgment", None, details))
-        elif score >= stage.min_score:
+        elif score >= min_score:
             out.append(Verdict.ok(score, details))
         else:
             out.append(Verdict.fail("low_score", score, details))
+    return out
+
+
+def _pairwise(pipeline, stage: JudgeStage, critic: str, rows: list[dict], judged: dict,
+              min_score: float) -> list[Verdict]:
+    from synth.generate import build_requests
+
+    pairs = pair_rows(pipeline, stage._name, rows)
+    planned = build_requests(pipeline, critic, pairs)
+    wins = {str(r["id"]): 0 for r in rows}
+    made = dict.fromkeys(wins, 0)
+    parsed = dict.fromkeys(wins, 0)
+    choice: dict[tuple[str, str], str | None] = {}  # (a_id, b_id) -> id of the sample the critic preferred
+    for pair in pairs:
+        text = judged.get(planned.by_input[pair["id"]][0])
+        if text is None:
+            continue
+        a, b = pair["a_id"], pair["b_id"]
+        made[a] += 1
+        made[b] += 1
+        winner = parse_winner(text)["winner"]
+        choice[(a, b)] = {"A": a, "B": b}.get(winner)
+        if winner is None:
+            continue
+        parsed[a] += 1
+        parsed[b] += 1
+        wins[a if winner == "A" else b] += 1
+    partners: dict[str, int] = {}
+    for pair in pairs:
+        partners[pair["a_id"]] = partners.get(pair["a_id"], 0) + 1
+    out = []
+    for row in rows:
+        rid = str(row["id"])
+        consistent = sum(1 for (a, b), w in choice.items() if a == rid and w is not None and choice.get((b, a)) == w)
+        details = {"wins": wins[rid], "comparisons": parsed[rid], "consistent_pairs": consistent}
+        if not partners.get(rid):
+            out.append(Verdict.fail("no_pair"))
+        elif not made[rid]:
+            out.append(Verdict.fail("no_judgment"))
+        elif not parsed[rid]:
+            out.append(Verdict.fail("unparseable_judgment", None, details))
+        else:
+            rate = wins[rid] / parsed[rid]
+            out.append(Verdict.ok(rate, details) if rate >= min_score else Verdict.fail("low_win_rate", rate, details))
     return out

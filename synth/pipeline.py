@@ -158,7 +158,11 @@ def load_pipeline(path: Path) -> Pipeline:
             pipeline.columns[name] = seeds.columns
         elif isinstance(stage, GenerateStage):
             template = load_template(stage.prompt, path.parent, f"{where(name, 'prompt')}: key 'prompt'")
-            template.check_columns(pipeline.columns[stage.input], where(name, 'prompt'))
+            columns = pipeline.columns[stage.input]
+            if stage._pairs_for:
+                from synth.judge import PAIR_COLUMNS
+                columns = [c for c in columns if c not in PAIR_COLUMNS] + PAIR_COLUMNS
+            template.check_columns(columns, where(stage._pairs_for or name, 'prompt'))
             pipeline.templates[name] = template
             pipeline.columns[name] = generation_columns(template, pipeline.columns[stage.input])
         elif stage.kind in FILTER_KINDS:

@@ -7,7 +7,8 @@ else one of `wrong` distractors (i+1, i+2, ...) uniformly; the draw is seeded by
 and the question, so a given request always gets the same answer.
 Critic requests (the system prompt mentions "grader"): "Score: 9" when the solution's boxed answer
 is correct, "Score: 2" when it is wrong, and a reply with no score when the solution contains
-"NOSCORE".
+"NOSCORE". Pairwise critic requests ("compare two"): the correct solution wins; when both or neither
+are correct it answers "Winner: A" — a pure position bias that judging both orders must cancel.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class ScriptedTeacher:
         messages = body["messages"]
         system = " ".join(m["content"] for m in messages if m["role"] == "system")
         user = messages[-1]["content"]
+        if "compare two" in system:  # pairwise critic: prefers the correct solution, else says "A" (position bias)
+            q = int(re.search(r"Q(\d+)", user).group(1))
+            a = last_boxed(user.split("Solution B:")[0]) == str(q)
+            b = last_boxed(user.split("Solution B:")[1]) == str(q)
+            return "Winner: B" if b and not a else "Winner: A"
         if "grader" in system:
             if "NOSCORE" in user:
                 return "I cannot decide."

@@ -95,3 +95,33 @@ def test_judge_pointwise_scores_and_fails_closed(workspace):
         before = teacher.requests
         synth("run", workspace / "pipeline.yaml", check=True)
         assert teacher.requests == before  # a finished pipeline sends nothing, critic calls included
+
+
+def test_judge_pairwise_both_orders_cancel_position_bias(workspace):
+    """Every ordered pair within a group is judged. A correct sample beats every wrong one, and
+    between two samples the critic cannot separate, the position bias ("always A") gives each one
+    win out of two, so ties land at 0.5 instead of favouring whichever came first."""
+    write(workspace / "questions.jsonl",
+          "".join(json.dumps({"id": f"q{i}", "question": f"Q{i}: what is it?", "gold": str(i)}) + "\n"
+                  for i in range(6)))
+    extra = "  ranked: {kind: judge, mode: pairwise, input: solutions, teacher: scripted, min_score: 0.75}\n"
+    with ScriptedTeacher(p=0.5) as teacher:
+        write(workspace / "pipeline.yaml", pipeline_text(teacher.base_url, extra))
+        synth("run", workspace / "pipeline.yaml", check=True)
+    store = workspace / "out" / "run.duckdb"
+    rows = query(store, "SELECT r.id, r.input_id, r.passed, r.reason, r.score, g.passed, r.text "
+                        "FROM ranked r JOIN graded g USING (id)")
+    assert len(rows) == 6 * N
+    assert query(store, "SELECT count(*) FROM ranked_critic")[0][0] <= 6 * N * (N - 1)
+    for rid, input_id, passed, reason, score, correct, text in rows:
+        group = [r for r in rows if r[1] == input_id]
+        n_correct = sum(r[5] for r in group)
+        same_text = sum(r[6] == text for r in group) - 1
+        if correct and n_correct < len(group):  # beats every wrong sample, ties with other correct ones
+            expected = ((len(group) - n_correct) * 2 + (n_correct - 1)) / (2 * (len(group) - 1))
+        elif correct or n_correct == 0:  # all correct, or all wrong: only ties
+            expected = 0.5
+        else:
+            expected = (len(group) - n_correct - 1) / (2 * (len(group) - 1))
+        assert score == pytest.approx(expected), (rid, score, expected, n_correct, same_text)
+        assert passed == (score >= 0.75) and reason == (None if passed else "low_win_rate")
