@@ -264,11 +264,11 @@ def _judge_rows(pipeline, name: str, rows: list[dict], console: Console) -> list
 
 
 def _verify(stage: VerifyStage, rows: list[dict]) -> list[Verdict]:
-    from synth import verify
+    from synth import sandbox, verify
 
-    if stage.method == "code":
-        items = [(verify.extract_code(r.get(stage.answer)), r.get(stage.tests)) for r in rows]
-        return verify.run_code_many(items, timeout_s=stage.timeout_s, memory_mb=stage.memory_mb, workers=stage.workers)
+    if stage.method == "code":  # run_code extracts the code (a fenced block) from the answer itself
+        items = [(r.get(stage.answer), r.get(stage.tests)) for r in rows]
+        return sandbox.run_code_many(items, timeout_s=stage.timeout_s, memory_mb=stage.memory_mb, workers=stage.workers)
     out = []
     for r in rows:
         raw = r.get(stage.answer)

@@ -8,13 +8,13 @@ retries and their spacing. Runs its own event loop in a background thread.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import threading
 import time
 from dataclasses import dataclass, field
 
 from aiohttp import ClientSession, web
+
+from loopback import LoopbackServer
 
 
 @dataclass
@@ -25,42 +25,20 @@ class Rules:
     attempts: list[tuple[float, str, int]] = field(default_factory=list)  # (time, body hash, status)
 
 
-class FaultProxy:
+class FaultProxy(LoopbackServer):
     def __init__(self, upstream: str, rules: Rules):
+        super().__init__()
         self.upstream = upstream.rstrip("/")
         self.rules = rules
-        self.port: int | None = None
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, daemon=True)
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self) -> "FaultProxy":
-        self._thread.start()
-        assert self._ready.wait(30), "proxy did not start"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app)
-        self._loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self._session = self._loop.run_until_complete(_make_session())
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(self._session.close())
-        self._loop.run_until_complete(runner.cleanup())
+
+    async def startup(self) -> None:
+        self._session = ClientSession()  # must be created inside the running loop
+
+    async def cleanup(self) -> None:
+        await self._session.close()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -82,6 +60,3 @@ class FaultProxy:
                                                                                       "application/json")}) as up:
             return web.Response(body=await up.read(), status=up.status, content_type="application/json")
 
-
-async def _make_session() -> ClientSession:
-    return ClientSession()  # must be created inside the running loop

@@ -13,38 +13,21 @@ are correct it answers "Winner: A" — a pure position bias that judging both or
 
 from __future__ import annotations
 
-import asyncio
 import random
 import re
-import threading
 import time
 
 from aiohttp import web
+from loopback import LoopbackServer
 
 from synth.parsers import last_boxed
 
 
-class ScriptedTeacher:
+class ScriptedTeacher(LoopbackServer):
     def __init__(self, p: float = 0.7, wrong: int = 2):
+        super().__init__()
         self.p, self.wrong = p, wrong
         self.requests = 0
-        self.port: int | None = None
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self) -> "ScriptedTeacher":
-        self._thread.start()
-        assert self._ready.wait(30), "scripted teacher did not start"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
 
     def answer(self, question_number: int, seed: int | None, salt: str) -> int:
         rng = random.Random(f"{seed}:{salt}")
@@ -70,25 +53,15 @@ class ScriptedTeacher:
         q = int(re.search(r"Q(\d+)", user).group(1))
         return f"Working it out. \\boxed{{{self.answer(q, body.get('seed'), user)}}}"
 
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
+    async def _chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests += 1
+        text = self.reply(body)
+        return web.json_response({
+            "id": f"chatcmpl-{self.requests}", "object": "chat.completion", "created": int(time.time()),
+            "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop",
+                                                 "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
 
-        async def chat(request: web.Request) -> web.Response:
-            body = await request.json()
-            self.requests += 1
-            text = self.reply(body)
-            return web.json_response({
-                "id": f"chatcmpl-{self.requests}", "object": "chat.completion", "created": int(time.time()),
-                "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop",
-                                                     "message": {"role": "assistant", "content": text}}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
-
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        runner = web.AppRunner(app)
-        self._loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self._chat)

@@ -10,7 +10,7 @@ Heavy libraries (torch, transformers, vllm) are imported inside the backend modu
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Protocol, Sequence, Union
 
