@@ -227,3 +227,14 @@ def test_bad_sql_expression_is_one_line(workspace):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "key 'where'" in proc.stderr and "lenght" in proc.stderr
     assert query(workspace / "out" / "run.duckdb", "SELECT count(*) FROM synth.verdicts")[0][0] == 0
+
+
+def test_verify_code_through_the_pipeline(workspace):
+    tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
+    rows = [{"id": "good", "text": "Here:\n```python\ndef add(a, b):\n    return a + b\n```", "tests": tests},
+            {"id": "wrong", "text": "```python\ndef add(a, b):\n    return a - b\n```", "tests": tests},
+            {"id": "loops", "text": "```python\ndef add(a, b):\n    while True:\n        pass\n```", "tests": tests},
+            {"id": "prose", "text": "I would add them.", "tests": tests}]
+    v = run_filter(workspace, rows, "kind: verify, method: code, answer: text, tests: tests, timeout_s: 2")
+    check(v, {"good": (True, None), "wrong": (False, "wrong_output"), "loops": (False, "timeout")})
+    assert v["prose"][0] is False
