@@ -29,7 +29,6 @@ with score None. Empty answers are a different filter's business.
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import json
@@ -300,89 +299,27 @@ def read_eval_texts(path: Path, columns: list[str] | None = None) -> list[str]:
     """The texts of an evaluation file, one per row (rows without any text are skipped).
 
     - .txt: one text per line (blank lines skipped; `columns` does not apply).
-    - .jsonl (one JSON object or string per line), .json (a list of objects or strings), .csv (with a
-      header), .parquet: a row's text is its string values joined with newlines: the named `columns`
-      in that order (a named column must exist in the file; non-string values are written as JSON), or
-      by default every string-valued column in the file's column order (in a CSV every column is a
-      string). A JSON string row is its own text.
+    - .jsonl .json .csv .parquet or a saved HF dataset directory, read like seed files (synth/load.py,
+      with its line-numbered errors): a row's text is its values joined with newlines: the named
+      `columns` in that order (a named column must exist; non-string values are written as JSON), or
+      by default every string-valued column (in a CSV every column is a string).
 
     Raises SynthError (one line: the file, what is wrong, what to do) for a missing file, an unknown
-    extension, malformed content or a named column that does not exist.
+    format, malformed content or a named column that does not exist.
     """
+    from synth.load import read_rows
+
     path = Path(path)
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "no such file"
-        raise SynthError(f"{path}: {what}; point the evaluation set at an existing "
+    if not path.exists():
+        raise SynthError(f"{path}: no such file; point the evaluation set at an existing "
                          f"{', '.join(EVAL_FORMATS)} file")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".txt":
+    if path.suffix.lower() == ".txt":
+        try:
             with open(path, encoding="utf-8") as fh:
                 return [line.rstrip("\r\n") for line in fh if line.strip()]
-        if suffix in (".jsonl", ".json"):
-            rows = _json_rows(path, suffix)
-            keys: set[str] = set()
-            for r in rows:
-                if isinstance(r, dict):
-                    keys.update(r)
-            if columns is not None and any(isinstance(r, dict) for r in rows):
-                _check_columns(path, columns, keys)
-            texts = [r if isinstance(r, str) else _row_text(r, columns) for r in rows]
-            return [t for t in texts if t.strip()]
-        if suffix == ".csv":
-            with open(path, encoding="utf-8", newline="") as fh:
-                reader = csv.DictReader(fh)
-                _check_columns(path, columns, set(reader.fieldnames or []))
-                texts = []
-                for row in reader:
-                    if None in row:
-                        raise SynthError(f"{path}:{reader.line_num}: this row has more fields than the "
-                                         "header; fix the row or quote its commas")
-                    texts.append(_row_text(row, columns))
-            return [t for t in texts if t.strip()]
-        if suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-            try:
-                table = pq.read_table(path)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise SynthError(f"{path}: not a readable Parquet file ({' '.join(str(exc).split())}); "
-                                 "rewrite it or convert it to .jsonl") from None
-            _check_columns(path, columns, set(table.column_names))
-            names = columns if columns is not None else [
-                f.name for f in table.schema
-                if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
-                or pa.types.is_string_view(f.type)]
-            texts = [_row_text(r, names) for r in table.select(names).to_pylist()]
-            return [t for t in texts if t.strip()]
-    except UnicodeDecodeError as exc:
-        raise SynthError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    raise SynthError(f"{path}: cannot read {suffix or 'extension-less'} evaluation files; use one of "
-                     f"{', '.join(EVAL_FORMATS)}")
-
-
-def _json_rows(path: Path, suffix: str) -> list:
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise SynthError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file") from None
-        if not isinstance(data, list) or not all(isinstance(r, (dict, str)) for r in data):
-            raise SynthError(f"{path}: a .json evaluation file must hold a list of objects or strings; "
-                             "reshape it or use .jsonl")
-        return data
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SynthError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                 "fix or remove that line") from None
-            if not isinstance(row, (dict, str)):
-                raise SynthError(f"{path}:{lineno}: a row must be a JSON object or string, got "
-                                 f"{type(row).__name__}; fix that line")
-            rows.append(row)
-    return rows
+        except UnicodeDecodeError as exc:
+            raise SynthError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    rows = read_rows(path)
+    _check_columns(path, columns, set().union(*rows) if rows else set())
+    texts = [_row_text(r, columns) for r in rows]
+    return [t for t in texts if t.strip()]

@@ -46,7 +46,7 @@ def file_fingerprint(path: Path) -> str:
 def read_seeds(path: Path, where: str, limit: int | None = None) -> Seeds:
     if not path.exists():
         raise SynthError(f"{where}: key 'path': no such file {path}")
-    rows = _read_rows(path, where)
+    rows = read_rows(path)
     if limit is not None:
         rows = rows[:limit]
     if not rows:
@@ -60,7 +60,8 @@ def read_seeds(path: Path, where: str, limit: int | None = None) -> Seeds:
     return Seeds(table=table, file_hash=file_fingerprint(path))
 
 
-def _read_rows(path: Path, where: str) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a .jsonl .json .csv .parquet file or saved HF dataset directory; one-line errors."""
     suffix = path.suffix.lower()
     if path.is_dir():
         return _read_hf_dataset(path)
@@ -85,7 +86,7 @@ def _read_rows(path: Path, where: str) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise SynthError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise SynthError(f"{path}: a .json seed file must hold a list of objects")
+            raise SynthError(f"{path}: a .json file of rows must hold a list of objects")
         return data
     if suffix == ".csv":
         import csv
@@ -104,8 +105,8 @@ def _read_rows(path: Path, where: str) -> list[dict]:
             return pq.read_table(path).to_pylist()
         except (pa.ArrowInvalid, OSError) as exc:
             raise SynthError(f"{path}: not a readable Parquet file ({exc})") from None
-    raise SynthError(f"{where}: key 'path': cannot read {path.name}: use one of {', '.join(FORMATS)} or a "
-                     "saved Hugging Face dataset directory")
+    raise SynthError(f"{path}: cannot read {path.suffix or 'extension-less'} files; use one of "
+                     f"{', '.join(FORMATS)} or a saved Hugging Face dataset directory")
 
 
 def _read_hf_dataset(path: Path) -> list[dict]:

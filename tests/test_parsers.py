@@ -30,7 +30,7 @@ NASTY = ["", " ", "{", "}", "\\boxed{", "\\boxed{}", "```", "```json", "```json\
 
 def test_parser_names():
     """Templates can name exactly these parsers; each has a declared column list."""
-    assert set(PARSERS) == {"text", "json", "boxed", "final_number"}
+    assert set(PARSERS) == {"text", "json", "boxed", "final_number", "score", "winner"}
     assert set(PARSER_COLUMNS) == set(PARSERS)
 
 
