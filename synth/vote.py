@@ -49,7 +49,7 @@ def vote_sql(source: str, answer: str, group: str, keys: str, min_agreement: flo
                 WHEN z.n < t.top_n THEN 'minority_answer'
                 WHEN t.tied > 1 OR z.n / o.total < {min_agreement} THEN 'low_agreement'
            END AS reason,
-           to_json({{'class': s.class, 'votes': z.n, 'samples': o.total}})::VARCHAR AS details
+           NULL::VARCHAR AS details  -- score is the share; the class is the answer's canonical key
     FROM s JOIN totals o USING (grp)
     LEFT JOIN sizes z ON z.grp = s.grp AND z.class = s.class
     LEFT JOIN top t ON t.grp = s.grp
