@@ -186,7 +186,8 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("cached {task.fields[cached]} · sent {task.fields[sent]} · "
                                    "errors {task.fields[errors]} · {task.fields[tps]} tok/s"),
-                        TimeElapsedColumn(), console=console, transient=False)
+                        TimeElapsedColumn(), console=console, transient=False,
+                        disable=not console.is_terminal)  # not a terminal: progress lines instead
     started = time.monotonic()
     last_flush = last_log = last_update = started
     flush_rows, flush_every, log_every = flush_batch_rows(), flush_seconds(), log_seconds()
