@@ -171,10 +171,25 @@ def read_pipeline_file(path: Path) -> PipelineFile:
             raise SynthError(f"{path}:{line_of(text, ['stages', name])}: stage name {name!r} is not allowed; "
                              "use letters, digits and _ (it becomes a table name), and not "
                              + ", ".join(sorted(RESERVED_NAMES)))
+        if name.lower() in sql_keywords():
+            raise SynthError(f"{path}:{line_of(text, ['stages', name])}: stage name {name!r} is a reserved SQL "
+                             "keyword, so every query would have to quote it; pick another name")
     try:
         return PipelineFile.model_validate(data)
     except ValidationError as exc:
         raise SynthError(_describe(path, text, data, exc)) from None
+
+
+def sql_keywords() -> set[str]:
+    """DuckDB's reserved keywords (a stage named `unique` or `order` would need quoting everywhere)."""
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    try:
+        return {r[0].lower() for r in con.execute("SELECT keyword_name FROM duckdb_keywords() "
+                                                  "WHERE keyword_category = 'reserved'").fetchall()}
+    finally:
+        con.close()
 
 
 def _describe(path: Path, text: str, data: Any, exc: ValidationError) -> str:

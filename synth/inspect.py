@@ -161,6 +161,11 @@ def why(store: Store, row_id: str, console: Console) -> None:
             matches = con.execute("SELECT id FROM synth.requests WHERE starts_with(id, ?) LIMIT 2", [row_id]).fetchall()
             if len(matches) == 1:
                 return why(store, matches[0][0], console)
+            verdicts = con.execute("SELECT stage, passed, score, reason, details FROM synth.verdicts "
+                                   "WHERE row_id = ? ORDER BY stage", [row_id]).fetchall()
+            if verdicts and not matches:  # a row that is not a generation (a seed row): its verdicts
+                console.print(Group(Text.assemble(("row ", "bold"), row_id), *_verdict_lines(verdicts)))
+                return
             raise SynthError(f"{store.path}: no request with id {row_id!r}" +
                              (" (the prefix is ambiguous)" if matches else ""))
         rid, model, params, sample, messages = req
@@ -203,15 +208,20 @@ def why(store: Store, row_id: str, console: Console) -> None:
         parts.append(Text("no completion yet", style="yellow"))
     for e in errors:
         parts.append(Text(f"error in {e[0]}: {e[1]}: {e[2]} (run {e[3]})", style="red"))
-    for v in verdicts:
-        mark = ("passed", "green") if v[1] else ("failed", "red")
-        score = "" if v[2] is None else f" · score {v[2]:g}"
-        parts.append(Text.assemble(("verdict ", "bold"), f"{v[0]}: ", mark, score,
-                                   f" · {v[3]}" if v[3] else "", f" · {_short_details(v[4])}" if v[4] else ""))
+    parts += _verdict_lines(verdicts)
     if run:
         parts.append(Text(f"written by run {run[0]} ({run[1]} {' '.join(json.loads(run[2]))}, "
                           f"started {run[3]:%Y-%m-%d %H:%M:%S}, {run[4]})"))
     console.print(Group(*parts))
+
+
+def _verdict_lines(verdicts: list[tuple]) -> list[Text]:
+    lines = []
+    for stage, passed, score, reason, details in verdicts:
+        mark = ("passed", "green") if passed else ("failed", "red")
+        lines.append(Text.assemble(("verdict ", "bold"), f"{stage}: ", mark, "" if score is None else f" · score {score:g}",
+                                   f" · {reason}" if reason else "", f" · {_short_details(details)}" if details else ""))
+    return lines
 
 
 def _short_details(details: str, limit: int = 160) -> str:

@@ -20,7 +20,8 @@ comparisons with a parseable `Winner: A|B`.
 - a group with a single sample        -> failed, `no_pair` (nothing to rank it against);
 - comparisons made, none parseable    -> failed, `unparseable_judgment`;
 - comparisons not made yet            -> failed, `no_judgment`.
-details: wins, comparisons, and how many pairs the critic judged the same way in both orders.
+details: wins, comparisons, how many pairs the critic judged the same way in both orders, and the
+request ids of the critic calls that judged the row (pointwise: `request_id`), for `synth why`.
 """
 
 from __future__ import annotations
@@ -84,12 +85,13 @@ def verdicts(pipeline, name: str, rows: list[dict]) -> list[Verdict]:
     planned = build_requests(pipeline, critic, rows)
     out = []
     for row in rows:
-        text = judged.get(planned.by_input[str(row["id"])][0])
+        call = planned.by_input[str(row["id"])][0]
+        text = judged.get(call)
         if text is None:
-            out.append(Verdict.fail("no_judgment"))
+            out.append(Verdict.fail("no_judgment", None, {"request_id": call}))
             continue
         score = parse_score(text)["score"]
-        details = {"judgment": text}
+        details = {"judgment": text, "request_id": call}  # lineage: `synth why <request_id>`
         if score is None:
             out.append(Verdict.fail("unparseable_judgment", None, details))
         elif score >= min_score:
@@ -109,11 +111,15 @@ def _pairwise(pipeline, stage: JudgeStage, critic: str, rows: list[dict], judged
     made = dict.fromkeys(wins, 0)
     parsed = dict.fromkeys(wins, 0)
     choice: dict[tuple[str, str], str | None] = {}  # (a_id, b_id) -> id of the sample the critic preferred
+    calls: dict[str, list[str]] = {rid: [] for rid in wins}  # lineage: the critic calls that judged a row
     for pair in pairs:
-        text = judged.get(planned.by_input[pair["id"]][0])
+        call = planned.by_input[pair["id"]][0]
+        a, b = pair["a_id"], pair["b_id"]
+        calls[a].append(call)
+        calls[b].append(call)
+        text = judged.get(call)
         if text is None:
             continue
-        a, b = pair["a_id"], pair["b_id"]
         made[a] += 1
         made[b] += 1
         winner = parse_winner(text)["winner"]
@@ -130,7 +136,8 @@ def _pairwise(pipeline, stage: JudgeStage, critic: str, rows: list[dict], judged
     for row in rows:
         rid = str(row["id"])
         consistent = sum(1 for (a, b), w in choice.items() if a == rid and w is not None and choice.get((b, a)) == w)
-        details = {"wins": wins[rid], "comparisons": parsed[rid], "consistent_pairs": consistent}
+        details = {"wins": wins[rid], "comparisons": parsed[rid], "consistent_pairs": consistent,
+                   "calls": calls[rid]}
         if not partners.get(rid):
             out.append(Verdict.fail("no_pair"))
         elif not made[rid]:

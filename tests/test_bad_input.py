@@ -49,6 +49,7 @@ CASES = [
      ["pipeline.yaml:10", "stage 'solutions'", "questoin", "question"]),
     ("unknown key in a template", "prompt: solve", "prompt: badkey", ["badkey.yaml:2", "unknown key 'sytem'"]),
     ("malformed seed row", "path: seeds.jsonl", "path: broken.jsonl", ["broken.jsonl:3", "not valid JSON"]),
+    ("stage name is a SQL keyword", "  sft: {kind", "  unique: {kind", ["pipeline.yaml:13", "'unique'", "reserved SQL keyword"]),
     ("unknown export format", "format: sft", "format: dpo", ["pipeline.yaml:13", "stage 'sft'", "format"]),
 ]
 

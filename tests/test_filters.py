@@ -157,9 +157,9 @@ def test_keep_strict_and_lenient_and_funnel(workspace):
             {"id": "2", "text": "good answer", "finish_reason": "stop"},
             {"id": "3", "text": "cut off", "finish_reason": "length"},
             {"id": "4", "text": "another fine one", "finish_reason": "stop"}]
-    more = ("  unique: {kind: dedup, input: rows, column: text}\n"
-            "  kept: {kind: keep, input: rows, pass: [f, unique]}\n"
-            "  lenient: {kind: keep, input: rows, pass: [f, unique], strict: false}\n")
+    more = ("  uniq: {kind: dedup, input: rows, column: text}\n"
+            "  kept: {kind: keep, input: rows, pass: [f, uniq]}\n"
+            "  lenient: {kind: keep, input: rows, pass: [f, uniq], strict: false}\n")
     run_filter(workspace, rows, "kind: filter, use: finish_stop", more=more)
     store = workspace / "out" / "run.duckdb"
     assert sorted(r[0] for r in query(store, "SELECT id FROM kept")) == ["1", "4"]
@@ -170,10 +170,12 @@ def test_keep_strict_and_lenient_and_funnel(workspace):
     by = {s["stage"]: s for s in stats}
     assert (by["f"]["judged"], by["f"]["passed"]) == (4, 3)
     assert by["f"]["reasons"] == [{"reason": "finish_stop", "rows": 1}]
-    assert by["unique"]["reasons"] == [{"reason": "duplicate_of", "rows": 1}]
+    assert by["uniq"]["reasons"] == [{"reason": "duplicate_of", "rows": 1}]
     assert (by["kept"]["passed"], by["kept"]["judged"]) == (2, 4)
     table = synth("stats", workspace / "pipeline.yaml", check=True).stdout
     assert "finish_stop 1" in table and "duplicate_of 1" in table
+    why = synth("why", workspace / "pipeline.yaml", "2", check=True).stdout  # a seed row: its verdicts
+    assert "f: passed" in why and "uniq: failed" in why and "duplicate_of:1" in why
     # re-run: nothing stale, verdicts unchanged
     synth("run", workspace / "pipeline.yaml", check=True)
     assert query(store, "SELECT count(*) FROM synth.verdicts")[0][0] == 8
