@@ -45,10 +45,11 @@ class GenerateStage(_Stage):
 
 
 class ExportStage(_Stage):
-    """A generate stage's rows as training data in TRL's conversational format."""
+    """Training data in TRL's conversational formats: sft (a generate or keep stage's rows) or dpo (a
+    pairs stage's pairs)."""
     kind: Literal["export"]
     input: str
-    format: Literal["sft"] = "sft"
+    format: Literal["sft", "dpo"] = "sft"
     path: str
     system: bool = Field(True, description="keep the template's system message")
     few_shot: bool = Field(False, description="keep the template's few-shot turns")
@@ -136,13 +137,25 @@ class KeepStage(_Stage):
     strict: bool = Field(True, description="false: a row a filter did not judge counts as passed")
 
 
+class PairsStage(_Stage):
+    """Preference pairs (chosen, rejected) mined from verdicts within a group, or teacher vs student."""
+    kind: Literal["pairs"]
+    input: str = Field(description="the samples: a generate stage, or a keep stage of one")
+    by: str | None = Field(None, description="a verify, vote or judge stage whose verdicts rank the samples")
+    versus: str | None = Field(None, description="a generate stage of student samples: teacher > student")
+    min_margin: float = Field(0.0, ge=0, description="judge: least score difference between chosen and rejected")
+    max_per_input: int = Field(2, ge=1)
+    group_by: str = "input_id"
+    seed: int = 0
+
+
 FILTER_KINDS = ("verify", "vote", "judge", "dedup", "decontaminate", "filter")
 Stage = Annotated[Union[LoadStage, GenerateStage, ExportStage, VerifyStage, VoteStage, JudgeStage, DedupStage,
-                        DecontaminateStage, FilterStage, KeepStage], Field(discriminator="kind")]
-STAGE_KINDS = ("load", "generate", "export", *FILTER_KINDS, "keep")
+                        DecontaminateStage, FilterStage, KeepStage, PairsStage], Field(discriminator="kind")]
+STAGE_KINDS = ("load", "generate", "export", *FILTER_KINDS, "keep", "pairs")
 STAGE_MODELS = {"load": LoadStage, "generate": GenerateStage, "export": ExportStage, "verify": VerifyStage,
                 "vote": VoteStage, "judge": JudgeStage, "dedup": DedupStage, "decontaminate": DecontaminateStage,
-                "filter": FilterStage, "keep": KeepStage}
+                "filter": FilterStage, "keep": KeepStage, "pairs": PairsStage}
 
 
 class PipelineFile(BaseModel):

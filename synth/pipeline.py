@@ -19,8 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from synth.config import (FILTER_KINDS, ExportStage, GenerateStage, JudgeStage, KeepStage, LoadStage, PipelineFile,
-                          line_of, read_pipeline_file)
+from synth.config import (FILTER_KINDS, ExportStage, GenerateStage, JudgeStage, KeepStage, LoadStage, PairsStage,
+                          PipelineFile, line_of, read_pipeline_file)
 from synth.errors import SynthError
 from synth.ids import content_hash
 from synth.load import Seeds, read_seeds
@@ -102,6 +102,8 @@ def _inputs(stage) -> list[str]:
     if isinstance(stage, JudgeStage):
         from synth.judge import critic_stage_name
         return [stage.input, critic_stage_name(stage._name)]
+    if isinstance(stage, PairsStage):
+        return [stage.input] + [s for s in (stage.by, stage.versus) if s]
     return [stage.input] if hasattr(stage, "input") else []
 
 
@@ -145,9 +147,31 @@ def load_pipeline(path: Path) -> Pipeline:
         if isinstance(stage, (GenerateStage, JudgeStage)) and stage.teacher not in spec.teachers:
             known = ", ".join(spec.teachers) or "none defined"
             raise SynthError(f"{where(name, 'teacher')}: key 'teacher': no teacher named {stage.teacher!r} (teachers: {known})")
-        if isinstance(stage, ExportStage) and spec.stages[stage.input].kind not in ("generate", "keep"):
-            raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports a generate stage's rows "
-                             "(or a keep stage's)")
+        if isinstance(stage, ExportStage):
+            kind = spec.stages[stage.input].kind
+            if stage.format == "sft" and kind not in ("generate", "keep"):
+                raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports a generate or keep "
+                                 f"stage's rows; {stage.input!r} is a {kind} stage")
+            if stage.format == "dpo" and kind != "pairs":
+                raise SynthError(f"{where(name, 'input')}: key 'input': format 'dpo' exports a pairs stage; "
+                                 f"{stage.input!r} is a {kind} stage")
+        if isinstance(stage, PairsStage):
+            if (stage.by is None) == (stage.versus is None):
+                raise SynthError(f"{where(name)}: give exactly one of 'by' (a verify, vote or judge stage) or "
+                                 "'versus' (a generate stage of student samples)")
+            if spec.stages[stage.input].kind not in ("load", "generate", "keep"):
+                raise SynthError(f"{where(name, 'input')}: key 'input': pairs are mined from a generate, keep or "
+                                 f"load stage's rows; {stage.input!r} is a {spec.stages[stage.input].kind} stage")
+            for key, ref, kinds in (("by", stage.by, ("verify", "vote", "judge")),
+                                    ("versus", stage.versus, ("load", "generate", "keep"))):
+                if ref is None:
+                    continue
+                if ref not in spec.stages:
+                    raise SynthError(f"{where(name, key)}: key '{key}': no stage named {ref!r} "
+                                     f"(stages: {', '.join(spec.stages)})")
+                if spec.stages[ref].kind not in kinds:
+                    raise SynthError(f"{where(name, key)}: key '{key}': {ref!r} is a {spec.stages[ref].kind} stage; "
+                                     f"use a {' or '.join(kinds)} stage")
 
     pipeline = Pipeline(path=path, spec=spec, store=Store(store_path), order=_topological(path, spec))
     for name in pipeline.order:
@@ -171,8 +195,14 @@ def load_pipeline(path: Path) -> Pipeline:
             pipeline.columns[name] = pipeline.columns[stage.input] + VERDICT_COLUMNS
         elif isinstance(stage, KeepStage):
             pipeline.columns[name] = pipeline.columns[stage.input]
+        elif isinstance(stage, PairsStage):
+            if stage.group_by not in pipeline.columns[stage.input]:
+                raise SynthError(f"{where(name, 'group_by')}: key 'group_by': the input has no column "
+                                 f"{stage.group_by!r}")
+            pipeline.columns[name] = ["id", "input_id", "rule", "margin", "chosen_id", "rejected_id",
+                                      "chosen_text", "rejected_text"]
         elif isinstance(stage, ExportStage):
-            if spec.stages[pipeline.root(stage.input)].kind != "generate":
+            if stage.format == "sft" and spec.stages[pipeline.root(stage.input)].kind != "generate":
                 raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports generated rows; "
                                  f"{stage.input!r} carries {pipeline.root(stage.input)!r}'s rows")
             out = pipeline.resolve(stage.path)
@@ -298,7 +328,7 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
         console: Console | None = None) -> dict:
     """Run every stale stage among the targets (default: all) and their upstream, in DAG order.
     Records one run row. Returns the run's counts."""
-    from synth import export, filters, generate
+    from synth import export, filters, generate, pairs
 
     console = console or Console(stderr=True)
     for t in targets or []:
@@ -328,6 +358,8 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
                 result = filters.run_stage(pipeline, name, run_id, console)
             elif isinstance(stage, KeepStage):
                 result = filters.run_keep(pipeline, name, run_id, console)
+            elif isinstance(stage, PairsStage):
+                result = pairs.run_stage(pipeline, name, run_id, console)
             else:
                 result = export.run_stage(pipeline, name, run_id)
             result["seconds"] = round(time.monotonic() - started, 3)

@@ -64,6 +64,12 @@ MIGRATIONS: list[str] = [
         stage VARCHAR, row_id VARCHAR, version VARCHAR, passed BOOLEAN, score DOUBLE, reason VARCHAR,
         details JSON, run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (stage, row_id));
     """,
+    # 3: preference pairs: two row ids, the rule and the margin; never text copies.
+    """
+    CREATE TABLE synth.pairs (
+        stage VARCHAR, chosen_id VARCHAR, rejected_id VARCHAR, input_id VARCHAR, rule VARCHAR,
+        margin DOUBLE, run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (stage, chosen_id, rejected_id));
+    """,
 ]
 
 

@@ -1,0 +1,78 @@
+"""The pairs stage: preference pairs (chosen, rejected) for DPO, mined from the store.
+
+Rules, each within a group (default: the samples of one input row):
+- `by: <verify stage>`  verified > failed: a sample that passed against one that failed;
+- `by: <vote stage>`    plurality > minority: a passing sample against a `minority_answer` one;
+- `by: <judge stage>`   judge-high > judge-low: critic scores differ by at least `min_margin` (> 0);
+- `versus: <generate stage>`  teacher > student: an input stage sample against a student sample of
+  the same group (PLaD / SODA style; put the teacher samples through a keep stage first to pair
+  only verified ones).
+A pair stores the two row ids, the rule and the margin (synth.pairs) — never text copies; the
+stage's view joins the texts for reading. Selection is deterministic under `seed`: candidates are
+ordered by md5(seed, chosen, rejected) within their group and the first `max_per_input` are kept.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from synth.config import PairsStage
+from synth.store import Store, fetch_one, now, quote_ident
+
+RULES = {"verify": "verified", "vote": "plurality", "judge": "judge"}
+
+
+def rule_of(pipeline, name: str) -> str:
+    stage: PairsStage = pipeline.stage(name)
+    return "teacher_student" if stage.versus else RULES[pipeline.stage(stage.by).kind]
+
+
+def candidates_sql(pipeline, name: str) -> str:
+    """SELECT grp, chosen_id, rejected_id, margin: every candidate pair of the rule."""
+    stage: PairsStage = pipeline.stage(name)
+    src, g = quote_ident(stage.input), quote_ident(stage.group_by)
+    rule = rule_of(pipeline, name)
+    if rule == "teacher_student":
+        other = quote_ident(stage.versus)
+        return (f"SELECT t.{g} AS grp, t.id AS chosen_id, s.id AS rejected_id, NULL::DOUBLE AS margin "
+                f"FROM {src} t JOIN {other} s ON s.{g} = t.{g}")
+    by = stage.by
+    rows = (f"SELECT i.id, i.{g} AS grp, v.passed, v.score, v.reason FROM {src} i JOIN synth.verdicts v "
+            f"ON v.row_id = CAST(i.id AS VARCHAR) AND v.stage = '{by}'")
+    if rule == "verified":
+        cond, margin = "c.passed AND NOT r.passed", "NULL::DOUBLE"
+    elif rule == "plurality":
+        cond, margin = "c.passed AND r.reason = 'minority_answer'", "c.score - r.score"
+    else:
+        cond = f"c.score IS NOT NULL AND r.score IS NOT NULL AND c.score - r.score >= {max(stage.min_margin, 1e-9)}"
+        margin = "c.score - r.score"
+    return (f"WITH x AS ({rows}) SELECT c.grp, c.id AS chosen_id, r.id AS rejected_id, {margin} AS margin "
+            f"FROM x c JOIN x r ON c.grp = r.grp AND c.id <> r.id WHERE {cond}")
+
+
+def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
+    from synth.pipeline import record_stage
+
+    stage: PairsStage = pipeline.stage(name)
+    rule = rule_of(pipeline, name)
+    select = (f"SELECT '{name}' AS stage, CAST(chosen_id AS VARCHAR) AS chosen_id, "
+              f"CAST(rejected_id AS VARCHAR) AS rejected_id, CAST(grp AS VARCHAR) AS input_id, '{rule}' AS rule, "
+              f"margin, ? AS run_id, ? AS created_at FROM (SELECT *, row_number() OVER (PARTITION BY grp ORDER BY "
+              f"md5(concat_ws('|', {int(stage.seed)}, chosen_id, rejected_id))) AS k FROM ({candidates_sql(pipeline, name)})) "
+              f"WHERE k <= {int(stage.max_per_input)}")
+    with pipeline.store.write() as con:
+        con.execute("DELETE FROM synth.pairs WHERE stage = ?", [name])
+        con.execute(f"INSERT INTO synth.pairs BY NAME {select}", [run_id, now()])
+        n, groups = fetch_one(con, "SELECT count(*), count(DISTINCT input_id) FROM synth.pairs WHERE stage = ?", [name])
+        create_view(con, pipeline, name)
+        record_stage(con, pipeline, name, "done", n, run_id, rule=rule, inputs=groups)
+    console.print(f"  {name}: {n} pairs ({rule}) over {groups} inputs")
+    return {"rows": n, "rule": rule, "inputs": groups}
+
+
+def create_view(con, pipeline, name: str) -> None:
+    Store.replace_view(con, name, (
+        "SELECT p.chosen_id || ':' || p.rejected_id AS id, p.input_id, p.rule, p.margin, p.chosen_id, "
+        "p.rejected_id, c.text AS chosen_text, r.text AS rejected_text "
+        "FROM synth.pairs p LEFT JOIN synth.completions c ON c.id = p.chosen_id "
+        f"LEFT JOIN synth.completions r ON r.id = p.rejected_id WHERE p.stage = '{name}'"))

@@ -1,0 +1,148 @@
+"""Preference pair rules on literal rows and literal verdicts: the samples are a load stage, the
+verdicts are written straight into synth.verdicts, and the pairs stage runs through the library API,
+so each rule's output is known exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+from rich.console import Console
+
+from conftest import synth, write
+from synth import pairs
+from synth.pipeline import load_pipeline
+from synth.store import Store
+
+SAMPLES = [  # two groups; ids say what each sample is
+    ("a_ok1", "a"), ("a_ok2", "a"), ("a_bad1", "a"), ("a_bad2", "a"),
+    ("b_ok1", "b"), ("b_bad1", "b"),
+    ("c_ok1", "c"),  # nothing to pair with
+]
+
+
+def project(workspace, stage: str, verdicts: dict[str, tuple] | None, by_kind: str | None):
+    write(workspace / "samples.jsonl", "".join(json.dumps({"id": i, "input_id": g, "text": f"text of {i}"}) + "\n"
+                                               for i, g in SAMPLES))
+    write(workspace / "student.jsonl", "".join(json.dumps({"id": f"s_{g}{k}", "input_id": g, "text": "student"}) + "\n"
+                                               for g in "ab" for k in range(2)))
+    by = {"verify": "f: {kind: verify, input: samples, method: exact, answer: text, reference: text}",
+          "vote": "f: {kind: vote, input: samples, answer: text}",
+          "judge": "f: {kind: judge, input: samples, teacher: t, prompt: crit}"}.get(by_kind, "")
+    write(workspace / "prompts" / "crit.yaml", 'user: "Grade: {{ text }}"\nparse: score\n')
+    write(workspace / "pipeline.yaml", f"""\
+store: out/run.duckdb
+teachers:
+  t: {{backend: openai, model: m, base_url: "http://127.0.0.1:9/v1"}}
+stages:
+  samples: {{kind: load, path: samples.jsonl}}
+  student: {{kind: load, path: student.jsonl}}
+  {by}
+  p: {{kind: pairs, input: samples, {stage}}}
+""")
+    pipeline = load_pipeline(workspace / "pipeline.yaml")
+    with pipeline.store.write() as con:
+        for name in ("samples", "student"):
+            Store.replace_table(con, name, pipeline.seeds[name].table)
+        con.execute("DELETE FROM synth.verdicts")
+        if verdicts:
+            Store.insert_arrow(con, "synth.verdicts", pa.table({
+                "stage": ["f"] * len(verdicts), "row_id": list(verdicts),
+                "passed": [v[0] for v in verdicts.values()], "score": [v[1] for v in verdicts.values()],
+                "reason": [v[2] for v in verdicts.values()]}), mode="")
+    result = pairs.run_stage(pipeline, "p", "test-run", Console(quiet=True))
+    with pipeline.store.read() as con:
+        got = con.execute("SELECT chosen_id, rejected_id, rule, margin FROM p ORDER BY 1, 2").fetchall()
+    return result, got
+
+
+VERIFIED = {"a_ok1": (True, 1.0, None), "a_ok2": (True, 1.0, None), "a_bad1": (False, 0.0, "wrong_answer"),
+            "a_bad2": (False, 0.0, "unparseable_answer"), "b_ok1": (True, 1.0, None),
+            "b_bad1": (False, 0.0, "wrong_answer"), "c_ok1": (True, 1.0, None)}
+
+
+def test_verified_beats_failed(workspace):
+    result, got = project(workspace, "by: f, max_per_input: 10", VERIFIED, "verify")
+    assert {(c, r) for c, r, _, _ in got} == {("a_ok1", "a_bad1"), ("a_ok1", "a_bad2"), ("a_ok2", "a_bad1"),
+                                              ("a_ok2", "a_bad2"), ("b_ok1", "b_bad1")}
+    assert {rule for _, _, rule, _ in got} == {"verified"} and result["inputs"] == 2
+
+
+def test_max_per_input_and_seed_are_deterministic(workspace):
+    _, first = project(workspace, "by: f, max_per_input: 2, seed: 0", VERIFIED, "verify")
+    _, again = project(workspace, "by: f, max_per_input: 2, seed: 0", VERIFIED, "verify")
+    assert first == again
+    assert sum(1 for c, *_ in first if c.startswith("a")) == 2 and sum(1 for c, *_ in first if c.startswith("b")) == 1
+    picks = {tuple(project(workspace, f"by: f, max_per_input: 1, seed: {s}", VERIFIED, "verify")[1][0][:2])
+             for s in range(8)}
+    assert len(picks) > 1  # the seed changes which of group a's four candidates is picked
+
+
+def test_plurality_beats_minority_only(workspace):
+    verdicts = {"a_ok1": (True, 0.5, None), "a_ok2": (True, 0.5, None), "a_bad1": (False, 0.25, "minority_answer"),
+                "a_bad2": (False, None, "no_answer"), "b_ok1": (False, 0.5, "low_agreement"),
+                "b_bad1": (False, 0.5, "low_agreement")}
+    _, got = project(workspace, "by: f, max_per_input: 10", verdicts, "vote")
+    assert [(c, r, rule) for c, r, rule, _ in got] == [("a_ok1", "a_bad1", "plurality"), ("a_ok2", "a_bad1", "plurality")]
+    assert all(m == pytest.approx(0.25) for *_, m in got)
+
+
+def test_judge_high_beats_low_with_margin(workspace):
+    verdicts = {"a_ok1": (True, 9.0, None), "a_ok2": (True, 8.0, None), "a_bad1": (False, 6.0, "low_score"),
+                "a_bad2": (False, None, "unparseable_judgment"), "b_ok1": (True, 7.0, None),
+                "b_bad1": (False, 6.5, "low_score")}
+    _, got = project(workspace, "by: f, min_margin: 2, max_per_input: 10", verdicts, "judge")
+    assert [(c, r, m) for c, r, _, m in got] == [("a_ok1", "a_bad1", 3.0), ("a_ok2", "a_bad1", 2.0)]
+
+
+def test_teacher_beats_student(workspace):
+    _, got = project(workspace, "versus: student, max_per_input: 10", None, None)
+    assert {(c, r) for c, r, _, _ in got} == {(t, f"s_{t[0]}{k}") for t, g in SAMPLES if g in "ab" for k in range(2)}
+    assert {rule for _, _, rule, _ in got} == {"teacher_student"}
+
+
+@pytest.mark.parametrize("stage,must", [
+    ("by: samples", "'samples' is a load stage; use a verify or vote or judge stage"),
+    ("by: nope", "no stage named 'nope'"),
+    ("max_per_input: 2", "exactly one of 'by'"),
+])
+def test_pairs_config_errors(workspace, stage, must):
+    write(workspace / "samples.jsonl", json.dumps({"id": "x", "input_id": "a", "text": "t"}) + "\n")
+    write(workspace / "pipeline.yaml", f"store: out/run.duckdb\nstages:\n  samples: {{kind: load, path: samples.jsonl}}\n"
+                                       f"  p: {{kind: pairs, input: samples, {stage}}}\n")
+    proc = synth("run", workspace / "pipeline.yaml")
+    assert proc.returncode == 2 and must in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_dpo_export_from_verified_pairs(workspace):
+    """Through the CLI: scripted teacher samples -> verify -> pairs -> export dpo in TRL's
+    conversational preference format; the chosen answer is right and the rejected one wrong."""
+    from scripted_teacher import ScriptedTeacher
+
+    write(workspace / "questions.jsonl", "".join(json.dumps({"id": f"q{i}", "question": f"Q{i}: what is it?",
+                                                              "gold": str(i)}) + "\n" for i in range(10)))
+    with ScriptedTeacher(p=0.5) as teacher:
+        write(workspace / "pipeline.yaml", f"""\
+store: out/run.duckdb
+teachers:
+  scripted: {{backend: openai, model: scripted, base_url: "{teacher.base_url}"}}
+stages:
+  problems: {{kind: load, path: questions.jsonl}}
+  solutions: {{kind: generate, input: problems, teacher: scripted, prompt: solve, samples: 4,
+              params: {{temperature: 1.0, max_tokens: 16, seed: 0}}}}
+  graded: {{kind: verify, input: solutions, method: math, answer: answer, reference: gold}}
+  prefs: {{kind: pairs, input: solutions, by: graded, max_per_input: 2}}
+  dpo: {{kind: export, input: prefs, format: dpo, path: out/dpo.parquet}}
+""")
+        synth("run", workspace / "pipeline.yaml", check=True)
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(workspace / "out" / "dpo.parquet").to_pylist()
+    assert rows and len(rows) <= 2 * 10
+    for r in rows:
+        assert [m["role"] for m in r["prompt"]] == ["system", "user"]
+        assert r["chosen"][0]["role"] == r["rejected"][0]["role"] == "assistant"
+        q = r["prompt"][1]["content"].split(":")[0][1:]
+        assert f"\\boxed{{{q}}}" in r["chosen"][0]["content"]
+        assert f"\\boxed{{{q}}}" not in r["rejected"][0]["content"]
