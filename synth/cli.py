@@ -128,6 +128,27 @@ def stats(pipeline: Path, fmt: str) -> None:
 
 
 @main.command()
+@PIPELINE
+@click.option("--png", type=click.Path(path_type=Path), default=None,
+              help="Where to write the chart (default: report.png next to the store).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def report(pipeline: Path, png: Path | None, fmt: str) -> None:
+    """Compare models: per evaluate stage, accuracy with a 95% interval and mean output tokens per
+    model; writes a PNG with accuracy per model and the filter funnel."""
+    from synth.pipeline import load_pipeline
+    from synth.report import print_report, report_data, write_png
+
+    loaded = load_pipeline(pipeline)
+    data = report_data(loaded)
+    out = write_png(data, png or loaded.store.path.with_name("report.png"))
+    if fmt == "json":
+        click.echo(json.dumps({**data, "png": str(out)}, indent=2, default=str))
+    else:
+        print_report(data, _console())
+        _console().print(f"chart: {out}")
+
+
+@main.command()
 @click.argument("target", type=click.Path(path_type=Path))
 @click.argument("query")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)

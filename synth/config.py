@@ -149,13 +149,39 @@ class PairsStage(_Stage):
     seed: int = 0
 
 
+class EvalVerify(BaseModel):
+    """How an evaluate stage scores an output: the verify stage's answer/reference/method keys."""
+    model_config = ConfigDict(extra="forbid")
+    answer: str = "answer"
+    extract: Literal["none", "boxed", "final_number", "regex", "json"] = "none"
+    pattern: str | None = None
+    field: str | None = None
+    reference: str
+    method: Literal["exact", "numeric", "math"] = "math"
+    tolerance: float = Field(1e-6, ge=0)
+
+
+class EvaluateStage(_Stage):
+    """Run models (teachers, or trained students by their train stage's name) on held-out rows with a
+    template, score each output with a verifier, and summarise accuracy per model."""
+    kind: Literal["evaluate"]
+    input: str
+    models: list[str] = Field(min_length=1)
+    prompt: str
+    samples: int = Field(1, ge=1)
+    params: SamplingParams = Field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=256))
+    verify: EvalVerify
+    _name: str = PrivateAttr("")
+
+
 FILTER_KINDS = ("verify", "vote", "judge", "dedup", "decontaminate", "filter")
 Stage = Annotated[Union[LoadStage, GenerateStage, ExportStage, VerifyStage, VoteStage, JudgeStage, DedupStage,
-                        DecontaminateStage, FilterStage, KeepStage, PairsStage], Field(discriminator="kind")]
-STAGE_KINDS = ("load", "generate", "export", *FILTER_KINDS, "keep", "pairs")
+                        DecontaminateStage, FilterStage, KeepStage, PairsStage, EvaluateStage],
+                  Field(discriminator="kind")]
+STAGE_KINDS = ("load", "generate", "export", *FILTER_KINDS, "keep", "pairs", "evaluate")
 STAGE_MODELS = {"load": LoadStage, "generate": GenerateStage, "export": ExportStage, "verify": VerifyStage,
                 "vote": VoteStage, "judge": JudgeStage, "dedup": DedupStage, "decontaminate": DecontaminateStage,
-                "filter": FilterStage, "keep": KeepStage, "pairs": PairsStage}
+                "filter": FilterStage, "keep": KeepStage, "pairs": PairsStage, "evaluate": EvaluateStage}
 
 
 class PipelineFile(BaseModel):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from synth.config import (FILTER_KINDS, ExportStage, GenerateStage, JudgeStage, KeepStage, LoadStage, PairsStage,
-                          PipelineFile, line_of, read_pipeline_file)
+from synth.config import (FILTER_KINDS, EvaluateStage, ExportStage, GenerateStage, JudgeStage, KeepStage, LoadStage,
+                          PairsStage, PipelineFile, line_of, read_pipeline_file)
 from synth.errors import SynthError
 from synth.ids import content_hash
 from synth.load import Seeds, read_seeds
@@ -104,6 +104,9 @@ def _inputs(stage) -> list[str]:
         return [stage.input, critic_stage_name(stage._name)]
     if isinstance(stage, PairsStage):
         return [stage.input] + [s for s in (stage.by, stage.versus) if s]
+    if isinstance(stage, EvaluateStage):
+        from synth.evaluate import model_stage_name
+        return [stage.input] + [model_stage_name(stage._name, m) for m in stage.models]
     return [stage.input] if hasattr(stage, "input") else []
 
 
@@ -116,7 +119,7 @@ def load_pipeline(path: Path) -> Pipeline:
     Reads seed files and templates, never the store's contents and never a teacher."""
     path = Path(path).resolve()
     spec = read_pipeline_file(path)
-    _add_critic_stages(path, spec)
+    _add_companion_stages(path, spec)
     store_path = (path.parent / spec.store) if spec.store else default_store_path(path)
     text = path.read_text(encoding="utf-8")
 
@@ -144,6 +147,11 @@ def load_pipeline(path: Path) -> Pipeline:
                 if spec.stages[f].kind not in FILTER_KINDS:
                     raise SynthError(f"{where(name, 'pass')}: key 'pass': {f!r} is a {spec.stages[f].kind} stage, "
                                      f"not a filter ({', '.join(FILTER_KINDS)})")
+        if isinstance(stage, EvaluateStage):
+            for m in stage.models:
+                if m not in spec.teachers:
+                    raise SynthError(f"{where(name, 'models')}: key 'models': no teacher named {m!r} "
+                                     f"(teachers: {', '.join(spec.teachers) or 'none defined'})")
         if isinstance(stage, (GenerateStage, JudgeStage)) and stage.teacher not in spec.teachers:
             known = ", ".join(spec.teachers) or "none defined"
             raise SynthError(f"{where(name, 'teacher')}: key 'teacher': no teacher named {stage.teacher!r} (teachers: {known})")
@@ -201,6 +209,19 @@ def load_pipeline(path: Path) -> Pipeline:
                                  f"{stage.group_by!r}")
             pipeline.columns[name] = ["id", "input_id", "rule", "margin", "chosen_id", "rejected_id",
                                       "chosen_text", "rejected_text"]
+        elif isinstance(stage, EvaluateStage):
+            from synth.evaluate import model_stage_name
+            v = stage.verify
+            if v.reference not in pipeline.columns[stage.input]:
+                raise SynthError(f"{where(name, 'verify')}: key 'verify.reference': the input has no column "
+                                 f"{v.reference!r} (its columns: {', '.join(pipeline.columns[stage.input])})")
+            produced = pipeline.columns[model_stage_name(name, stage.models[0])]
+            if v.answer not in produced:
+                raise SynthError(f"{where(name, 'verify')}: key 'verify.answer': the outputs have no column "
+                                 f"{v.answer!r} (they have: {', '.join(produced)}); parse it in the template "
+                                 "or extract it from `text`")
+            pipeline.columns[name] = ["model", "id", "input_id", "sample", "passed", "reason", "answer",
+                                      "completion_tokens"]
         elif isinstance(stage, ExportStage):
             if stage.format == "sft" and spec.stages[pipeline.root(stage.input)].kind != "generate":
                 raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports generated rows; "
@@ -211,18 +232,25 @@ def load_pipeline(path: Path) -> Pipeline:
     return pipeline
 
 
-def _add_critic_stages(path: Path, spec: PipelineFile) -> None:
-    """Each judge stage J gets a generate stage J_critic for its critic calls (synth/judge.py)."""
+def _add_companion_stages(path: Path, spec: PipelineFile) -> None:
+    """Generate stages that other stages make their calls through: a judge stage J gets J_critic
+    (synth/judge.py), an evaluate stage E gets E_<model> per model (synth/evaluate.py)."""
+    from synth.evaluate import model_stages
     from synth.judge import critic_stage, critic_stage_name
 
     for name, stage in list(spec.stages.items()):
         if isinstance(stage, JudgeStage):
-            stage._name = name
-            critic = critic_stage_name(name)
-            if critic in spec.stages:
-                raise SynthError(f"{path}: stage '{critic}': the name is taken by judge stage '{name}' for its "
-                                 "critic calls; rename one of them")
-            spec.stages[critic] = critic_stage(stage, name)
+            companions = {critic_stage_name(name): critic_stage(stage, name)}
+        elif isinstance(stage, EvaluateStage):
+            companions = model_stages(stage, name)
+        else:
+            continue
+        stage._name = name
+        for extra, generate_stage in companions.items():
+            if extra in spec.stages:
+                raise SynthError(f"{path}: stage '{extra}': the name is taken by {stage.kind} stage '{name}' for "
+                                 "its model calls; rename one of them")
+            spec.stages[extra] = generate_stage
 
 
 def generation_columns(template: Template, input_columns: list[str]) -> list[str]:
@@ -328,7 +356,7 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
         console: Console | None = None) -> dict:
     """Run every stale stage among the targets (default: all) and their upstream, in DAG order.
     Records one run row. Returns the run's counts."""
-    from synth import export, filters, generate, pairs
+    from synth import evaluate, export, filters, generate, pairs
 
     console = console or Console(stderr=True)
     for t in targets or []:
@@ -360,6 +388,8 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
                 result = filters.run_keep(pipeline, name, run_id, console)
             elif isinstance(stage, PairsStage):
                 result = pairs.run_stage(pipeline, name, run_id, console)
+            elif isinstance(stage, EvaluateStage):
+                result = evaluate.run_stage(pipeline, name, run_id, console)
             else:
                 result = export.run_stage(pipeline, name, run_id)
             result["seconds"] = round(time.monotonic() - started, 3)

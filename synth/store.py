@@ -70,6 +70,13 @@ MIGRATIONS: list[str] = [
         stage VARCHAR, chosen_id VARCHAR, rejected_id VARCHAR, input_id VARCHAR, rule VARCHAR,
         margin DOUBLE, run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (stage, chosen_id, rejected_id));
     """,
+    # 4: evaluation results, one row per (evaluate stage, model, output).
+    """
+    CREATE TABLE synth.evaluations (
+        stage VARCHAR, model VARCHAR, id VARCHAR, input_id VARCHAR, sample INTEGER, passed BOOLEAN,
+        reason VARCHAR, answer VARCHAR, completion_tokens INTEGER, run_id VARCHAR, created_at TIMESTAMP,
+        PRIMARY KEY (stage, model, id));
+    """,
 ]
 
 

@@ -1,0 +1,88 @@
+"""The evaluate stage: models on held-out rows, scored by a verifier, summarised per model.
+
+An evaluate stage `E` over models [m1, m2, ...] gets one companion generate stage `E_m1`, `E_m2`, ...
+(added when the pipeline is loaded, like a judge's critic stage): each renders `prompt` over the
+input rows and asks that model `samples` times with `params` — ordinary cached generations, so a
+re-run asks nothing and an interrupted evaluation resumes. `E` then scores every output with the
+`verify` settings (synth/verify.py: fail closed) and writes one row per (model, output) into
+synth.evaluations; its view is those rows. The summary — per model: outputs, correct, accuracy with
+a 95% Wilson interval, mean output tokens — is computed from those rows by `summary()`, which
+`synth report` prints and plots.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from rich.console import Console
+
+from synth.config import EvaluateStage, GenerateStage
+from synth.store import Store, now, quote_ident
+
+
+def model_stage_name(name: str, model: str) -> str:
+    return f"{name}_{model}"
+
+
+def model_stages(stage: EvaluateStage, name: str) -> dict[str, GenerateStage]:
+    return {model_stage_name(name, m): GenerateStage(
+        kind="generate", input=stage.input, teacher=m, prompt=stage.prompt, samples=stage.samples,
+        params=stage.params, description=f"outputs of model '{m}' for evaluate stage '{name}'")
+        for m in stage.models}
+
+
+def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
+    from synth import verify
+    from synth.pipeline import record_stage
+
+    stage: EvaluateStage = pipeline.stage(name)
+    v = stage.verify
+    rows = {k: [] for k in ("stage", "model", "id", "input_id", "sample", "passed", "reason", "answer",
+                            "completion_tokens", "run_id", "created_at")}
+    with pipeline.store.read() as con:
+        for model in stage.models:
+            gen = quote_ident(model_stage_name(name, model))
+            cols = {r[0] for r in con.execute(f"DESCRIBE {gen}").fetchall()}
+            ref = v.reference if v.reference in cols else f"input_{v.reference}"
+            for rid, input_id, sample, answer, reference, tokens in con.execute(
+                    f"SELECT id, input_id, sample, CAST({quote_ident(v.answer)} AS VARCHAR), "
+                    f"CAST({quote_ident(ref)} AS VARCHAR), completion_tokens FROM {gen} ORDER BY input_id, sample"
+            ).fetchall():
+                extracted = verify.extract_answer(answer, v.extract, v.pattern, v.field)
+                verdict = verify.compare(extracted, reference, v.method, v.tolerance)
+                for key, value in (("stage", name), ("model", model), ("id", rid), ("input_id", input_id),
+                                   ("sample", sample), ("passed", verdict.passed), ("reason", verdict.reason),
+                                   ("answer", extracted), ("completion_tokens", tokens), ("run_id", run_id),
+                                   ("created_at", now())):
+                    rows[key].append(value)
+    table = pa.table(rows, schema=pa.schema([
+        ("stage", pa.string()), ("model", pa.string()), ("id", pa.string()), ("input_id", pa.string()),
+        ("sample", pa.int32()), ("passed", pa.bool_()), ("reason", pa.string()), ("answer", pa.string()),
+        ("completion_tokens", pa.int32()), ("run_id", pa.string()), ("created_at", pa.timestamp("us"))]))
+    with pipeline.store.write() as con:
+        con.execute("DELETE FROM synth.evaluations WHERE stage = ?", [name])
+        Store.insert_arrow(con, "synth.evaluations", table, mode="")
+        Store.replace_view(con, name, "SELECT model, id, input_id, sample, passed, reason, answer, completion_tokens "
+                                      f"FROM synth.evaluations WHERE stage = '{name}'")
+        result = summary(con, name, stage.models)
+        record_stage(con, pipeline, name, "done", table.num_rows, run_id, summary=result)
+    for s in result:
+        console.print(f"  {name}: {s['model']}: accuracy {s['accuracy']:.3f} "
+                      f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}] over {s['n']} outputs")
+    return {"rows": table.num_rows, "summary": result}
+
+
+def summary(con, name: str, models: list[str] | None = None) -> list[dict]:
+    """Per model (in `models` order, else by name): n, correct, accuracy, 95% Wilson interval, mean
+    completion tokens — computed from the per-row results in synth.evaluations."""
+    from scipy.stats import binomtest
+
+    out = []
+    found = con.execute("SELECT model, count(*), count(*) FILTER (WHERE passed), avg(completion_tokens) "
+                        "FROM synth.evaluations WHERE stage = ? GROUP BY model ORDER BY model", [name]).fetchall()
+    order = {m: i for i, m in enumerate(models or [])}
+    for model, n, correct, tokens in sorted(found, key=lambda r: (order.get(r[0], len(order)), r[0])):
+        ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson") if n else None
+        out.append({"model": model, "n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
+                    "ci_low": ci.low if ci else 0.0, "ci_high": ci.high if ci else 0.0,
+                    "mean_output_tokens": float(tokens) if tokens is not None else None})
+    return out
