@@ -42,6 +42,7 @@ class GenerateStage(_Stage):
     samples: int = Field(1, ge=1)
     params: SamplingParams = Field(default_factory=SamplingParams)
     _pairs_for: str = PrivateAttr("")  # set on a pairwise judge's critic stage: it reads that judge's pairs
+    _after: list[str] = PrivateAttr(default_factory=list)  # train stages whose model is this stage's teacher
 
 
 class ExportStage(_Stage):
@@ -174,14 +175,26 @@ class EvaluateStage(_Stage):
     _name: str = PrivateAttr("")
 
 
+class TrainStage(_Stage):
+    """Fine-tune a student with TRL on an export stage's file; the result is usable as a teacher by
+    this stage's name (`teacher: sft`)."""
+    kind: Literal["train"]
+    method: Literal["sft", "dpo"]
+    data: str = Field(description="an export stage: format sft for method sft, dpo for dpo")
+    student: str | None = Field(None, description="the base model: a teacher's name, a local dir or a hub id")
+    init: str | None = Field(None, description="a train stage to start from (dpo after sft)")
+    recipe: str = Field(description="a YAML file of TRL config fields (train/*.yaml), relative to the pipeline")
+
+
 FILTER_KINDS = ("verify", "vote", "judge", "dedup", "decontaminate", "filter")
 Stage = Annotated[Union[LoadStage, GenerateStage, ExportStage, VerifyStage, VoteStage, JudgeStage, DedupStage,
-                        DecontaminateStage, FilterStage, KeepStage, PairsStage, EvaluateStage],
+                        DecontaminateStage, FilterStage, KeepStage, PairsStage, EvaluateStage, TrainStage],
                   Field(discriminator="kind")]
-STAGE_KINDS = ("load", "generate", "export", *FILTER_KINDS, "keep", "pairs", "evaluate")
+STAGE_KINDS = ("load", "generate", "export", *FILTER_KINDS, "keep", "pairs", "evaluate", "train")
 STAGE_MODELS = {"load": LoadStage, "generate": GenerateStage, "export": ExportStage, "verify": VerifyStage,
                 "vote": VoteStage, "judge": JudgeStage, "dedup": DedupStage, "decontaminate": DecontaminateStage,
-                "filter": FilterStage, "keep": KeepStage, "pairs": PairsStage, "evaluate": EvaluateStage}
+                "filter": FilterStage, "keep": KeepStage, "pairs": PairsStage, "evaluate": EvaluateStage,
+                "train": TrainStage}
 
 
 class PipelineFile(BaseModel):

@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 
 from synth.config import (FILTER_KINDS, EvaluateStage, ExportStage, GenerateStage, JudgeStage, KeepStage, LoadStage,
-                          PairsStage, PipelineFile, line_of, read_pipeline_file)
+                          PairsStage, PipelineFile, TrainStage, line_of, read_pipeline_file)
 from synth.errors import SynthError
 from synth.ids import content_hash
 from synth.load import Seeds, read_seeds
@@ -81,6 +81,11 @@ class Pipeline:
         if stage.kind in FILTER_KINDS:
             from synth.filters import filter_version
             parts["filter"] = filter_version(self, name)
+        if isinstance(stage, TrainStage):
+            parts["recipe"] = content_hash(self.resolve(stage.recipe).read_text(encoding="utf-8"))
+            if stage.student:
+                parts["student"] = content_hash(self.spec.teachers[stage.student].model
+                                                if stage.student in self.spec.teachers else stage.student)
         for inp in _inputs(stage):
             parts[f"input:{inp}"] = self.fingerprint(inp)
         return parts
@@ -107,6 +112,10 @@ def _inputs(stage) -> list[str]:
     if isinstance(stage, EvaluateStage):
         from synth.evaluate import model_stage_name
         return [stage.input] + [model_stage_name(stage._name, m) for m in stage.models]
+    if isinstance(stage, TrainStage):
+        return [stage.data] + ([stage.init] if stage.init else [])
+    if isinstance(stage, GenerateStage):
+        return [stage.input, *stage._after]
     return [stage.input] if hasattr(stage, "input") else []
 
 
@@ -119,6 +128,7 @@ def load_pipeline(path: Path) -> Pipeline:
     Reads seed files and templates, never the store's contents and never a teacher."""
     path = Path(path).resolve()
     spec = read_pipeline_file(path)
+    _add_student_teachers(path, spec)
     _add_companion_stages(path, spec)
     store_path = (path.parent / spec.store) if spec.store else default_store_path(path)
     text = path.read_text(encoding="utf-8")
@@ -147,6 +157,10 @@ def load_pipeline(path: Path) -> Pipeline:
                 if spec.stages[f].kind not in FILTER_KINDS:
                     raise SynthError(f"{where(name, 'pass')}: key 'pass': {f!r} is a {spec.stages[f].kind} stage, "
                                      f"not a filter ({', '.join(FILTER_KINDS)})")
+        if isinstance(stage, GenerateStage) and isinstance(spec.stages.get(stage.teacher), TrainStage):
+            stage._after = [stage.teacher]
+        if isinstance(stage, TrainStage):
+            _check_train(spec, name, stage, where, path)
         if isinstance(stage, EvaluateStage):
             for m in stage.models:
                 if m not in spec.teachers:
@@ -229,7 +243,47 @@ def load_pipeline(path: Path) -> Pipeline:
             out = pipeline.resolve(stage.path)
             if out.suffix not in (".parquet", ".jsonl"):
                 raise SynthError(f"{where(name, 'path')}: key 'path': write .parquet or .jsonl, not {out.name!r}")
+    for name in pipeline.order:  # in DAG order: a model trained on a student's samples comes later
+        if isinstance(spec.stages[name], TrainStage):
+            spec.teachers[name].model = str(trained_model_dir(pipeline, name))
     return pipeline
+
+
+def _check_train(spec: PipelineFile, name: str, stage: TrainStage, where, path: Path) -> None:
+    data = spec.stages.get(stage.data)
+    if data is None:
+        raise SynthError(f"{where(name, 'data')}: key 'data': no stage named {stage.data!r} "
+                         f"(stages: {', '.join(spec.stages)})")
+    if not isinstance(data, ExportStage) or data.format != stage.method:
+        raise SynthError(f"{where(name, 'data')}: key 'data': method {stage.method} trains on an export stage "
+                         f"with format {stage.method}; {stage.data!r} is a {data.kind} stage"
+                         + (f" with format {data.format}" if isinstance(data, ExportStage) else ""))
+    if stage.init is not None and not isinstance(spec.stages.get(stage.init), TrainStage):
+        raise SynthError(f"{where(name, 'init')}: key 'init': {stage.init!r} is not a train stage")
+    if stage.init is None and stage.student is None:
+        raise SynthError(f"{where(name)}: give 'student' (the base model) or 'init' (a train stage to start from)")
+    recipe = path.parent / stage.recipe
+    if not recipe.is_file():
+        raise SynthError(f"{where(name, 'recipe')}: key 'recipe': no such file {recipe}")
+
+
+def _add_student_teachers(path: Path, spec: PipelineFile) -> None:
+    """A train stage's model is a teacher under the stage's name (an hf teacher; its directory is set
+    once fingerprints are known, see trained_model_dir)."""
+    from synth.teachers import HFTeacherConfig
+
+    for name, stage in spec.stages.items():
+        if isinstance(stage, TrainStage):
+            if name in spec.teachers:
+                raise SynthError(f"{path}: stage '{name}': a teacher has the same name; a trained model is a "
+                                 "teacher under its stage's name, so rename one of them")
+            spec.teachers[name] = HFTeacherConfig(backend="hf", model=f"<trained by stage {name}>")
+
+
+def trained_model_dir(pipeline, name: str) -> Path:
+    """Where train stage `name` writes its model: next to the store, named by the stage's fingerprint,
+    so a retrained model is a different model id and never reuses the old model's cached completions."""
+    return pipeline.store.path.parent / "models" / f"{name}-{pipeline.fingerprint(name)[:12]}" / "model"
 
 
 def _add_companion_stages(path: Path, spec: PipelineFile) -> None:
@@ -322,7 +376,9 @@ def _why_stale(pipeline: Pipeline, name: str, states: dict, upstream: dict[str, 
     if state["fingerprint"] != content_hash(new):
         changed = [k for k in new if old.get(k) != new[k]] or ["config"]
         labels = {"config": "its config changed", "file": "its seed file changed",
-                  "prompt": "its prompt template changed", "teacher": "its teacher's model changed"}
+                  "prompt": "its prompt template changed", "teacher": "its teacher's model changed",
+                  "filter": "its filter's config or files changed", "recipe": "its training recipe changed",
+                  "student": "its student model changed"}
         return True, labels.get(changed[0], f"input '{changed[0].split(':', 1)[-1]}' changed")
     for inp in _inputs(pipeline.stage(name)):
         if states.get(inp, {}).get("run_id") != state["detail"].get("input_runs", {}).get(inp):
@@ -330,6 +386,8 @@ def _why_stale(pipeline: Pipeline, name: str, states: dict, upstream: dict[str, 
     stage = pipeline.stage(name)
     if isinstance(stage, ExportStage) and not pipeline.resolve(stage.path).exists():
         return True, "its output file is missing"
+    if isinstance(stage, TrainStage) and not (trained_model_dir(pipeline, name) / "config.json").exists():
+        return True, "its trained model is missing"
     return False, "up to date"
 
 
@@ -390,6 +448,9 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
                 result = pairs.run_stage(pipeline, name, run_id, console)
             elif isinstance(stage, EvaluateStage):
                 result = evaluate.run_stage(pipeline, name, run_id, console)
+            elif isinstance(stage, TrainStage):
+                from synth import train_stage
+                result = train_stage.run_stage(pipeline, name, run_id, console)
             else:
                 result = export.run_stage(pipeline, name, run_id)
             result["seconds"] = round(time.monotonic() - started, 3)

@@ -77,6 +77,11 @@ MIGRATIONS: list[str] = [
         reason VARCHAR, answer VARCHAR, completion_tokens INTEGER, run_id VARCHAR, created_at TIMESTAMP,
         PRIMARY KEY (stage, model, id));
     """,
+    # 5: training logs, one row per logging step of a train stage's last run.
+    """
+    CREATE TABLE synth.train_logs (
+        stage VARCHAR, run_id VARCHAR, step INTEGER, loss DOUBLE, logs JSON, created_at TIMESTAMP);
+    """,
 ]
 
 
