@@ -54,6 +54,9 @@ class ExportStage(_Stage):
     path: str
     system: bool = Field(True, description="keep the template's system message")
     few_shot: bool = Field(False, description="keep the template's few-shot turns")
+    target: Literal["text", "answer", "both"] = Field(
+        "text", description="sft: the teacher's whole text, only its answer, or both as two tasks")
+    answer: str = Field("answer", description="target answer/both: the column holding the answer")
 
 
 # ---- filters: each writes one verdict (passed, score, reason) per input row; none deletes ---------

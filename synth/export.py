@@ -7,9 +7,14 @@ with the chosen sample's prompt turns (trimmed like sft's).
 `format: sft` writes TRL's conversational format, one row per completion:
     {"id": <request id>, "messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
 The prompt turns are the rendered messages that were sent (system kept unless `system: false`,
-few-shot turns dropped unless `few_shot: true`), and the assistant turn is the teacher's text.
-The file (.parquet or .jsonl) is written to a temporary name and renamed, so it is never half
-written; a view named after the stage reads it back.
+few-shot turns dropped unless `few_shot: true`), and the assistant turn is the teacher's text
+(`target: text`), only its answer (`target: answer`), or both as two tasks (`target: both`).
+
+`path` is a .parquet or .jsonl file, or a directory: a saved Hugging Face dataset (load_from_disk)
+with a dataset card (README.md). Beside it, a sidecar (<file>.synth.json, or synth.json in the
+directory) records the pipeline, teachers, templates, filters and the run that last wrote each
+upstream stage. Everything is written to a temporary name and renamed, so it is never half written;
+a view named after the stage reads the export back.
 """
 
 from __future__ import annotations
@@ -54,19 +59,112 @@ def run_stage(pipeline, name: str, run_id: str) -> dict:
         records = [dpo_record(rid, json.loads(msgs), chosen, rejected, system=stage.system, few_shot=stage.few_shot)
                    for rid, msgs, chosen, rejected in rows]
     else:
+        answer = quote_ident(stage.answer) if stage.target != "text" else "NULL"
         with pipeline.store.read() as con:
             rows = con.execute(
-                f"SELECT s.id, p.messages, s.text FROM {quote_ident(stage.input)} s "
+                f"SELECT s.id, p.messages, s.text, CAST({answer} AS VARCHAR) FROM {quote_ident(stage.input)} s "
                 "JOIN synth.requests r ON r.id = s.id JOIN synth.prompts p ON p.id = r.prompt_id "
                 "ORDER BY s.input_id, s.sample, s.id").fetchall()
-        records = [{"id": rid, "messages": sft_messages(json.loads(msgs), text, system=stage.system,
-                                                         few_shot=stage.few_shot)} for rid, msgs, text in rows]
-    _write_atomic(out, records, stage.format)
+        records = [rec for rid, msgs, text, ans in rows
+                   for rec in sft_records(rid, json.loads(msgs), text, ans, stage)]
+    if out.suffix == "":
+        _write_dataset_dir(out, records, stage.format, dataset_card(pipeline, name, len(records)))
+    else:
+        _write_atomic(out, records, stage.format)
+    _write_atomic_text(_sidecar(out), json.dumps(provenance(pipeline, name, len(records)), indent=2, default=str))
     with pipeline.store.write() as con:
-        reader = "read_parquet" if out.suffix == ".parquet" else "read_json_auto"
-        Store.replace_view(con, name, f"SELECT * FROM {reader}('{str(out).replace(chr(39), chr(39) * 2)}')")
+        if out.suffix == "":
+            source = f"read_parquet('{_sql_path(out / 'data.parquet')}')"
+        else:
+            reader = "read_parquet" if out.suffix == ".parquet" else "read_json_auto"
+            source = f"{reader}('{_sql_path(out)}')"
+        Store.replace_view(con, name, f"SELECT * FROM {source}")
         record_stage(con, pipeline, name, "done", len(records), run_id, path=str(out))
     return {"rows": len(records), "path": str(out)}
+
+
+def sft_records(rid: str, prompt: list[dict], text: str, answer: str | None, stage: ExportStage) -> list[dict]:
+    """target text: the teacher's whole text; answer: only its answer (rows without one are left out);
+    both: two tasks per sample, as in "Distilling Step-by-Step": the user turn prefixed "[answer]" with
+    the answer as target, and prefixed "[rationale]" with the whole text as target."""
+    def record(suffix: str, prefix: str, target: str) -> dict:
+        turns = sft_messages(prompt, target, system=stage.system, few_shot=stage.few_shot)
+        if prefix:
+            turns[-2] = {**turns[-2], "content": f"{prefix} {turns[-2]['content']}"}
+        return {"id": rid + suffix, "messages": turns}
+
+    if stage.target == "text":
+        return [record("", "", text)]
+    if answer is None or not answer.strip():
+        return []
+    if stage.target == "answer":
+        return [record("", "", answer)]
+    return [record(":answer", "[answer]", answer), record(":rationale", "[rationale]", text)]
+
+
+def provenance(pipeline, name: str, rows: int) -> dict:
+    """What the export was made from: the pipeline, its teachers, templates and filters, the run that
+    last wrote each upstream stage, and the row counts. Written beside the export (the sidecar)."""
+    upstream = pipeline.upstream([name])
+    with pipeline.store.read() as con:
+        states = {n: {"run_id": r, "rows": c, "kind": k} for n, r, c, k in con.execute(
+            "SELECT name, run_id, rows, kind FROM synth.stages").fetchall() if n in upstream}
+    stages = {n: pipeline.stage(n) for n in upstream}
+    return {
+        "pipeline": str(pipeline.path), "store": str(pipeline.store.path), "stage": name, "rows": rows,
+        "format": pipeline.stage(name).format,
+        "teachers": {t: pipeline.spec.teachers[t].model for t in sorted({getattr(s, "teacher", None)
+                                                                          for s in stages.values()} - {None})},
+        "templates": sorted({s.prompt for s in stages.values() if getattr(s, "prompt", None)}),
+        "filters": [n for n, s in stages.items() if s.kind in ("verify", "vote", "judge", "dedup",
+                                                                "decontaminate", "filter", "keep")],
+        "stages": states,
+    }
+
+
+def dataset_card(pipeline, name: str, rows: int) -> str:
+    p = provenance(pipeline, name, rows)
+    lines = [f"# {name}", "", f"Exported by synth from `{p['pipeline']}` ({p['format']} format, {rows} rows).", "",
+             "## Teachers", *[f"- {t}: `{m}`" for t, m in p["teachers"].items()], "",
+             "## Templates", *[f"- {t}" for t in p["templates"]], "",
+             "## Filters and stages (rows, last run)",
+             *[f"- {n} ({s['kind']}): {s['rows']} rows, run {s['run_id']}" for n, s in p["stages"].items()], ""]
+    return "\n".join(lines)
+
+
+def _sidecar(out: Path) -> Path:
+    return out / "synth.json" if out.suffix == "" else out.with_name(out.name + ".synth.json")
+
+
+def _sql_path(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_dataset_dir(out: Path, records: list[dict], fmt: str, card: str) -> None:
+    """A saved Hugging Face dataset (datasets.load_from_disk works on it), plus data.parquet for the
+    stage's view and README.md as its dataset card; built in a temporary directory, then renamed."""
+    import shutil
+
+    from datasets import Dataset
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        Dataset.from_list(records).save_to_disk(str(tmp))
+        _write_atomic(tmp / "data.parquet", records, fmt)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_atomic(out: Path, records: list[dict], fmt: str = "sft") -> None:

@@ -241,8 +241,12 @@ def load_pipeline(path: Path) -> Pipeline:
                 raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports generated rows; "
                                  f"{stage.input!r} carries {pipeline.root(stage.input)!r}'s rows")
             out = pipeline.resolve(stage.path)
-            if out.suffix not in (".parquet", ".jsonl"):
-                raise SynthError(f"{where(name, 'path')}: key 'path': write .parquet or .jsonl, not {out.name!r}")
+            if out.suffix not in (".parquet", ".jsonl", ""):
+                raise SynthError(f"{where(name, 'path')}: key 'path': write .parquet, .jsonl or a directory (a "
+                                 f"saved Hugging Face dataset), not {out.name!r}")
+            if stage.target != "text" and stage.answer not in pipeline.columns[stage.input]:
+                raise SynthError(f"{where(name, 'answer')}: key 'answer': target {stage.target} needs the answer "
+                                 f"column; the input has no column {stage.answer!r}")
     for name in pipeline.order:  # in DAG order: a model trained on a student's samples comes later
         if isinstance(spec.stages[name], TrainStage):
             spec.teachers[name].model = str(trained_model_dir(pipeline, name))

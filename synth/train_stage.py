@@ -29,6 +29,8 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
     stage: TrainStage = pipeline.stage(name)
     recipe = train.load_recipe(pipeline.resolve(stage.recipe), stage.method)
     data = pipeline.resolve(pipeline.stage(stage.data).path)
+    if data.suffix == "":  # a saved HF dataset directory: its data.parquet holds the same rows
+        data = data / "data.parquet"
     if stage.init:
         base = str(trained_model_dir(pipeline, stage.init))
     elif stage.student in pipeline.spec.teachers:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from rich.console import Console
 
-from conftest import synth, write
+from conftest import query, synth, write
 from synth import pairs
 from synth.pipeline import load_pipeline
 from synth.store import Store
@@ -146,3 +146,44 @@ stages:
         q = r["prompt"][1]["content"].split(":")[0][1:]
         assert f"\\boxed{{{q}}}" in r["chosen"][0]["content"]
         assert f"\\boxed{{{q}}}" not in r["rejected"][0]["content"]
+
+
+def test_export_targets_hf_dataset_card_and_sidecar(workspace):
+    """target both ("Distilling Step-by-Step"): two tasks per sample; a directory path is a saved HF
+    dataset with a dataset card; every export has a sidecar naming the runs behind it."""
+    from datasets import load_from_disk
+    from scripted_teacher import ScriptedTeacher
+
+    write(workspace / "questions.jsonl", "".join(json.dumps({"id": f"q{i}", "question": f"Q{i}: what is it?",
+                                                              "gold": str(i)}) + "\n" for i in range(5)))
+    with ScriptedTeacher(p=1.0) as teacher:
+        write(workspace / "pipeline.yaml", f"""\
+store: out/run.duckdb
+teachers:
+  scripted: {{backend: openai, model: scripted, base_url: "{teacher.base_url}"}}
+stages:
+  problems: {{kind: load, path: questions.jsonl}}
+  solutions: {{kind: generate, input: problems, teacher: scripted, prompt: solve, samples: 2,
+              params: {{temperature: 1.0, max_tokens: 16, seed: 0}}}}
+  graded: {{kind: verify, input: solutions, method: math, answer: answer, reference: gold}}
+  kept: {{kind: keep, input: solutions, pass: [graded]}}
+  steps: {{kind: export, input: kept, format: sft, target: both, path: out/both_ds}}
+  answers: {{kind: export, input: kept, format: sft, target: answer, path: out/answers.jsonl}}
+""")
+        synth("run", workspace / "pipeline.yaml", check=True)
+    ds = load_from_disk(str(workspace / "out" / "both_ds"))
+    assert len(ds) == 2 * 5 * 2
+    by_id = {r["id"]: r["messages"] for r in ds}
+    some = next(i for i in by_id if i.endswith(":answer")).removesuffix(":answer")
+    ans, rat = by_id[some + ":answer"], by_id[some + ":rationale"]
+    assert ans[-2]["content"].startswith("[answer] ") and rat[-2]["content"].startswith("[rationale] ")
+    assert rat[-1]["content"].startswith("Working it out") and "\\boxed" not in ans[-1]["content"]
+    card = (workspace / "out" / "both_ds" / "README.md").read_text()
+    assert "scripted" in card and "graded" in card and "solve" in card
+    side = json.loads((workspace / "out" / "both_ds" / "synth.json").read_text())
+    assert side["rows"] == 20 and set(side["stages"]) >= {"problems", "solutions", "graded", "kept"}
+    assert all(s["run_id"] for s in side["stages"].values())
+    answers = [json.loads(line) for line in (workspace / "out" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 10 and all(a["messages"][-1]["content"].isdigit() for a in answers)
+    assert json.loads((workspace / "out" / "answers.jsonl.synth.json").read_text())["format"] == "sft"
+    assert query(workspace / "out" / "run.duckdb", "SELECT count(*) FROM steps")[0][0] == 20
