@@ -11,6 +11,7 @@ synth.train.train (TRL), and record the result in the store.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -18,6 +19,7 @@ import pyarrow as pa
 from rich.console import Console
 
 from synth.config import TrainStage
+from synth.errors import SynthError
 from synth.store import Store, now
 from synth.teachers import resolve_model_path
 
@@ -27,6 +29,8 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
     from synth.pipeline import record_stage, trained_model_dir
 
     stage: TrainStage = pipeline.stage(name)
+    if importlib.util.find_spec("trl") is None:
+        raise SynthError(f"{pipeline.where(name)}: train stages need TRL: pip install 'synth-distill[train]'")
     recipe = train.load_recipe(pipeline.resolve(stage.recipe), stage.method)
     data = pipeline.resolve(pipeline.stage(stage.data).path)
     if data.suffix == "":  # a saved HF dataset directory: its data.parquet holds the same rows
