@@ -22,6 +22,7 @@ from rich.console import Console
 from synth.config import (FILTER_KINDS, EvaluateStage, ExportStage, GenerateStage, JudgeStage, KeepStage, LoadStage,
                           PairsStage, PipelineFile, TrainStage, line_of, read_pipeline_file)
 from synth.errors import SynthError
+from synth.references import add_companion_stages, add_student_teachers, check_references
 from synth.ids import content_hash
 from synth.load import Seeds, read_seeds
 from synth.parsers import PARSER_COLUMNS
@@ -128,8 +129,8 @@ def load_pipeline(path: Path) -> Pipeline:
     Reads seed files and templates, never the store's contents and never a teacher."""
     path = Path(path).resolve()
     spec = read_pipeline_file(path)
-    _add_student_teachers(path, spec)
-    _add_companion_stages(path, spec)
+    add_student_teachers(path, spec)
+    add_companion_stages(path, spec)
     store_path = (path.parent / spec.store) if spec.store else default_store_path(path)
     text = path.read_text(encoding="utf-8")
 
@@ -137,63 +138,7 @@ def load_pipeline(path: Path) -> Pipeline:
         line = line_of(text, ["stages", name] + ([key] if key else []))
         return f"{path}{f':{line}' if line else ''}: stage '{name}'"
 
-    for name, stage in spec.stages.items():
-        for inp in [stage.input] if hasattr(stage, "input") else []:
-            if inp not in spec.stages:
-                raise SynthError(f"{where(name, 'input')}: key 'input': no stage named {inp!r} "
-                                 f"(stages: {', '.join(spec.stages)})")
-            if isinstance(spec.stages[inp], ExportStage):
-                raise SynthError(f"{where(name, 'input')}: key 'input': {inp!r} is an export stage, which has no rows "
-                                 "to read; point at the stage it exports")
-        if (stage.kind in FILTER_KINDS or isinstance(stage, KeepStage)) and \
-                spec.stages[stage.input].kind not in ("load", "generate", "keep"):
-            raise SynthError(f"{where(name, 'input')}: key 'input': {stage.input!r} is a {spec.stages[stage.input].kind} "
-                             "stage; a filter or keep reads a load, generate or keep stage")
-        if isinstance(stage, KeepStage):
-            for f in stage.pass_:
-                if f not in spec.stages:
-                    raise SynthError(f"{where(name, 'pass')}: key 'pass': no stage named {f!r} "
-                                     f"(stages: {', '.join(spec.stages)})")
-                if spec.stages[f].kind not in FILTER_KINDS:
-                    raise SynthError(f"{where(name, 'pass')}: key 'pass': {f!r} is a {spec.stages[f].kind} stage, "
-                                     f"not a filter ({', '.join(FILTER_KINDS)})")
-        if isinstance(stage, GenerateStage) and isinstance(spec.stages.get(stage.teacher), TrainStage):
-            stage._after = [stage.teacher]
-        if isinstance(stage, TrainStage):
-            _check_train(spec, name, stage, where, path)
-        if isinstance(stage, EvaluateStage):
-            for m in stage.models:
-                if m not in spec.teachers:
-                    raise SynthError(f"{where(name, 'models')}: key 'models': no teacher named {m!r} "
-                                     f"(teachers: {', '.join(spec.teachers) or 'none defined'})")
-        if isinstance(stage, (GenerateStage, JudgeStage)) and stage.teacher not in spec.teachers:
-            known = ", ".join(spec.teachers) or "none defined"
-            raise SynthError(f"{where(name, 'teacher')}: key 'teacher': no teacher named {stage.teacher!r} (teachers: {known})")
-        if isinstance(stage, ExportStage):
-            kind = spec.stages[stage.input].kind
-            if stage.format == "sft" and kind not in ("generate", "keep"):
-                raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports a generate or keep "
-                                 f"stage's rows; {stage.input!r} is a {kind} stage")
-            if stage.format == "dpo" and kind != "pairs":
-                raise SynthError(f"{where(name, 'input')}: key 'input': format 'dpo' exports a pairs stage; "
-                                 f"{stage.input!r} is a {kind} stage")
-        if isinstance(stage, PairsStage):
-            if (stage.by is None) == (stage.versus is None):
-                raise SynthError(f"{where(name)}: give exactly one of 'by' (a verify, vote or judge stage) or "
-                                 "'versus' (a generate stage of student samples)")
-            if spec.stages[stage.input].kind not in ("load", "generate", "keep"):
-                raise SynthError(f"{where(name, 'input')}: key 'input': pairs are mined from a generate, keep or "
-                                 f"load stage's rows; {stage.input!r} is a {spec.stages[stage.input].kind} stage")
-            for key, ref, kinds in (("by", stage.by, ("verify", "vote", "judge")),
-                                    ("versus", stage.versus, ("load", "generate", "keep"))):
-                if ref is None:
-                    continue
-                if ref not in spec.stages:
-                    raise SynthError(f"{where(name, key)}: key '{key}': no stage named {ref!r} "
-                                     f"(stages: {', '.join(spec.stages)})")
-                if spec.stages[ref].kind not in kinds:
-                    raise SynthError(f"{where(name, key)}: key '{key}': {ref!r} is a {spec.stages[ref].kind} stage; "
-                                     f"use a {' or '.join(kinds)} stage")
+    check_references(path, spec, where)
 
     pipeline = Pipeline(path=path, spec=spec, store=Store(store_path), order=_topological(path, spec))
     for name in pipeline.order:
@@ -253,62 +198,10 @@ def load_pipeline(path: Path) -> Pipeline:
     return pipeline
 
 
-def _check_train(spec: PipelineFile, name: str, stage: TrainStage, where, path: Path) -> None:
-    data = spec.stages.get(stage.data)
-    if data is None:
-        raise SynthError(f"{where(name, 'data')}: key 'data': no stage named {stage.data!r} "
-                         f"(stages: {', '.join(spec.stages)})")
-    if not isinstance(data, ExportStage) or data.format != stage.method:
-        raise SynthError(f"{where(name, 'data')}: key 'data': method {stage.method} trains on an export stage "
-                         f"with format {stage.method}; {stage.data!r} is a {data.kind} stage"
-                         + (f" with format {data.format}" if isinstance(data, ExportStage) else ""))
-    if stage.init is not None and not isinstance(spec.stages.get(stage.init), TrainStage):
-        raise SynthError(f"{where(name, 'init')}: key 'init': {stage.init!r} is not a train stage")
-    if stage.init is None and stage.student is None:
-        raise SynthError(f"{where(name)}: give 'student' (the base model) or 'init' (a train stage to start from)")
-    recipe = path.parent / stage.recipe
-    if not recipe.is_file():
-        raise SynthError(f"{where(name, 'recipe')}: key 'recipe': no such file {recipe}")
-
-
-def _add_student_teachers(path: Path, spec: PipelineFile) -> None:
-    """A train stage's model is a teacher under the stage's name (an hf teacher; its directory is set
-    once fingerprints are known, see trained_model_dir)."""
-    from synth.teachers import HFTeacherConfig
-
-    for name, stage in spec.stages.items():
-        if isinstance(stage, TrainStage):
-            if name in spec.teachers:
-                raise SynthError(f"{path}: stage '{name}': a teacher has the same name; a trained model is a "
-                                 "teacher under its stage's name, so rename one of them")
-            spec.teachers[name] = HFTeacherConfig(backend="hf", model=f"<trained by stage {name}>")
-
-
 def trained_model_dir(pipeline, name: str) -> Path:
     """Where train stage `name` writes its model: next to the store, named by the stage's fingerprint,
     so a retrained model is a different model id and never reuses the old model's cached completions."""
     return pipeline.store.path.parent / "models" / f"{name}-{pipeline.fingerprint(name)[:12]}" / "model"
-
-
-def _add_companion_stages(path: Path, spec: PipelineFile) -> None:
-    """Generate stages that other stages make their calls through: a judge stage J gets J_critic
-    (synth/judge.py), an evaluate stage E gets E_<model> per model (synth/evaluate.py)."""
-    from synth.evaluate import model_stages
-    from synth.judge import critic_stage, critic_stage_name
-
-    for name, stage in list(spec.stages.items()):
-        if isinstance(stage, JudgeStage):
-            companions = {critic_stage_name(name): critic_stage(stage, name)}
-        elif isinstance(stage, EvaluateStage):
-            companions = model_stages(stage, name)
-        else:
-            continue
-        stage._name = name
-        for extra, generate_stage in companions.items():
-            if extra in spec.stages:
-                raise SynthError(f"{path}: stage '{extra}': the name is taken by {stage.kind} stage '{name}' for "
-                                 "its model calls; rename one of them")
-            spec.stages[extra] = generate_stage
 
 
 def generation_columns(template: Template, input_columns: list[str]) -> list[str]:
