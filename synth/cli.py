@@ -67,8 +67,12 @@ def run(pipeline: Path, stages: tuple[str, ...], force: bool) -> None:
     counts = run_pipeline(p, list(stages) or None, force=force, argv=sys.argv[1:], console=_err_console())
     click.echo(f"run {counts['run_id']}: {len(counts['stages_run'])} stages run, {counts['sent']} requests sent, "
                f"{counts['cached']} cached, {counts['errors']} errors", err=True)
+    if counts.get("stopped_at_budget"):
+        click.echo(f"stopped at the budget of {', '.join(counts['stopped_at_budget'])}: {counts['unsent']} requests "
+                   "unsent; raise max_cost / max_tokens_total and re-run to continue", err=True)
     if counts["errors"]:
         click.echo("some requests failed; `synth status` counts them and a re-run retries them", err=True)
+    if counts["errors"] or counts.get("unsent"):
         sys.exit(1)
 
 
@@ -90,13 +94,14 @@ def plan(pipeline: Path, stages: tuple[str, ...], fmt: str) -> None:
         return
     table = Table(title=f"plan for {p.path.name}")
     for col in ("stage", "kind", "status", "requests", "cached", "to send", "est. prompt tokens",
-                "max completion tokens", "why"):
+                "max completion tokens", "max cost", "why"):
         table.add_column(col)
     fmt = lambda v: "" if v is None else (f"{v:,}" if isinstance(v, int) else str(v))  # noqa: E731
     for r in rows:
+        cost = "" if r.get("max_cost") is None else f"${r['max_cost']:,.4f}"
         table.add_row(r["stage"], r["kind"], "stale" if r["stale"] else "fresh", fmt(r.get("requests")),
                       fmt(r.get("cached")), fmt(r.get("to_send")), fmt(r.get("est_prompt_tokens")),
-                      fmt(r.get("max_completion_tokens")), r.get("note") or r["reason"])
+                      fmt(r.get("max_completion_tokens")), cost, r.get("note") or r["reason"])
     _console().print(table)
 
 

@@ -41,6 +41,9 @@ class GenerateStage(_Stage):
     prompt: str
     samples: int = Field(1, ge=1)
     params: SamplingParams = Field(default_factory=SamplingParams)
+    max_cost: float | None = Field(None, gt=0, description="USD; stop (resumably) once the stage has cost this")
+    max_tokens_total: int | None = Field(None, gt=0, description="stop once the stage's prompt + completion "
+                                                                 "tokens reach this")
     _pairs_for: str = PrivateAttr("")  # set on a pairwise judge's critic stage: it reads that judge's pairs
     _after: list[str] = PrivateAttr(default_factory=list)  # train stages whose model is this stage's teacher
 

@@ -125,9 +125,13 @@ def estimate(pipeline, name: str, statuses) -> dict:
     cached = cached_ids(pipeline.store, [r.id for r in planned.requests])
     to_send = [r for r in planned.requests if r.id not in cached]
     prompt_chars = sum(len(m["content"]) for r in to_send for m in r.messages)
+    est_prompt = int(prompt_chars / CHARS_PER_TOKEN)
+    max_completion = len(to_send) * stage.params.max_tokens
+    prices = pipeline.spec.teachers[stage.teacher].prices
+    # at most: every request is assumed to use its whole max_tokens
     return {"requests": len(planned.requests), "cached": len(cached), "to_send": len(to_send),
-            "est_prompt_tokens": int(prompt_chars / CHARS_PER_TOKEN),
-            "max_completion_tokens": len(to_send) * stage.params.max_tokens}
+            "est_prompt_tokens": est_prompt, "max_completion_tokens": max_completion,
+            "max_cost": round(prices.cost(est_prompt, max_completion), 6) if prices else None}
 
 
 # ---- running ----------------------------------------------------------------------------------------
@@ -161,8 +165,15 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                                                                  planned.input_ids, cached, parse))
         _create_view(con, pipeline, name)
         record_stage(con, pipeline, name, "running", len(cached), run_id, total=len(ids))
+        spent_in, spent_out = fetch_one(con, "SELECT coalesce(sum(c.prompt_tokens), 0), coalesce(sum("
+                                        "c.completion_tokens), 0) FROM synth.generations g JOIN synth.completions c "
+                                        "USING (id) WHERE g.stage = ?", [name])
 
+    budget = Budget(stage, pipeline.spec.teachers[stage.teacher].prices, spent_in, spent_out)
     pending = [r for r in planned.requests if r.id not in cached]
+    if pending and budget.reached():
+        console.print(f"  {name}: at its budget before sending anything ({budget.describe()})")
+        pending = []
     sent, errors, tokens = 0, 0, 0
     buffer: list[Completion] = []
     by_id = {r.id: r for r in pending}
@@ -202,6 +213,10 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                     sent += 1
                     if completion.ok:
                         tokens += completion.completion_tokens or 0
+                        budget.add(completion.prompt_tokens, completion.completion_tokens)
+                        if budget.reached() and not budget.stopped:
+                            budget.stopped = True
+                            teacher.stop()  # no new requests; those in flight still arrive and are kept
                     else:
                         errors += 1
                     buffer.append(completion)
@@ -229,13 +244,50 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                            "WHERE g.stage = ?", [name])[0]
         missing = len(ids) - done
         _create_view(con, pipeline, name)  # json parsers: columns for the keys seen
+        stopped = {"stopped": "budget", "budget": budget.describe()} if missing and budget.reached() else {}
         record_stage(con, pipeline, name, "done" if missing == 0 else "incomplete", done, run_id,
-                     total=len(ids), errors=missing, sent=sent, cached=len(cached), collapsed=planned.collapsed)
+                     total=len(ids), errors=missing, sent=sent, cached=len(cached), collapsed=planned.collapsed,
+                     cost=budget.cost(), **stopped)
     elapsed = time.monotonic() - started
     console.print(f"  {name}: {done}/{len(ids)} rows · {len(cached)} cached · {sent} sent · {errors} errors · "
-                  f"{tokens:,} tokens in {elapsed:.1f}s")
+                  f"{tokens:,} tokens in {elapsed:.1f}s" + (f" · cost ${budget.cost():,.4f}" if budget.prices else ""))
+    if stopped:
+        console.print(f"  {name}: stopped at its budget ({budget.describe()}); {missing} requests unsent — raise "
+                      "the budget and re-run to continue")
     return {"rows": done, "total": len(ids), "cached": len(cached), "sent": sent, "errors": errors,
-            "completion_tokens": tokens}
+            "completion_tokens": tokens, "unsent": missing if stopped else 0, **stopped}
+
+
+class Budget:
+    """A generate stage's spend against its max_cost / max_tokens_total, counting every completion the
+    stage has (earlier runs included), so raising the budget and re-running continues where it stopped."""
+
+    def __init__(self, stage: GenerateStage, prices, prompt_tokens: int, completion_tokens: int):
+        self.stage, self.prices = stage, prices
+        self.prompt_tokens, self.completion_tokens = int(prompt_tokens), int(completion_tokens)
+        self.stopped = False
+
+    def add(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        self.prompt_tokens += prompt_tokens or 0
+        self.completion_tokens += completion_tokens or 0
+
+    def cost(self) -> float | None:
+        return self.prices.cost(self.prompt_tokens, self.completion_tokens) if self.prices else None
+
+    def reached(self) -> bool:
+        s = self.stage
+        if s.max_cost is not None and self.prices is not None and self.cost() >= s.max_cost:
+            return True
+        return s.max_tokens_total is not None and self.prompt_tokens + self.completion_tokens >= s.max_tokens_total
+
+    def describe(self) -> str:
+        parts = []
+        if self.stage.max_cost is not None and self.prices is not None:
+            parts.append(f"${self.cost():,.4f} of max_cost ${self.stage.max_cost:g}")
+        if self.stage.max_tokens_total is not None:
+            parts.append(f"{self.prompt_tokens + self.completion_tokens:,} of max_tokens_total "
+                         f"{self.stage.max_tokens_total:,} tokens")
+        return ", ".join(parts) or "no budget"
 
 
 def _membership(stage: str, teacher: str, requests: list[Request], input_ids: dict[str, str],

@@ -90,10 +90,15 @@ def status_rows(pipeline) -> list[dict]:
             for r in con.execute(
                     "SELECT g.stage, count(*) AS total, count(c.id) AS done, "
                     "count(*) FILTER (WHERE c.id IS NULL AND g.id IN (SELECT request_id FROM synth.errors e "
-                    "WHERE e.stage = g.stage)) AS failed, coalesce(sum(c.completion_tokens), 0) AS tokens "
+                    "WHERE e.stage = g.stage)) AS failed, coalesce(sum(c.completion_tokens), 0) AS tokens, "
+                    "coalesce(sum(c.prompt_tokens), 0) AS prompt_tokens "
                     "FROM synth.generations g LEFT JOIN synth.completions c USING (id) GROUP BY g.stage").fetchall():
                 counts[r[0]] = {"requests": r[1], "done": r[2], "failed": r[3], "pending": r[1] - r[2] - r[3],
-                                "completion_tokens": int(r[4])}
+                                "completion_tokens": int(r[4]), "prompt_tokens": int(r[5])}
+    for name, c in counts.items():  # spend: the stage's tokens at its teacher's prices, when it has them
+        stage = pipeline.spec.stages.get(name)
+        prices = getattr(pipeline.spec.teachers.get(getattr(stage, "teacher", None)), "prices", None)
+        c["cost"] = prices.cost(c["prompt_tokens"], c["completion_tokens"]) if prices else None
     rows = []
     for name in pipeline.order:
         st, state = statuses[name], states.get(name, {})
@@ -117,13 +122,14 @@ def last_runs(store: Store, n: int = 5) -> list[dict]:
 def print_status(pipeline, console: Console) -> None:
     rows = status_rows(pipeline)
     table = Table(title=f"{pipeline.path.name} → {pipeline.store.path}")
-    for col in ("stage", "kind", "fresh", "rows", "requests", "done", "failed", "pending", "tokens", "why"):
+    for col in ("stage", "kind", "fresh", "rows", "requests", "done", "failed", "pending", "tokens", "cost", "why"):
         table.add_column(col, justify="right" if col in ("rows", "requests", "done", "failed", "pending",
-                                                          "tokens") else "left")
+                                                          "tokens", "cost") else "left")
     for r in rows:
+        cost = "" if r.get("cost") is None else f"${r['cost']:,.4f}"
         table.add_row(r["stage"], r["kind"], r["fresh"] if r["state"] != "running" else "running",
                       *[_cell(r.get(k)) for k in ("rows", "requests", "done", "failed", "pending")],
-                      _cell(r.get("completion_tokens")), r["why"])
+                      _cell(r.get("completion_tokens")), cost, r["why"])
     console.print(table)
     for run in last_runs(pipeline.store, 3):
         counts = json.loads(run["counts"]) if run["counts"] else {}
@@ -252,7 +258,8 @@ def stats_rows(pipeline) -> list[dict]:
             if stage.kind == "keep":
                 kept = fetch_one(con, f"SELECT count(*) FROM {quote_ident(name)}")[0]
                 total = fetch_one(con, f"SELECT count(*) FROM {quote_ident(stage.input)}")[0]
-                out.append({**row, "judged": total, "passed": kept, "rejected": total - kept, "reasons": []})
+                out.append({**row, "judged": total, "passed": kept, "rejected": total - kept, "reasons": [],
+                            "cost_per_kept": _cost_per_kept(con, pipeline, name, kept)})
                 continue
             judged, passed = fetch_one(con, "SELECT count(*), count(*) FILTER (WHERE passed) FROM synth.verdicts "
                                             "WHERE stage = ?", [name])
@@ -263,6 +270,19 @@ def stats_rows(pipeline) -> list[dict]:
             out.append({**row, "judged": judged, "passed": passed, "rejected": judged - passed,
                         "reasons": [{"reason": r, "rows": n} for r, n in reasons]})
     return out
+
+
+def _cost_per_kept(con, pipeline, name: str, kept: int) -> float | None:
+    """What the generation behind a keep stage cost (all its samples, kept or not) per kept row."""
+    root = pipeline.root(name)
+    stage = pipeline.stage(root)
+    prices = getattr(pipeline.spec.teachers.get(getattr(stage, "teacher", None)), "prices", None)
+    if prices is None or not kept:
+        return None
+    tokens_in, tokens_out = fetch_one(con, "SELECT coalesce(sum(c.prompt_tokens), 0), coalesce(sum(c.completion_tokens), 0) "
+                                           "FROM synth.generations g JOIN synth.completions c USING (id) "
+                                           "WHERE g.stage = ?", [root])
+    return prices.cost(tokens_in, tokens_out) / kept
 
 
 def print_stats(pipeline, console: Console) -> None:
@@ -279,6 +299,8 @@ def print_stats(pipeline, console: Console) -> None:
             continue
         rate = f"{r['passed'] / r['judged']:.1%}" if r["judged"] else "-"
         reasons = ", ".join(f"{x['reason']} {x['rows']}" for x in r["reasons"])
+        if r.get("cost_per_kept") is not None:
+            reasons = f"cost per kept row ${r['cost_per_kept']:,.4f}"
         table.add_row(r["stage"], r["kind"], r["input"], str(r["judged"]), str(r["passed"]), str(r["rejected"]),
                       rate, reasons)
     console.print(table)

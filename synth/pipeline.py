@@ -72,7 +72,9 @@ class Pipeline:
 
     def fingerprint_parts(self, name: str) -> dict[str, str]:
         stage = self.stage(name)
-        parts = {"config": content_hash(stage.model_dump(mode="json", exclude={"description"}))}
+        # budgets are not part of what a stage computes: raising one only lets an incomplete stage go on
+        parts = {"config": content_hash(stage.model_dump(mode="json", exclude={"description", "max_cost",
+                                                                                "max_tokens_total"}))}
         if isinstance(stage, LoadStage):
             parts["file"] = self.seeds[name].file_hash
         if isinstance(stage, GenerateStage):
@@ -263,6 +265,8 @@ def _why_stale(pipeline: Pipeline, name: str, states: dict, upstream: dict[str, 
         return True, "never run"
     if state["status"] == "running":
         return True, "its last run did not finish"
+    if state["status"] == "incomplete" and state["detail"].get("stopped") == "budget":
+        return True, f"its last run stopped at its budget ({state['detail'].get('budget')}); raise it to go on"
     if state["status"] == "incomplete":
         return True, f"its last run left {state['detail'].get('errors', '?')} requests failed or unsent"
     stale_inputs = [i for i in _inputs(pipeline.stage(name)) if upstream[i].stale]
@@ -322,7 +326,7 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
     store = pipeline.store
     run_id = store.start_run("run", argv or sys.argv[1:], str(pipeline.path),
                              pipeline.spec.model_dump(mode="json"))
-    counts: dict = {"stages_run": [], "sent": 0, "cached": 0, "errors": 0}
+    counts: dict = {"stages_run": [], "sent": 0, "cached": 0, "errors": 0, "unsent": 0}
     try:
         for name in names:
             statuses = staleness(pipeline)
@@ -352,14 +356,16 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
                 result = export.run_stage(pipeline, name, run_id)
             result["seconds"] = round(time.monotonic() - started, 3)
             counts["stages_run"].append(name)
-            for key in ("sent", "cached", "errors"):
+            if result.get("stopped") == "budget":
+                counts.setdefault("stopped_at_budget", []).append(name)
+            for key in ("sent", "cached", "errors", "unsent"):
                 counts[key] += result.get(key, 0)
             counts.setdefault("stages", {})[name] = result
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         store.finish_run(run_id, status, counts, error=" ".join(str(exc).split())[:2000])
         raise
-    store.finish_run(run_id, "incomplete" if counts["errors"] else "ok", counts)
+    store.finish_run(run_id, "incomplete" if counts["errors"] or counts["unsent"] else "ok", counts)
     counts["run_id"] = run_id
     return counts
 

@@ -89,6 +89,10 @@ def check_references(path: Path, spec: PipelineFile, where) -> None:
             _check_train(spec, name, stage, where, path)
         if isinstance(stage, GenerateStage) and isinstance(spec.stages.get(stage.teacher), TrainStage):
             stage._after = [stage.teacher]
+        if isinstance(stage, GenerateStage) and stage.max_cost and stage.teacher in spec.teachers and \
+                spec.teachers[stage.teacher].prices is None:
+            raise SynthError(f"{where(name, 'max_cost')}: key 'max_cost': teacher {stage.teacher!r} has no prices; "
+                             "add prices: {input: USD per 1M tokens, output: USD per 1M tokens} to it")
         teachers = stage.models if isinstance(stage, EvaluateStage) else \
             [stage.teacher] if isinstance(stage, (GenerateStage, JudgeStage)) else []
         key = "models" if isinstance(stage, EvaluateStage) else "teacher"

@@ -80,14 +80,29 @@ class Teacher(Protocol):
         request's failure; raises SynthError only for a condition no request can survive."""
         ...
 
+    def stop(self) -> None:
+        """Start no new requests; the iterator still yields the ones in flight, then ends."""
+        ...
+
     def close(self) -> None: ...
 
 
 # ---- teacher configuration (the `teachers:` section of a pipeline file) ------------------------
 
+class Prices(BaseModel):
+    """USD per million tokens, for cost estimates, budgets and `synth status` spend."""
+    model_config = ConfigDict(extra="forbid")
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+    def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float:
+        return ((prompt_tokens or 0) * self.input + (completion_tokens or 0) * self.output) / 1e6
+
+
 class _TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="hub id or local directory (relative to the pipeline file)")
+    prices: Prices | None = Field(None, description="USD per million input/output tokens")
 
 
 class HFTeacherConfig(_TeacherConfig):

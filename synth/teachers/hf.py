@@ -48,7 +48,10 @@ class HFTeacher:
         import torch
 
         size = self.config.batch_size
+        self._stopped = False
         for start in range(0, len(requests), size):
+            if self._stopped:
+                return
             batch = list(requests[start:start + size])
             # Requests of one batch must share sampling params; split where they differ.
             groups: dict[str, list[Request]] = {}
@@ -102,6 +105,9 @@ class HFTeacher:
             yield Completion(r.id, text=text, finish_reason=finish,
                              prompt_tokens=int(enc["attention_mask"][i].sum()),
                              completion_tokens=len(tokens) + (0 if stop_at is None else 1), latency_s=latency)
+
+    def stop(self) -> None:
+        self._stopped = True  # checked between batches
 
     def close(self) -> None:
         self.lm = None

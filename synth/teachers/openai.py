@@ -54,6 +54,9 @@ class OpenAITeacher:
             self._stop.set()  # the caller stopped early (error, Ctrl-C): start no new requests
             thread.join(timeout=self.config.timeout_s)
 
+    def stop(self) -> None:
+        self._stop.set()  # workers take no new request; those in flight still arrive
+
     def close(self) -> None:
         self._stop.set()
 

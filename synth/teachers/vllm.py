@@ -60,7 +60,10 @@ class VLLMTeacher:
 
     def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
         size = self.config.chunk_size
+        self._stopped = False
         for start in range(0, len(requests), size):
+            if self._stopped:
+                return
             chunk = list(requests[start:start + size])
             ready: list[Request] = []
             for r in chunk:
@@ -105,6 +108,9 @@ class VLLMTeacher:
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 may return a BatchEncoding
             ids = ids["input_ids"]
         return len(ids)
+
+    def stop(self) -> None:
+        self._stopped = True  # checked between chunks
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -1,0 +1,71 @@
+"""Budgets: a generate stage stops cleanly at `max_cost`, keeps every completion that arrived (the
+requests in flight included), `synth status` shows it stopped for budget and what it cost, and
+raising the budget finishes it with no request sent twice. The teacher is the scripted
+OpenAI-compatible server (tests/scripted_teacher.py), which reports 10 prompt + 5 completion tokens
+per request: at the prices below every request costs exactly $0.02."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import query, synth, write
+from scripted_teacher import ScriptedTeacher
+
+ROWS, SAMPLES = 30, 2
+
+
+def pipeline_text(base_url: str, max_cost: float) -> str:
+    return f"""\
+store: out/run.duckdb
+teachers:
+  paid: {{backend: openai, model: paid, base_url: "{base_url}", max_concurrency: 4,
+         prices: {{input: 1000, output: 2000}}}}
+stages:
+  problems: {{kind: load, path: questions.jsonl}}
+  solutions: {{kind: generate, input: problems, teacher: paid, prompt: solve, samples: {SAMPLES},
+              params: {{temperature: 1.0, max_tokens: 16, seed: 0}}, max_cost: {max_cost}}}
+"""
+
+
+def test_stage_stops_at_max_cost_and_resumes_when_raised(workspace):
+    write(workspace / "questions.jsonl", "".join(json.dumps({"id": f"q{i}", "question": f"Q{i}: what is it?"})
+                                                  + "\n" for i in range(ROWS)))
+    store = workspace / "out" / "run.duckdb"
+    with ScriptedTeacher(p=1.0) as teacher:
+        pipeline = write(workspace / "pipeline.yaml", pipeline_text(teacher.base_url, 0.5))
+        plan = json.loads(synth("plan", pipeline, "--format", "json", check=True).stdout)
+        solutions = next(r for r in plan if r["stage"] == "solutions")
+        assert solutions["max_cost"] > 0  # estimated from the rendered prompts before anything is sent
+
+        first = synth("run", pipeline)
+        assert first.returncode == 1 and "stopped at the budget of solutions" in first.stderr, first.stderr
+        saved = query(store, "SELECT count(*) FROM solutions")[0][0]
+        assert 25 <= saved <= 25 + 4  # $0.50 / $0.02 = 25, plus at most the 4 in flight, all kept
+        assert teacher.requests == saved  # nothing sent was lost
+        state = json.loads(query(store, "SELECT detail FROM synth.stages WHERE name = 'solutions'")[0][0])
+        assert state["stopped"] == "budget" and state["cost"] >= 0.5
+        status = synth("status", pipeline, check=True).stdout
+        assert "stopped at its budget" in status and f"${saved * 0.02:,.4f}" in status
+
+        write(workspace / "pipeline.yaml", pipeline_text(teacher.base_url, 100))
+        synth("run", pipeline, check=True)
+        assert query(store, "SELECT count(*) FROM solutions")[0][0] == ROWS * SAMPLES
+        assert teacher.requests == ROWS * SAMPLES  # no request sent twice
+        # cost per kept example: all 60 samples cost $1.20; keep the even questions' samples
+        write(workspace / "pipeline.yaml", pipeline_text(teacher.base_url, 100) +
+              "  even: {kind: filter, input: solutions, where: \"question LIKE 'Q%0:%' OR question LIKE 'Q%2:%'\"}\n"
+              "  kept: {kind: keep, input: solutions, pass: [even]}\n")
+        synth("run", pipeline, check=True)
+        stats = {s["stage"]: s for s in json.loads(synth("stats", pipeline, "--format", "json", check=True).stdout)}
+        kept = stats["kept"]["passed"]
+        assert kept > 0 and stats["kept"]["cost_per_kept"] == pytest.approx(ROWS * SAMPLES * 0.02 / kept)
+    assert query(store, "SELECT status FROM synth.stages WHERE name = 'solutions'")[0][0] == "done"
+
+
+def test_max_cost_needs_prices(workspace):
+    write(workspace / "questions.jsonl", json.dumps({"id": "q0", "question": "Q0?"}) + "\n")
+    text = pipeline_text("http://127.0.0.1:9/v1", 1).replace(",\n         prices: {input: 1000, output: 2000}", "")
+    proc = synth("run", write(workspace / "pipeline.yaml", text))
+    assert proc.returncode == 2 and "has no prices" in proc.stderr and "Traceback" not in proc.stderr
