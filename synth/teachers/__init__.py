@@ -119,6 +119,9 @@ class OpenAITeacherConfig(_TeacherConfig):
     max_concurrency: int = Field(16, ge=1)
     max_retries: int = Field(6, ge=0)
     timeout_s: float = Field(120.0, gt=0)
+    client: Literal["auto", "openai", "http"] = Field(
+        "auto", description="http: the raw aiohttp fast path; openai: the official client; auto: http when "
+                            "base_url is set (a self-hosted server), else openai")
 
 
 class VLLMTeacherConfig(_TeacherConfig):

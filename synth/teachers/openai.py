@@ -1,5 +1,6 @@
 """The `openai` teacher: any OpenAI-compatible chat endpoint (OpenAI, vLLM serve, SGLang, llama.cpp,
-Ollama, `transformers serve`), through the official `openai` client.
+Ollama, `transformers serve`), through the official `openai` client, or for a self-hosted server
+(`base_url` set; `client: auto`) through the raw-HTTP fast path in synth/teachers/http.py.
 
 - Bounded concurrency: `max_concurrency` workers on one asyncio loop in a background thread; the
   caller iterates completions synchronously, in the order they finish.
@@ -71,22 +72,31 @@ class OpenAITeacher:
             results.put(_DONE)
 
     async def _run_all(self, requests: list[Request], results: queue.Queue) -> None:
-        import openai
-
-        client = openai.AsyncOpenAI(base_url=self.config.base_url, api_key=self.api_key,
-                                    max_retries=self.config.max_retries, timeout=self.config.timeout_s)
+        if self.uses_http:
+            from synth.teachers.http import HTTPClient
+            client = HTTPClient(self.name, self.config, self.api_key)
+            one = lambda request: client.complete(self.model, request)  # noqa: E731
+        else:
+            import openai
+            client = openai.AsyncOpenAI(base_url=self.config.base_url, api_key=self.api_key,
+                                        max_retries=self.config.max_retries, timeout=self.config.timeout_s)
+            one = lambda request: self._one(client, request)  # noqa: E731
         todo = iter(requests)
 
         async def worker() -> None:
             for request in todo:  # one shared iterator: each request is taken by exactly one worker
                 if self._stop.is_set():
                     return
-                results.put(await self._one(client, request))
+                results.put(await one(request))
 
         try:
             await asyncio.gather(*(worker() for _ in range(min(self.config.max_concurrency, len(requests) or 1))))
         finally:
             await client.close()
+
+    @property
+    def uses_http(self) -> bool:
+        return self.config.client == "http" or (self.config.client == "auto" and bool(self.config.base_url))
 
     async def _one(self, client, request: Request) -> Completion:
         import openai

@@ -1,0 +1,137 @@
+"""The raw-HTTP fast path of the `openai` teacher, for self-hosted OpenAI-compatible servers (vLLM,
+SGLang, llama.cpp, `transformers serve`): one pooled aiohttp session, a plain JSON body, no
+per-request client objects or response models — a small teacher on a local server answers hundreds
+of requests per second, and the client must not be the bottleneck.
+
+Same contract as the openai-client path (synth/teachers/openai.py): the same request body, the same
+cause codes, retries with exponential backoff and jitter on 408/409/429/5xx, timeouts and connection
+errors, honouring Retry-After / retry-after-ms (tenacity), up to `max_retries`; what still fails is
+a Completion with its cause; a refused key or an unknown model is a SynthError (no request can
+succeed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+
+from synth.errors import SynthError
+from synth.teachers import Completion, Request
+
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class _Retryable(Exception):
+    def __init__(self, cause: str, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.cause, self.retry_after = cause, retry_after
+
+
+class _Final(Exception):
+    def __init__(self, cause: str, message: str):
+        super().__init__(message)
+        self.cause = cause
+
+
+def request_body(model: str, request: Request) -> dict:
+    """The chat-completions body: the keys the openai client sends for the same call, None omitted."""
+    p = request.params
+    body = {"messages": request.messages, "model": model, "frequency_penalty": p.get("frequency_penalty"),
+            "max_tokens": p.get("max_tokens"), "presence_penalty": p.get("presence_penalty"), "seed": request.seed,
+            "stop": p.get("stop"), "temperature": p.get("temperature"), "top_p": p.get("top_p")}
+    if "top_k" in p:
+        body["top_k"] = p["top_k"]
+    return {k: v for k, v in body.items() if v is not None}
+
+
+class HTTPClient:
+    def __init__(self, teacher_name: str, config, api_key: str):
+        import aiohttp
+
+        self.name, self.config = teacher_name, config
+        self.url = config.base_url.rstrip("/") + "/chat/completions"
+        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=config.max_concurrency, limit_per_host=config.max_concurrency),
+            timeout=aiohttp.ClientTimeout(total=config.timeout_s), json_serialize=json.dumps)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def complete(self, model: str, request: Request) -> Completion:
+        from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+
+        body = json.dumps(request_body(model, request), ensure_ascii=False).encode()
+        started = time.monotonic()
+        try:
+            async for attempt in AsyncRetrying(retry=retry_if_exception_type(_Retryable), wait=_wait,
+                                               stop=stop_after_attempt(self.config.max_retries + 1), reraise=True):
+                with attempt:
+                    data = await self._post(body)
+        except (_Retryable, _Final) as exc:
+            return Completion(request.id, error=exc.cause, error_message=str(exc)[:500],
+                              latency_s=time.monotonic() - started)
+        latency = time.monotonic() - started
+        try:
+            choice = data["choices"][0]
+            usage = data.get("usage") or {}
+            return Completion(request.id, text=choice["message"].get("content") or "",
+                              finish_reason=choice.get("finish_reason"), prompt_tokens=usage.get("prompt_tokens"),
+                              completion_tokens=usage.get("completion_tokens"), latency_s=latency)
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            return Completion(request.id, error="malformed_response", error_message=f"{type(exc).__name__}: {exc}",
+                              latency_s=latency)
+
+    async def _post(self, body: bytes) -> dict:
+        import aiohttp
+
+        try:
+            async with self.session.post(self.url, data=body, headers=self.headers) as resp:
+                raw = await resp.read()
+                status = resp.status
+                retry_after = _retry_after(resp.headers)
+        except asyncio.TimeoutError:
+            raise _Retryable("timeout", f"no response within {self.config.timeout_s:g}s") from None
+        except aiohttp.ClientError as exc:
+            raise _Retryable("connection", f"{type(exc).__name__}: {exc}") from None
+        text = raw.decode("utf-8", "replace")
+        if status == 200:
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                raise _Retryable("malformed_response", f"invalid JSON: {text[:200]!r}") from None
+        message = f"HTTP {status}: {' '.join(text.split())[:300]}"
+        if status in (401, 403):
+            raise SynthError(f"teacher '{self.name}': the server refused the API key ({message}); check "
+                             f"{self.config.api_key_env or 'the key'}")
+        if status == 404:
+            raise SynthError(f"teacher '{self.name}': {self.url} answered 404 ({message}); check base_url and model")
+        if status in RETRY_STATUS:
+            cause = "rate_limit" if status == 429 else "timeout" if status == 408 else "server_error"
+            raise _Retryable(cause, message, retry_after)
+        if status == 400 and "context" in text.lower() and ("length" in text.lower() or "window" in text.lower()):
+            raise _Final("context_length", message)
+        raise _Final("bad_request" if 400 <= status < 500 else "api_error", message)
+
+
+def _retry_after(headers) -> float | None:
+    """Seconds the server asked to wait: retry-after-ms, else Retry-After in seconds (capped at 60)."""
+    for key, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(key)
+        if value:
+            try:
+                return min(float(value) * scale, 60.0)
+            except ValueError:
+                continue
+    return None
+
+
+def _wait(state) -> float:
+    """Retry-After when the server sent one, else exponential backoff with jitter (0.5 s, 1 s, 2 s ... 8 s)."""
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, _Retryable) and exc.retry_after is not None:
+        return exc.retry_after
+    base = min(0.5 * 2 ** (state.attempt_number - 1), 8.0)
+    return base * (0.75 + random.random() * 0.5)
