@@ -4,8 +4,10 @@ An evaluate stage `E` over models [m1, m2, ...] gets one companion generate stag
 (added when the pipeline is loaded, like a judge's critic stage): each renders `prompt` over the
 input rows and asks that model `samples` times with `params` — ordinary cached generations, so a
 re-run asks nothing and an interrupted evaluation resumes. `E` then scores every output with the
-`verify` settings (synth/verify.py: fail closed) and writes one row per (model, output) into
-synth.evaluations; its view is those rows. The summary — per model: outputs, correct, accuracy with
+`verify` settings (synth/verify.py: fail closed; the reference is the input row's own column) and
+writes one row per (model, planned output) into synth.evaluations — an output that never came back
+(an error, a timeout) counts as wrong with reason `no_output`, so models are compared on the same
+items; its view is those rows. The summary — per model: outputs, correct, accuracy with
 a 95% Wilson interval, mean output tokens — is computed from those rows by `summary()`, which
 `synth report` prints and plots.
 """
@@ -17,6 +19,7 @@ from rich.console import Console
 
 from synth.config import EvaluateStage, GenerateStage
 from synth.store import Store, now, quote_ident
+from synth.verdicts import Verdict
 
 
 def model_stage_name(name: str, model: str) -> str:
@@ -32,23 +35,36 @@ def model_stages(stage: EvaluateStage, name: str) -> dict[str, GenerateStage]:
 
 def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
     from synth import verify
+    from synth.generate import build_requests, input_rows
     from synth.pipeline import record_stage
 
     stage: EvaluateStage = pipeline.stage(name)
     v = stage.verify
     rows = {k: [] for k in ("stage", "model", "id", "input_id", "sample", "passed", "reason", "answer",
                             "completion_tokens", "run_id", "created_at")}
+    inputs = input_rows(pipeline, model_stage_name(name, stage.models[0]), from_store=True)
+    references = {str(r["id"]): r.get(v.reference) for r in inputs}  # the input's own column, by row id
     with pipeline.store.read() as con:
         for model in stage.models:
-            gen = quote_ident(model_stage_name(name, model))
-            cols = {r[0] for r in con.execute(f"DESCRIBE {gen}").fetchall()}
-            ref = v.reference if v.reference in cols else f"input_{v.reference}"
-            for rid, input_id, sample, answer, reference, tokens in con.execute(
-                    f"SELECT id, input_id, sample, CAST({quote_ident(v.answer)} AS VARCHAR), "
-                    f"CAST({quote_ident(ref)} AS VARCHAR), completion_tokens FROM {gen} ORDER BY input_id, sample"
-            ).fetchall():
-                extracted = verify.extract_answer(answer, v.extract, v.pattern, v.field)
-                verdict = verify.compare(extracted, reference, v.method, v.tolerance)
+            gen_name = model_stage_name(name, model)
+            outputs = {r[0]: r[1:] for r in con.execute(
+                f"SELECT id, CAST({quote_ident(v.answer)} AS VARCHAR), completion_tokens FROM {quote_ident(gen_name)}"
+            ).fetchall()}
+            # Score every planned output: one that never came back (an error, a timeout) is a failure,
+            # so that models are compared on the same items.
+            planned = build_requests(pipeline, gen_name, inputs)
+            for request in planned.requests:
+                input_id = planned.input_ids[request.id]
+                reference = references.get(input_id)
+                reference = None if reference is None else str(reference)
+                if request.id not in outputs:
+                    extracted, tokens = None, None
+                    verdict = Verdict.fail("no_output")
+                else:
+                    answer, tokens = outputs[request.id]
+                    extracted = verify.extract_answer(answer, v.extract, v.pattern, v.field)
+                    verdict = verify.compare(extracted, reference, v.method, v.tolerance)
+                rid, sample = request.id, request.sample
                 for key, value in (("stage", name), ("model", model), ("id", rid), ("input_id", input_id),
                                    ("sample", sample), ("passed", verdict.passed), ("reason", verdict.reason),
                                    ("answer", extracted), ("completion_tokens", tokens), ("run_id", run_id),

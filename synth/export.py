@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from synth.config import ExportStage
+from synth.errors import SynthError
 from synth.store import Store, quote_ident
 
 
@@ -113,7 +114,7 @@ def provenance(pipeline, name: str, rows: int) -> dict:
     return {
         "pipeline": str(pipeline.path), "store": str(pipeline.store.path), "stage": name, "rows": rows,
         "format": pipeline.stage(name).format,
-        "teachers": {t: pipeline.spec.teachers[t].model for t in sorted({getattr(s, "teacher", None)
+        "teachers": {t: pipeline.teacher(t).model for t in sorted({getattr(s, "teacher", None)
                                                                           for s in stages.values()} - {None})},
         "templates": sorted({s.prompt for s in stages.values() if getattr(s, "prompt", None)}),
         "filters": [n for n, s in stages.items() if s.kind in ("verify", "vote", "judge", "dedup",
@@ -153,6 +154,9 @@ def _write_dataset_dir(out: Path, records: list[dict], fmt: str, card: str) -> N
 
     from datasets import Dataset
 
+    if out.exists() and not ((out / "synth.json").exists() or (out / "dataset_info.json").exists()):
+        raise SynthError(f"{out}: exists and is not a dataset synth exported; an export replaces its "
+                         "directory, so point `path` at a new one")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -91,10 +90,14 @@ def validate(pipeline, name: str, input_columns: list[str]) -> None:
 
     taken = [c for c in VERDICT_COLUMNS if c in input_columns]
     if taken and not isinstance(stage, KeepStage):
-        raise SynthError(f"{where}: key 'input': the input already has a column {taken[0]!r}; a filter reads "
-                         "a load, generate or keep stage, not another filter")
+        raise SynthError(f"{where}: key 'input': the input already has a column {taken[0]!r}, which a filter's "
+                         "view adds (passed, score, reason); rename that column in the input")
     if isinstance(stage, VerifyStage):
         need("answer", stage.answer)
+        if stage.reference == stage.answer:
+            raise SynthError(f"{where}: key 'reference': it names the same column as 'answer' ({stage.answer!r}), "
+                             "so every row would match itself; in a generate stage's rows the input's own column "
+                             f"is 'input_{stage.answer}'")
         if stage.method == "code":
             if not stage.tests:
                 raise SynthError(f"{where}: key 'tests': method code needs the column with the tests")
@@ -114,6 +117,10 @@ def validate(pipeline, name: str, input_columns: list[str]) -> None:
                 re.compile(stage.pattern)
             except re.error as exc:
                 raise SynthError(f"{where}: key 'pattern': not a valid regular expression ({exc})") from None
+    elif isinstance(stage, JudgeStage):
+        if stage.mode == "pairwise":
+            need("group_by", stage.group_by)
+            need("mode", "text")
     elif isinstance(stage, VoteStage):
         need("answer", stage.answer)
         need("group_by", stage.group_by)
@@ -250,8 +257,7 @@ def _judge_rows(pipeline, name: str, rows: list[dict], console: Console) -> list
     if isinstance(stage, DecontaminateStage):
         from synth import dedup
 
-        against = {os.path.basename(f): dedup.read_eval_texts(pipeline.resolve(f), stage.eval_columns)
-                   for f in stage.against}
+        against = {f: dedup.read_eval_texts(pipeline.resolve(f), stage.eval_columns) for f in stage.against}
         texts = ["\n".join(str(r.get(c) or "") for c in stage.columns) for r in rows]
         return dedup.decontaminate([str(r["id"]) for r in rows], texts, against, n=stage.ngram)
     if isinstance(stage, FilterStage):
@@ -284,7 +290,7 @@ def _sql_filter(pipeline, name: str, source: str, expr: str, label: str) -> pa.T
     sql = (f"SELECT CAST(id AS VARCHAR) AS row_id, coalesce(ok, false) AS passed, "
            f"CASE WHEN ok THEN 1.0 ELSE 0.0 END AS score, "
            f"CASE WHEN ok THEN NULL WHEN ok IS NULL THEN {_sql_str(label + ':null')} ELSE {_sql_str(label)} END AS reason, "
-           f"NULL::VARCHAR AS details FROM (SELECT id, CAST(({expr}) AS BOOLEAN) AS ok FROM {source})")
+           f"NULL::VARCHAR AS details FROM (SELECT id, CAST((\n{expr}\n) AS BOOLEAN) AS ok FROM {source})")
     with pipeline.store.read() as con:
         try:
             return con.sql(sql).to_arrow_table()
@@ -310,23 +316,31 @@ def _python_filter(pipeline, name: str, rows: list[dict]) -> list[Verdict]:
         raise SynthError(f"{path}: define judge(row) or judge_batch(rows)")
     try:
         results = batch(rows, **stage.args) if callable(batch) else [single(r, **stage.args) for r in rows]
+        results = list(results)
     except TypeError as exc:
         raise SynthError(f"{path}: {exc} (check the stage's 'args')") from None
     except Exception as exc:  # noqa: BLE001
         raise SynthError(f"{path}: the filter raised {type(exc).__name__}: {exc}") from None
+    if len(results) != len(rows):
+        raise SynthError(f"{path}: judge_batch returned {len(results)} results for {len(rows)} rows; return one per row")
     return [_as_verdict(r, stage.use, path) for r in results]
 
 
 def _as_verdict(result, label: str, path: Path) -> Verdict:
-    if isinstance(result, Verdict):
+    """A filter's answer as a Verdict; anything else is the filter's bug, reported in one line (never a
+    NULL `passed`, which a lenient keep would count as a pass)."""
+    if isinstance(result, Verdict) and isinstance(result.passed, bool):
         return result
     if isinstance(result, bool):
         return Verdict.ok(1.0) if result else Verdict.fail(label, 0.0)
     if isinstance(result, tuple) and result and isinstance(result[0], bool):
         ok, reason = result[0], (result[1] if len(result) > 1 else None)
-        score = float(result[2]) if len(result) > 2 and result[2] is not None else (1.0 if ok else 0.0)
-        return Verdict.ok(score) if ok else Verdict.fail(reason or label, score)
-    raise SynthError(f"{path}: judge returned {result!r}; return a bool or (bool, reason)")
+        try:
+            score = float(result[2]) if len(result) > 2 and result[2] is not None else (1.0 if ok else 0.0)
+        except (TypeError, ValueError):
+            raise SynthError(f"{path}: judge returned score {result[2]!r}; a score is a number") from None
+        return Verdict.ok(score) if ok else Verdict.fail(str(reason or label), score)
+    raise SynthError(f"{path}: judge returned {result!r}; return a bool, (bool, reason) or (bool, reason, score)")
 
 
 def _sql_str(value: str) -> str:

@@ -61,7 +61,7 @@ class Planned:
 def build_requests(pipeline, name: str, rows: list[dict]) -> Planned:
     stage: GenerateStage = pipeline.stage(name)
     template = pipeline.templates[name]
-    model = pipeline.spec.teachers[stage.teacher].model
+    model = pipeline.teacher(stage.teacher).model
     params = stage.params.model_dump(exclude_none=True)
     planned = Planned([], {}, {}, {}, 0, {})
     for row in rows:
@@ -117,10 +117,11 @@ def estimate(pipeline, name: str, statuses) -> dict:
     """Requests cached vs to send and estimated tokens, for `synth plan` (no teacher, no writes)."""
     stage: GenerateStage = pipeline.stage(name)
     upstream_unknown = statuses[stage.input].stale and not isinstance(pipeline.stage(stage.input), LoadStage)
-    rows = None if upstream_unknown else input_rows(pipeline, name, from_store=False)
+    untrained = [t for t in stage._after if statuses[t].stale]  # a student teacher not (re)trained yet
+    rows = None if upstream_unknown or untrained else input_rows(pipeline, name, from_store=False)
     if rows is None:
         return {"requests": None, "cached": None, "to_send": None,
-                "note": f"requests known once '{stage.input}' has run"}
+                "note": f"requests known once '{(untrained or [stage.input])[0]}' has run"}
     planned = build_requests(pipeline, name, rows)
     cached = cached_ids(pipeline.store, [r.id for r in planned.requests])
     to_send = [r for r in planned.requests if r.id not in cached]
@@ -155,7 +156,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             "id": list(planned.prompts), "messages": [json.dumps(m, ensure_ascii=False) for m in planned.prompts.values()]}))
         Store.insert_arrow(con, "synth.requests", pa.table({
             "id": ids, "prompt_id": [planned.prompt_of[i] for i in ids],
-            "model": [pipeline.spec.teachers[stage.teacher].model] * len(ids),
+            "model": [pipeline.teacher(stage.teacher).model] * len(ids),
             "params": [json.dumps(r.params) for r in planned.requests], "sample": [r.sample for r in planned.requests]}))
         con.execute("DELETE FROM synth.generations WHERE stage = ?", [name])
         con.register("_ids", pa.table({"id": ids}))
@@ -208,7 +209,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             task = progress.add_task(name, total=len(ids), completed=len(cached), cached=len(cached), sent=0,
                                      errors=0, tps=0)
             if pending:
-                teacher = load_teacher(stage.teacher, pipeline.spec.teachers[stage.teacher], pipeline.base_dir)
+                teacher = load_teacher(stage.teacher, pipeline.teacher(stage.teacher), pipeline.base_dir)
                 for completion in teacher.generate(pending):
                     sent += 1
                     if completion.ok:

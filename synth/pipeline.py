@@ -42,6 +42,7 @@ class Pipeline:
     templates: dict[str, Template] = field(default_factory=dict)  # generate stage -> its template
     seeds: dict[str, Seeds] = field(default_factory=dict)  # load stage -> its rows
     columns: dict[str, list[str]] = field(default_factory=dict)  # row-producing stage -> its columns
+    trained: dict[str, str] = field(default_factory=dict)  # train stage -> the model dir of its last finished run
 
     @property
     def base_dir(self) -> Path:
@@ -79,7 +80,7 @@ class Pipeline:
             parts["file"] = self.seeds[name].file_hash
         if isinstance(stage, GenerateStage):
             parts["prompt"] = self.templates[name].file_hash
-            teacher = self.spec.teachers[stage.teacher]
+            teacher = self.teacher(stage.teacher)
             parts["teacher"] = content_hash({"backend": teacher.backend, "model": teacher.model})
         if stage.kind in FILTER_KINDS:
             from synth.filters import filter_version
@@ -101,6 +102,14 @@ class Pipeline:
 
     def fingerprint(self, name: str) -> str:
         return content_hash(self.fingerprint_parts(name))
+
+    def teacher(self, name: str):
+        """A teacher's config; for a train stage's model, with the directory its last finished run wrote
+        (read from the store when the pipeline is loaded, updated when a train stage finishes)."""
+        config = self.spec.teachers[name]
+        if not isinstance(self.spec.stages.get(name), TrainStage):
+            return config
+        return config.model_copy(update={"model": trained_model_dir(self, name) or f"<{name}: not trained yet>"})
 
 
 def _inputs(stage) -> list[str]:
@@ -165,14 +174,28 @@ def load_pipeline(path: Path) -> Pipeline:
         elif isinstance(stage, KeepStage):
             pipeline.columns[name] = pipeline.columns[stage.input]
         elif isinstance(stage, PairsStage):
-            if stage.group_by not in pipeline.columns[stage.input]:
-                raise SynthError(f"{where(name, 'group_by')}: key 'group_by': the input has no column "
-                                 f"{stage.group_by!r}")
+            for source in [stage.input] + ([stage.versus] if stage.versus else []):
+                if stage.group_by not in pipeline.columns[source]:
+                    raise SynthError(f"{where(name, 'group_by')}: key 'group_by': {source!r} has no column "
+                                     f"{stage.group_by!r}")
             pipeline.columns[name] = ["id", "input_id", "rule", "margin", "chosen_id", "rejected_id",
                                       "chosen_text", "rejected_text"]
         elif isinstance(stage, EvaluateStage):
             from synth.evaluate import model_stage_name
             v = stage.verify
+            if len(set(stage.models)) != len(stage.models):
+                raise SynthError(f"{where(name, 'models')}: key 'models': a model is listed twice")
+            if v.extract == "regex":
+                import re
+                try:
+                    re.compile(v.pattern or "")
+                except re.error as exc:
+                    raise SynthError(f"{where(name, 'verify')}: key 'verify.pattern': not a valid regular "
+                                     f"expression ({exc})") from None
+                if not v.pattern:
+                    raise SynthError(f"{where(name, 'verify')}: key 'verify.pattern': extract regex needs a pattern")
+            if v.extract == "json" and not v.field:
+                raise SynthError(f"{where(name, 'verify')}: key 'verify.field': extract json needs the field to read")
             if v.reference not in pipeline.columns[stage.input]:
                 raise SynthError(f"{where(name, 'verify')}: key 'verify.reference': the input has no column "
                                  f"{v.reference!r} (its columns: {', '.join(pipeline.columns[stage.input])})")
@@ -188,22 +211,32 @@ def load_pipeline(path: Path) -> Pipeline:
                 raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports generated rows; "
                                  f"{stage.input!r} carries {pipeline.root(stage.input)!r}'s rows")
             out = pipeline.resolve(stage.path)
+            if out.suffix == "":
+                import importlib.util
+                if importlib.util.find_spec("datasets") is None:
+                    raise SynthError(f"{where(name, 'path')}: key 'path': a directory export is a Hugging Face "
+                                     "dataset and needs `datasets`: pip install 'synth-distill[train]'")
+                if out.resolve() in (store_path.resolve(), *store_path.resolve().parents) or \
+                        out.resolve() in path.parents:
+                    raise SynthError(f"{where(name, 'path')}: key 'path': {out} holds the store or the pipeline; "
+                                     "an export replaces its directory, so point it at a new one")
             if out.suffix not in (".parquet", ".jsonl", ""):
                 raise SynthError(f"{where(name, 'path')}: key 'path': write .parquet, .jsonl or a directory (a "
                                  f"saved Hugging Face dataset), not {out.name!r}")
             if stage.target != "text" and stage.answer not in pipeline.columns[stage.input]:
                 raise SynthError(f"{where(name, 'answer')}: key 'answer': target {stage.target} needs the answer "
                                  f"column; the input has no column {stage.answer!r}")
-    for name in pipeline.order:  # in DAG order: a model trained on a student's samples comes later
-        if isinstance(spec.stages[name], TrainStage):
-            spec.teachers[name].model = str(trained_model_dir(pipeline, name))
+    if any(isinstance(st, TrainStage) for st in spec.stages.values()) and pipeline.store.exists():
+        pipeline.trained = {n: st["detail"]["model_dir"] for n, st in pipeline.store.stage_states().items()
+                            if st["kind"] == "train" and st["status"] == "done" and st["detail"].get("model_dir")}
     return pipeline
 
 
-def trained_model_dir(pipeline, name: str) -> Path:
-    """Where train stage `name` writes its model: next to the store, named by the stage's fingerprint,
-    so a retrained model is a different model id and never reuses the old model's cached completions."""
-    return pipeline.store.path.parent / "models" / f"{name}-{pipeline.fingerprint(name)[:12]}" / "model"
+def trained_model_dir(pipeline, name: str) -> str | None:
+    """The model train stage `name` wrote in its last finished run, or None. Each training run writes
+    a new directory named by its run id (synth/train_stage.py), so a retrained model is a different
+    model id and never reuses the old model's cached completions."""
+    return pipeline.trained.get(name)
 
 
 def generation_columns(template: Template, input_columns: list[str]) -> list[str]:
@@ -287,7 +320,8 @@ def _why_stale(pipeline: Pipeline, name: str, states: dict, upstream: dict[str, 
     stage = pipeline.stage(name)
     if isinstance(stage, ExportStage) and not pipeline.resolve(stage.path).exists():
         return True, "its output file is missing"
-    if isinstance(stage, TrainStage) and not (trained_model_dir(pipeline, name) / "config.json").exists():
+    if isinstance(stage, TrainStage) and not (Path(trained_model_dir(pipeline, name) or "/nonexistent")
+                                              / "config.json").exists():
         return True, "its trained model is missing"
     return False, "up to date"
 
@@ -331,7 +365,7 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
         for name in names:
             statuses = staleness(pipeline)
             st = statuses[name]
-            if not st.stale and not force:
+            if not st.stale and not (force and (not targets or name in targets)):
                 console.print(f"[dim]{name}: up to date[/dim]")
                 continue
             console.print(f"[bold]{name}[/bold] ({st.kind}): {st.reason}")
@@ -379,7 +413,7 @@ def check_teachers(pipeline: Pipeline, names: list[str]) -> None:
     for name in names:
         stage = pipeline.stage(name)
         if isinstance(stage, GenerateStage):
-            config = pipeline.spec.teachers[stage.teacher]
+            config = pipeline.teacher(stage.teacher)
             if isinstance(config, OpenAITeacherConfig):
                 resolve_api_key(stage.teacher, config)
 

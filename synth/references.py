@@ -107,6 +107,9 @@ def _check_train(spec: PipelineFile, name: str, stage: TrainStage, where, path: 
     if data.format != stage.method:
         raise SynthError(f"{where(name, 'data')}: key 'data': method {stage.method} trains on an export stage "
                          f"with format {stage.method}; {stage.data!r} has format {data.format}")
+    if isinstance(spec.stages.get(stage.student), TrainStage):
+        raise SynthError(f"{where(name, 'student')}: key 'student': {stage.student!r} is a train stage; to start "
+                         "from its model use init: " + stage.student)
     if stage.init is None and stage.student is None:
         raise SynthError(f"{where(name)}: give 'student' (the base model) or 'init' (a train stage to start from)")
     recipe = path.parent / stage.recipe

@@ -3,8 +3,8 @@ synth.train.train (TRL), and record the result in the store.
 
 - data: the export stage's file (format sft for method sft, dpo for dpo);
 - base model: `init`'s trained model when given, else `student` (a teacher's name, or a path/hub id);
-- output: <store folder>/models/<stage>-<fingerprint>/model (pipeline.trained_model_dir), so that a
-  retrained model is a new model id for request hashing;
+- output: <store folder>/models/<stage>-<run id>/model, recorded in the stage's state
+  (pipeline.trained_model_dir), so that a retrained model is a new model id for request hashing;
 - the training log (one row per logging step) goes to synth.train_logs, the summary to the stage's
   state; the model is then a teacher named after the stage.
 """
@@ -36,15 +36,17 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
     if data.suffix == "":  # a saved HF dataset directory: its data.parquet holds the same rows
         data = data / "data.parquet"
     if stage.init:
-        base = str(trained_model_dir(pipeline, stage.init))
+        base = trained_model_dir(pipeline, stage.init)
+        if base is None:
+            raise SynthError(f"{pipeline.where(name)}: key 'init': stage '{stage.init}' has no trained model yet")
     elif stage.student in pipeline.spec.teachers:
         base = resolve_model_path(pipeline.spec.teachers[stage.student].model, pipeline.base_dir)
     else:
         base = resolve_model_path(stage.student, pipeline.base_dir)
-    model_dir = trained_model_dir(pipeline, name)
-    out = model_dir.parent
+    out = pipeline.store.path.parent / "models" / f"{name}-{run_id}"  # a new model id for every training run
+    model_dir = out / "model"
     if out.exists():
-        shutil.rmtree(out)  # a half-written attempt under this fingerprint (the stage is stale, so not done)
+        shutil.rmtree(out)  # a half-written attempt of this very run
     log: list[dict] = []
 
     def on_log(step: int, logs: dict) -> None:
@@ -67,6 +69,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         Store.insert_arrow(con, "synth.train_logs", table, mode="")
         Store.replace_view(con, name, f"SELECT step, loss, logs FROM synth.train_logs WHERE stage = '{name}' "
                                       "ORDER BY step")
+        pipeline.trained[name] = str(model_dir)  # before record_stage: the fingerprint names this model
         record_stage(con, pipeline, name, "done", len(rows), run_id, model_dir=str(model_dir), **summary)
     console.print(f"  {name}: {result.get('steps')} steps · train loss {result.get('train_loss')} · model {model_dir}")
     return {"rows": len(rows), "model_dir": str(model_dir), **summary}

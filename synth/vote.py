@@ -50,7 +50,7 @@ def vote_sql(source: str, answer: str, group: str, keys: str, min_agreement: flo
                 WHEN t.tied > 1 OR z.n / o.total < {min_agreement} THEN 'low_agreement'
            END AS reason,
            NULL::VARCHAR AS details  -- score is the share; the class is the answer's canonical key
-    FROM s JOIN totals o USING (grp)
-    LEFT JOIN sizes z ON z.grp = s.grp AND z.class = s.class
-    LEFT JOIN top t ON t.grp = s.grp
+    FROM s JOIN totals o ON o.grp IS NOT DISTINCT FROM s.grp
+    LEFT JOIN sizes z ON z.grp IS NOT DISTINCT FROM s.grp AND z.class = s.class
+    LEFT JOIN top t ON t.grp IS NOT DISTINCT FROM s.grp
     """

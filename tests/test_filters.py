@@ -77,11 +77,13 @@ def test_vote_plurality_minority_low_agreement_no_answer(workspace):
         {"id": "b2", "g": "b", "answer": "8"}, {"id": "b3", "g": "b", "answer": "8"},
         # group c: 2 x "1", 1 x "2", 2 x "3" with... plurality "1" and "3" tie again; d: 2 of 5 agree
         *[{"id": f"d{i}", "g": "d", "answer": a} for i, a in enumerate(["1", "1", "2", "3", "4"])],
+        # rows without a group still get their verdict (one verdict per row): they form the NULL group
+        {"id": "n0", "g": None, "answer": "9"}, {"id": "n1", "g": None, "answer": "9"},
     ]
     v = run_filter(workspace, rows, "kind: vote, answer: answer, group_by: g, min_agreement: 0.5")
     check(v, {"a0": (True, None), "a2": (True, None), "a3": (False, "minority_answer"),
               "a4": (False, "no_answer"), "b0": (False, "low_agreement"), "b2": (False, "low_agreement"),
-              "d0": (False, "low_agreement"), "d2": (False, "minority_answer")})
+              "d0": (False, "low_agreement"), "d2": (False, "minority_answer"), "n0": (True, None)})
     assert v["a0"][2] == pytest.approx(0.6) and v["a3"][2] == pytest.approx(0.2) and v["d0"][2] == pytest.approx(0.4)
 
 
@@ -117,7 +119,7 @@ def test_decontaminate_against_eval_files(workspace):
             {"id": "clean", "text": "one two three four five six seven eight nine ten eleven twelve other"}]
     v = run_filter(workspace, rows, "kind: decontaminate, against: [eval/test.jsonl], ngram: 13",
                    extra_files={"eval/test.jsonl": json.dumps({"question": f"Q: {leaked}?"}) + "\n"})
-    check(v, {"dirty": (False, "contaminated:test.jsonl"), "clean": (True, None)})
+    check(v, {"dirty": (False, "contaminated:eval/test.jsonl"), "clean": (True, None)})
 
 
 # ---- filter: SQL and Python -------------------------------------------------------------------------
@@ -240,3 +242,35 @@ def test_verify_code_through_the_pipeline(workspace):
     v = run_filter(workspace, rows, "kind: verify, method: code, answer: text, tests: tests, timeout_s: 2")
     check(v, {"good": (True, None), "wrong": (False, "wrong_output"), "loops": (False, "timeout")})
     assert v["prose"][0] is False
+
+
+@pytest.mark.parametrize("body,must", [
+    ("def judge_batch(rows):\n    return [True]\n", "returned 1 results for 2 rows"),
+    ("def judge(row):\n    return None\n", "return a bool"),
+    ("def judge(row):\n    return (True, None, 'high')\n", "a score is a number"),
+])
+def test_python_filter_mistakes_are_one_line(workspace, body, must):
+    write(workspace / "filters" / "bad.py", body) if (workspace / "filters").mkdir() is None else None
+    write(workspace / "rows.jsonl", json.dumps({"id": "a", "text": "x"}) + "\n" + json.dumps({"id": "b", "text": "y"}) + "\n")
+    write(workspace / "pipeline.yaml", "store: out/run.duckdb\nstages:\n  rows: {kind: load, path: rows.jsonl}\n"
+                                       "  f: {kind: filter, input: rows, use: bad}\n")
+    proc = synth("run", workspace / "pipeline.yaml")
+    assert proc.returncode == 2 and must in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert query(workspace / "out" / "run.duckdb", "SELECT count(*) FROM synth.verdicts")[0][0] == 0
+
+
+def test_export_directory_never_replaces_foreign_data(tmp_path):
+    """A directory export replaces its directory only when synth wrote it (synth.json or a saved
+    dataset); anything else there is left alone with one line."""
+    from synth.errors import SynthError
+    from synth.export import _write_dataset_dir
+
+    (tmp_path / "keep_me").mkdir()
+    write(tmp_path / "keep_me" / "notes.txt", "mine")
+    with pytest.raises(SynthError, match="not a dataset synth exported"):
+        _write_dataset_dir(tmp_path / "keep_me", [{"id": "a", "messages": []}], "sft", "card")
+    assert (tmp_path / "keep_me" / "notes.txt").read_text() == "mine"
+    _write_dataset_dir(tmp_path / "fresh", [{"id": "a", "messages": [{"role": "user", "content": "x"}]}], "sft", "c")
+    write(tmp_path / "fresh" / "synth.json", "{}")
+    _write_dataset_dir(tmp_path / "fresh", [{"id": "b", "messages": [{"role": "user", "content": "y"}]}], "sft", "c")
+    assert (tmp_path / "fresh" / "README.md").read_text() == "c"

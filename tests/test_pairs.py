@@ -27,7 +27,7 @@ def project(workspace, stage: str, verdicts: dict[str, tuple] | None, by_kind: s
                                                for i, g in SAMPLES))
     write(workspace / "student.jsonl", "".join(json.dumps({"id": f"s_{g}{k}", "input_id": g, "text": "student"}) + "\n"
                                                for g in "ab" for k in range(2)))
-    by = {"verify": "f: {kind: verify, input: samples, method: exact, answer: text, reference: text}",
+    by = {"verify": "f: {kind: verify, input: samples, method: exact, answer: text, reference: input_id}",
           "vote": "f: {kind: vote, input: samples, answer: text}",
           "judge": "f: {kind: judge, input: samples, teacher: t, prompt: crit}"}.get(by_kind, "")
     write(workspace / "prompts" / "crit.yaml", 'user: "Grade: {{ text }}"\nparse: score\n')
