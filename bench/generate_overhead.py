@@ -6,10 +6,12 @@
 Both sides send the same N requests (same rendered messages, same sampling parameters, same
 per-sample seeds) to the same local server with the same concurrency:
 
-- baseline, "raw loop": a fresh Python process that imports `openai`, creates `openai.AsyncOpenAI`
-  and runs C asyncio workers over the requests, keeping the completions in memory (no store). Timed
-  from just before `import openai` to the last response, because the stage's own timer includes the
-  same lazy import.
+- baseline, "raw loop": a fresh Python process running C asyncio workers over the requests, keeping
+  the completions in memory (no store), on the same client path as synth: `--client http` (default,
+  synth's fast path for a self-hosted server) a bare aiohttp session posting the same JSON bodies;
+  `--client openai` an `openai.AsyncOpenAI` client with the same keyword arguments as synth's. Timed
+  from just before the client library's import to the last response, because the stage's own timer
+  includes the same lazy import.
 - candidate, synth: `synth run p.yaml solutions` on a pipeline in a fresh temp workspace (a new store,
   so nothing is cached), after `synth run p.yaml problems` has loaded the seeds. Its throughput uses
   the stage's own `seconds` from the run row (synth.runs.counts), which covers building and hashing
@@ -51,6 +53,8 @@ TEMPLATE = 'user: "{{ question }}"\n'
 
 def raw_worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if spec["client"] == "http":
+        return raw_http_worker(spec)
     requests, p, concurrency = spec["requests"], spec["params"], spec["concurrency"]
     started = time.perf_counter()
     import asyncio
@@ -80,6 +84,41 @@ def raw_worker(spec_path: str) -> None:
             await asyncio.gather(*(worker() for _ in range(min(concurrency, len(requests)))))
         finally:
             await client.close()
+        return results
+
+    results = asyncio.run(main())
+    seconds = time.perf_counter() - started
+    errors = sum(isinstance(r, BaseException) for r in results)
+    print(json.dumps({"seconds": seconds, "import_s": imported - started, "done": len(results) - errors,
+                      "errors": errors}))
+
+
+def raw_http_worker(spec: dict) -> None:
+    """The bare aiohttp loop: one pooled session, C workers, the same JSON bodies as synth's fast path."""
+    requests, p, concurrency = spec["requests"], spec["params"], spec["concurrency"]
+    started = time.perf_counter()
+    import asyncio
+
+    import aiohttp
+    imported = time.perf_counter()
+
+    async def main() -> list:
+        url = spec["base_url"] + "/chat/completions"
+        todo = iter(requests)
+        results: list = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+            async def worker() -> None:
+                for r in todo:
+                    body = {k: v for k, v in {
+                        "messages": r["messages"], "model": spec["model"], "max_tokens": p.get("max_tokens"),
+                        "seed": r["seed"], "temperature": p.get("temperature"), "top_p": p.get("top_p")}.items()
+                        if v is not None}
+                    async with session.post(url, json=body, headers={"Authorization": "Bearer EMPTY"}) as resp:
+                        data = await resp.json()
+                        results.append(data["choices"][0]["message"]["content"] if resp.status == 200 else
+                                       RuntimeError(resp.status))
+
+            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(requests)))))
         return results
 
     results = asyncio.run(main())
@@ -190,7 +229,7 @@ def run_synth(args, rows: list[dict], base_url: str, model: str, n: int, work: P
         "store: out/run.duckdb\n"
         "teachers:\n"
         f"  srv: {{backend: openai, model: {json.dumps(model)}, base_url: {json.dumps(base_url)}, "
-        f"max_concurrency: {args.concurrency}}}\n"
+        f"max_concurrency: {args.concurrency}, client: {args.client}}}\n"
         "stages:\n"
         "  problems: {kind: load, path: seeds.jsonl}\n"
         f"  solutions: {{kind: generate, input: problems, teacher: srv, prompt: q, samples: {args.samples}, "
@@ -231,6 +270,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4, help="samples per seed row (the stage's `samples:`)")
     ap.add_argument("--server", choices=["stub", "transformers"], default="stub")
     ap.add_argument("--model", help="model directory for --server transformers")
+    ap.add_argument("--client", choices=["http", "openai"], default="http",
+                    help="synth's client path, and the matching raw loop: http = synth's fast path vs a bare "
+                         "aiohttp loop (the default for a self-hosted server); openai = both on the openai client")
     ap.add_argument("--keep", action="store_true", help="keep the temp workspaces (their stores) for inspection")
     ap.add_argument("--raw-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -248,12 +290,14 @@ def main() -> None:
     proc, base_url, model = start_server(args, work / "server.log")
     try:
         spec = {"base_url": base_url, "model": model, "concurrency": args.concurrency, "params": PARAMS,
+                "client": args.client,
                 "requests": [{"messages": [{"role": "user", "content": r["question"]}],
                               "seed": sample_seed(PARAMS.get("seed"), k)}
                              for r in rows for k in range(args.samples)]}
         spec_path = work / "raw.json"
         spec_path.write_text(json.dumps(spec))
-        where = f"{args.server} server" + (f", latency {args.latency_ms:g} ms" if args.server == "stub" else "")
+        where = f"{args.server} server" + (f", latency {args.latency_ms:g} ms" if args.server == "stub" else "") \
+            + f", client {args.client}"
         print(f"generate_overhead: {n} requests ({n_rows} rows x {args.samples} samples), concurrency "
               f"{args.concurrency}, {where}, {args.rounds} rounds", flush=True)
         raw_rps, synth_rps, synth_e2e_rps = [], [], []
@@ -261,7 +305,7 @@ def main() -> None:
             raw = run_raw(args, spec_path, base_url, n)
             raw_rps.append(n / raw["seconds"])
             print(f"round {i}  raw loop  {raw['seconds']:7.3f} s  {raw_rps[-1]:8.1f} req/s   "
-                  f"(import openai {raw['import_s']:.2f} s)", flush=True)
+                  f"(import {raw['import_s']:.2f} s)", flush=True)
             cand = run_synth(args, rows, base_url, model, n, work, args.keep)
             synth_rps.append(n / cand["seconds"])
             synth_e2e_rps.append(n / cand["wall"])

@@ -7,6 +7,7 @@ checked by synth/pipeline.py once the file's shape is valid.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -238,14 +239,15 @@ def read_pipeline_file(path: Path) -> PipelineFile:
         raise SynthError(_describe(path, text, data, exc)) from None
 
 
-def sql_keywords() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def sql_keywords() -> frozenset[str]:
     """DuckDB's reserved keywords (a stage named `unique` or `order` would need quoting everywhere)."""
     import duckdb
 
     con = duckdb.connect(":memory:")
     try:
-        return {r[0].lower() for r in con.execute("SELECT keyword_name FROM duckdb_keywords() "
-                                                  "WHERE keyword_category = 'reserved'").fetchall()}
+        return frozenset(r[0].lower() for r in con.execute("SELECT keyword_name FROM duckdb_keywords() "
+                                                           "WHERE keyword_category = 'reserved'").fetchall())
     finally:
         con.close()
 

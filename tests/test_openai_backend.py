@@ -25,6 +25,7 @@ teachers:
     max_concurrency: 4
     max_retries: {retries}
     timeout_s: 60
+    client: {client}
 stages:
   problems: {{kind: load, path: seeds.jsonl}}
   solutions:
@@ -54,16 +55,21 @@ def served(tiny_model, tmp_path_factory):
         stop_server(proc)
 
 
-def pipeline_file(workspace, tiny_model, base_url, retries=2):
-    return write(workspace / "pipeline.yaml", PIPELINE.format(model=tiny_model, base_url=base_url, retries=retries))
+def pipeline_file(workspace, tiny_model, base_url, retries=2, client="auto"):
+    return write(workspace / "pipeline.yaml", PIPELINE.format(model=tiny_model, base_url=base_url, retries=retries,
+                                                              client=client))
+
+
+CLIENTS = pytest.mark.parametrize("client", ["http", "openai"])  # the fast path and the official client
 
 
 def last_counts(store):
     return json.loads(query(store, "SELECT counts FROM synth.runs ORDER BY started_at DESC LIMIT 1")[0][0])
 
 
-def test_generate_through_transformers_serve(workspace, tiny_model, served):
-    pipeline = pipeline_file(workspace, tiny_model, served)
+@CLIENTS
+def test_generate_through_transformers_serve(workspace, tiny_model, served, client):
+    pipeline = pipeline_file(workspace, tiny_model, served, client=client)
     synth("run", pipeline, check=True)
     store = workspace / "out" / "run.duckdb"
     rows = query(store, "SELECT id, sample, teacher, model, text, finish_reason, prompt_tokens, completion_tokens "
@@ -76,12 +82,13 @@ def test_generate_through_transformers_serve(workspace, tiny_model, served):
     assert last_counts(store)["sent"] == 0
 
 
-def test_retries_honour_retry_after(workspace, tiny_model, served):
+@CLIENTS
+def test_retries_honour_retry_after(workspace, tiny_model, served, client):
     """Every request's first attempt is answered 429 with Retry-After: 1; all complete, no error rows,
     and no retry came sooner than the server asked."""
     rules = Rules(first_attempt_status=429, retry_after_s=1)
     with FaultProxy(served.removesuffix("/v1"), rules) as proxy:
-        pipeline = pipeline_file(workspace, tiny_model, proxy.base_url, retries=3)
+        pipeline = pipeline_file(workspace, tiny_model, proxy.base_url, retries=3, client=client)
         synth("run", pipeline, check=True)
     store = workspace / "out" / "run.duckdb"
     assert query(store, "SELECT count(*) FROM solutions")[0][0] == len(SEEDS) * 2
@@ -95,13 +102,14 @@ def test_retries_honour_retry_after(workspace, tiny_model, served):
     assert len(first) == len(SEEDS) * 2
 
 
-def test_failed_requests_become_error_rows_and_rerun_retries_them(workspace, tiny_model, served):
+@CLIENTS
+def test_failed_requests_become_error_rows_and_rerun_retries_them(workspace, tiny_model, served, client):
     """Requests for one input always get 500: after the retry budget they are error rows with their
     cause, the run exits 1, `synth status` counts them; once the server heals, a re-run sends only them."""
     rules = Rules(fail_marker="Q5:")
     store = workspace / "out" / "run.duckdb"
     with FaultProxy(served.removesuffix("/v1"), rules) as proxy:
-        pipeline = pipeline_file(workspace, tiny_model, proxy.base_url, retries=1)
+        pipeline = pipeline_file(workspace, tiny_model, proxy.base_url, retries=1, client=client)
         first = synth("run", pipeline)
         assert first.returncode == 1, first.stderr
         assert "re-run retries" in first.stderr
@@ -125,7 +133,7 @@ def test_failed_requests_become_error_rows_and_rerun_retries_them(workspace, tin
 
 def test_missing_api_key_env_is_one_line(workspace, tiny_model):
     pipeline = write(workspace / "pipeline.yaml", PIPELINE.format(
-        model="gpt-x", base_url="http://127.0.0.1:9/v1", retries=0).replace(
+        model="gpt-x", base_url="http://127.0.0.1:9/v1", retries=0, client="auto").replace(
         "max_concurrency: 4", "max_concurrency: 4\n    api_key_env: SYNTH_TEST_NO_SUCH_KEY"))
     proc = synth("run", pipeline, env=cli_env())
     assert proc.returncode == 2

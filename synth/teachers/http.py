@@ -66,10 +66,16 @@ class HTTPClient:
         body = json.dumps(request_body(model, request), ensure_ascii=False).encode()
         started = time.monotonic()
         try:
-            async for attempt in AsyncRetrying(retry=retry_if_exception_type(_Retryable), wait=_wait,
-                                               stop=stop_after_attempt(self.config.max_retries + 1), reraise=True):
-                with attempt:
-                    data = await self._post(body)
+            try:
+                data = await self._post(body)  # the common case, without the retry machinery's per-call cost
+            except _Retryable as first:
+                if self.config.max_retries == 0:
+                    raise
+                await asyncio.sleep(_wait_after(first, 1))
+                async for attempt in AsyncRetrying(retry=retry_if_exception_type(_Retryable), wait=_wait,
+                                                   stop=stop_after_attempt(self.config.max_retries), reraise=True):
+                    with attempt:
+                        data = await self._post(body)
         except (_Retryable, _Final) as exc:
             return Completion(request.id, error=exc.cause, error_message=str(exc)[:500],
                               latency_s=time.monotonic() - started)
@@ -91,7 +97,7 @@ class HTTPClient:
             async with self.session.post(self.url, data=body, headers=self.headers) as resp:
                 raw = await resp.read()
                 status = resp.status
-                retry_after = _retry_after(resp.headers)
+                retry_after = None if status == 200 else _retry_after(resp.headers)
         except asyncio.TimeoutError:
             raise _Retryable("timeout", f"no response within {self.config.timeout_s:g}s") from None
         except aiohttp.ClientError as exc:
@@ -129,9 +135,14 @@ def _retry_after(headers) -> float | None:
 
 
 def _wait(state) -> float:
-    """Retry-After when the server sent one, else exponential backoff with jitter (0.5 s, 1 s, 2 s ... 8 s)."""
+    """tenacity's wait for retry k (the first retry was attempt 1's, in complete())."""
     exc = state.outcome.exception() if state.outcome else None
+    return _wait_after(exc, state.attempt_number + 1)
+
+
+def _wait_after(exc, failed_attempts: int) -> float:
+    """Retry-After when the server sent one, else exponential backoff with jitter (0.5 s, 1 s, 2 s ... 8 s)."""
     if isinstance(exc, _Retryable) and exc.retry_after is not None:
         return exc.retry_after
-    base = min(0.5 * 2 ** (state.attempt_number - 1), 8.0)
+    base = min(0.5 * 2 ** (failed_attempts - 1), 8.0)
     return base * (0.75 + random.random() * 0.5)
