@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections import Counter
 
 import pytest
 
@@ -141,3 +142,39 @@ def test_missing_api_key_env_is_one_line(workspace, tiny_model):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("synth: error: ") and "SYNTH_TEST_NO_SUCH_KEY" in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+@CLIENTS
+def test_thirty_percent_faults_lose_nothing(workspace, tiny_model, served, client):
+    """>=500 requests through a proxy that answers 30% of attempts with 429 (Retry-After), 500, a
+    response slower than the timeout, truncated JSON or a dropped connection. The run completes; in
+    it every request ends as exactly one completion or one error row with its cause; a re-run with
+    the faults gone turns the errors into completions; nothing is duplicated."""
+    rows = 130
+    write(workspace / "seeds.jsonl", "".join(json.dumps({"question": f"Q{i}: what is {i} + {i + 1}?"}) + "\n"
+                                             for i in range(rows)))
+    text = PIPELINE.replace("samples: 2", "samples: 4").replace("max_tokens: 8", "max_tokens: 2") \
+                   .replace("max_concurrency: 4", "max_concurrency: 16").replace("timeout_s: 60", "timeout_s: 3")
+    rules = Rules(fault_rate=0.3, retry_after_s=0.5, slow_s=4, seed=1)
+    store = workspace / "out" / "run.duckdb"
+    total = rows * 4
+    with FaultProxy(served.removesuffix("/v1"), rules) as proxy:
+        pipeline = write(workspace / "pipeline.yaml", text.format(model=tiny_model, base_url=proxy.base_url,
+                                                                  retries=2, client=client))
+        first = synth("run", pipeline, timeout=900)
+        assert first.returncode in (0, 1) and "Traceback" not in first.stderr, first.stderr[-3000:]
+        first_run = query(store, "SELECT id FROM synth.runs ORDER BY started_at DESC LIMIT 1")[0][0]
+        done = {r[0] for r in query(store, f"SELECT id FROM synth.completions WHERE run_id = '{first_run}'")}
+        errors = query(store, f"SELECT request_id, cause FROM synth.errors WHERE run_id = '{first_run}'")
+        failed = [r[0] for r in errors]
+        print(f"\n{client}: {total} requests, {len(rules.attempts)} attempts, faults {rules.faults}; "
+              f"{len(done)} completions, {len(failed)} errors {dict(Counter(c for _, c in errors))}")
+        assert len(failed) == len(set(failed)) and not (set(failed) & done)
+        assert len(done) + len(failed) == total
+        assert {c for _, c in errors} <= {"rate_limit", "server_error", "timeout", "connection", "malformed_response"}, errors
+        assert sum(rules.faults.values()) >= 0.2 * len(rules.attempts)
+        rules.fault_rate = 0.0  # the faults go away
+        synth("run", pipeline, timeout=900, check=True)
+    assert query(store, "SELECT count(*), count(DISTINCT id) FROM solutions")[0] == (total, total)
+    last = json.loads(query(store, "SELECT counts FROM synth.runs ORDER BY started_at DESC LIMIT 1")[0][0])
+    assert last["sent"] == len(failed)

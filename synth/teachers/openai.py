@@ -119,6 +119,12 @@ class OpenAITeacher:
         except openai.APIError as exc:
             return Completion(request.id, error=error_cause(exc), error_message=_short(exc),
                               latency_s=time.monotonic() - started)
+        except ValueError as exc:  # a 200 whose body is not the JSON it claims (json.JSONDecodeError)
+            return Completion(request.id, error="malformed_response", error_message=_short(exc),
+                              latency_s=time.monotonic() - started)
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not end the stage
+            return Completion(request.id, error="client_error", error_message=f"{type(exc).__name__}: {_short(exc)}",
+                              latency_s=time.monotonic() - started)
         latency = time.monotonic() - started
         try:
             choice = response.choices[0]
