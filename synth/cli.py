@@ -59,12 +59,15 @@ PIPELINE = click.argument("pipeline", type=click.Path(path_type=Path))
 @PIPELINE
 @click.argument("stages", nargs=-1)
 @click.option("--force", is_flag=True, help="Run the named stages even if they are up to date.")
-def run(pipeline: Path, stages: tuple[str, ...], force: bool) -> None:
+@click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), default=None, metavar="USD",
+              help="Stop generating (resumably) once this run has spent this much at the teachers' prices.")
+def run(pipeline: Path, stages: tuple[str, ...], force: bool, max_cost: float | None) -> None:
     """Run the stale stages of PIPELINE (or the named STAGES and what they read), in DAG order."""
     from synth.pipeline import load_pipeline, run as run_pipeline
 
     p = load_pipeline(pipeline)
-    counts = run_pipeline(p, list(stages) or None, force=force, argv=sys.argv[1:], console=_err_console())
+    counts = run_pipeline(p, list(stages) or None, force=force, argv=sys.argv[1:], console=_err_console(),
+                          max_cost=max_cost)
     click.echo(f"run {counts['run_id']}: {len(counts['stages_run'])} stages run, {counts['sent']} requests sent, "
                f"{counts['cached']} cached, {counts['errors']} errors", err=True)
     if counts.get("stopped_at_budget"):

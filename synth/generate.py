@@ -170,7 +170,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                                         "c.completion_tokens), 0) FROM synth.generations g JOIN synth.completions c "
                                         "USING (id) WHERE g.stage = ?", [name])
 
-    budget = Budget(stage, pipeline.spec.teachers[stage.teacher].prices, spent_in, spent_out)
+    budget = Budget(stage, pipeline.spec.teachers[stage.teacher].prices, spent_in, spent_out, pipeline.run_budget)
     pending = [r for r in planned.requests if r.id not in cached]
     if pending and budget.reached():
         console.print(f"  {name}: at its budget before sending anything ({budget.describe()})")
@@ -263,14 +263,16 @@ class Budget:
     """A generate stage's spend against its max_cost / max_tokens_total, counting every completion the
     stage has (earlier runs included), so raising the budget and re-running continues where it stopped."""
 
-    def __init__(self, stage: GenerateStage, prices, prompt_tokens: int, completion_tokens: int):
-        self.stage, self.prices = stage, prices
+    def __init__(self, stage: GenerateStage, prices, prompt_tokens: int, completion_tokens: int, run=None):
+        self.stage, self.prices, self.run = stage, prices, run  # run: the run's RunBudget (`synth run --max-cost`)
         self.prompt_tokens, self.completion_tokens = int(prompt_tokens), int(completion_tokens)
         self.stopped = False
 
     def add(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
         self.prompt_tokens += prompt_tokens or 0
         self.completion_tokens += completion_tokens or 0
+        if self.run is not None and self.prices is not None:
+            self.run.spent += self.prices.cost(prompt_tokens, completion_tokens)
 
     def cost(self) -> float | None:
         return self.prices.cost(self.prompt_tokens, self.completion_tokens) if self.prices else None
@@ -278,6 +280,8 @@ class Budget:
     def reached(self) -> bool:
         s = self.stage
         if s.max_cost is not None and self.prices is not None and self.cost() >= s.max_cost:
+            return True
+        if self.run is not None and self.run.spent >= self.run.max_cost:
             return True
         return s.max_tokens_total is not None and self.prompt_tokens + self.completion_tokens >= s.max_tokens_total
 
@@ -288,7 +292,16 @@ class Budget:
         if self.stage.max_tokens_total is not None:
             parts.append(f"{self.prompt_tokens + self.completion_tokens:,} of max_tokens_total "
                          f"{self.stage.max_tokens_total:,} tokens")
+        if self.run is not None:
+            parts.append(f"this run ${self.run.spent:,.4f} of --max-cost ${self.run.max_cost:g}")
         return ", ".join(parts) or "no budget"
+
+
+@dataclass
+class RunBudget:
+    """`synth run --max-cost`: what the generate stages of this run may spend together (USD)."""
+    max_cost: float
+    spent: float = 0.0
 
 
 def _membership(stage: str, teacher: str, requests: list[Request], input_ids: dict[str, str],

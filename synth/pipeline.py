@@ -43,6 +43,7 @@ class Pipeline:
     seeds: dict[str, Seeds] = field(default_factory=dict)  # load stage -> its rows
     columns: dict[str, list[str]] = field(default_factory=dict)  # row-producing stage -> its columns
     trained: dict[str, str] = field(default_factory=dict)  # train stage -> the model dir of its last finished run
+    run_budget: object = None  # generate.RunBudget while a `synth run --max-cost` runs
 
     @property
     def base_dir(self) -> Path:
@@ -346,7 +347,7 @@ def plan(pipeline: Pipeline, targets: list[str] | None = None) -> list[dict]:
 
 
 def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = False, argv: list[str] | None = None,
-        console: Console | None = None) -> dict:
+        console: Console | None = None, max_cost: float | None = None) -> dict:
     """Run every stale stage among the targets (default: all) and their upstream, in DAG order.
     Records one run row. Returns the run's counts."""
     from synth import evaluate, export, filters, generate, pairs
@@ -357,6 +358,14 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
             raise SynthError(f"{pipeline.path}: no stage named {t!r} (stages: {', '.join(pipeline.order)})")
     names = pipeline.upstream(targets) if targets else pipeline.order
     check_teachers(pipeline, names)
+    if max_cost is not None:
+        from synth.generate import RunBudget
+        unpriced = sorted({pipeline.stage(n).teacher for n in names if isinstance(pipeline.stage(n), GenerateStage)
+                           and pipeline.spec.teachers[pipeline.stage(n).teacher].prices is None})
+        if unpriced:
+            raise SynthError(f"--max-cost: teacher {unpriced[0]!r} has no prices; add prices: {{input: USD per 1M "
+                             "tokens, output: USD per 1M tokens}} to it, or run without --max-cost")
+        pipeline.run_budget = RunBudget(max_cost)
     store = pipeline.store
     run_id = store.start_run("run", argv or sys.argv[1:], str(pipeline.path),
                              pipeline.spec.model_dump(mode="json"))

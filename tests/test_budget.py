@@ -71,3 +71,18 @@ def test_max_cost_needs_prices(workspace):
     text = pipeline_text("http://127.0.0.1:9/v1", 1).replace(",\n         prices: {input: 1000, output: 2000}", "")
     proc = synth("run", write(workspace / "pipeline.yaml", text))
     assert proc.returncode == 2 and "has no prices" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_level_max_cost(workspace):
+    """`synth run --max-cost` caps what the whole run spends; a later run without it finishes."""
+    write(workspace / "questions.jsonl", "".join(json.dumps({"id": f"q{i}", "question": f"Q{i}: what is it?"})
+                                                  + "\n" for i in range(ROWS)))
+    store = workspace / "out" / "run.duckdb"
+    with ScriptedTeacher(p=1.0) as teacher:
+        pipeline = write(workspace / "pipeline.yaml", pipeline_text(teacher.base_url, 100))
+        first = synth("run", pipeline, "--max-cost", "0.3")
+        assert first.returncode == 1 and "--max-cost" in first.stderr, first.stderr
+        saved = query(store, "SELECT count(*) FROM solutions")[0][0]
+        assert 15 <= saved <= 15 + 12 and teacher.requests == saved
+        synth("run", pipeline, check=True)
+        assert teacher.requests == ROWS * SAMPLES
