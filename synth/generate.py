@@ -6,7 +6,10 @@ Contract (DESIGN.md, "Data model"):
   re-run sends nothing and an edited template re-sends only the rows whose messages changed;
 - completions are committed in short transactions as they arrive (every SYNTH_FLUSH_ROWS rows or
   SYNTH_FLUSH_SECONDS seconds), so `kill -9` loses at most the batch in flight and a re-run continues;
-- a failed request is an error row with its cause; a re-run retries it.
+- a failed request is an error row with its cause; a re-run retries it;
+- budgets (the stage's max_cost / max_tokens_total, `synth run --max-cost`) stop a stage cleanly:
+  the teacher takes no new requests, the ones in flight are kept, and a re-run with a larger budget
+  continues (Budget, RunBudget below).
 
 The stage's output is a view named after the stage over synth.generations (membership and parsed
 columns), synth.completions, synth.requests and the input stage's rows: it fills in live as
