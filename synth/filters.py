@@ -24,7 +24,8 @@ from synth.config import DecontaminateStage, DedupStage, FilterStage, JudgeStage
 from synth.errors import SynthError
 from synth.ids import content_hash
 from synth.paths import builtin_dir
-from synth.store import Store, fetch_one, now, quote_ident
+from synth.load import file_fingerprint
+from synth.store import Store, fetch_one, now, quote_ident, sql_str
 from synth.verdicts import Verdict
 
 VERDICT_COLUMNS = ["passed", "score", "reason"]
@@ -54,7 +55,7 @@ def filter_version(pipeline, name: str) -> str:
     if isinstance(stage, FilterStage) and stage.use:
         parts["file"] = content_hash(filter_path(pipeline, name).read_text(encoding="utf-8"))
     if isinstance(stage, DecontaminateStage):
-        parts["against"] = {f: _file_hash(pipeline.resolve(f)) for f in stage.against}
+        parts["against"] = {f: file_fingerprint(pipeline.resolve(f)) for f in stage.against}
     return content_hash(parts)
 
 
@@ -66,16 +67,6 @@ def filter_path(pipeline, name: str) -> Path:
                          f"{pipeline.base_dir / 'filters' / stage.use}.sql|.py and the built-ins "
                          f"({', '.join(builtin_filters()) or 'none'})")
     return path
-
-
-def _file_hash(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:32]
 
 
 def validate(pipeline, name: str, input_columns: list[str]) -> None:
@@ -107,16 +98,7 @@ def validate(pipeline, name: str, input_columns: list[str]) -> None:
                 raise SynthError(f"{where}: key 'reference': method {stage.method} needs the column with "
                                  "the reference answer")
             need("reference", stage.reference)
-        if stage.extract == "regex" and not stage.pattern:
-            raise SynthError(f"{where}: key 'pattern': extract regex needs a pattern")
-        if stage.extract == "json" and not stage.field:
-            raise SynthError(f"{where}: key 'field': extract json needs the field to read")
-        if stage.pattern:
-            import re
-            try:
-                re.compile(stage.pattern)
-            except re.error as exc:
-                raise SynthError(f"{where}: key 'pattern': not a valid regular expression ({exc})") from None
+        check_extract(where, stage.extract, stage.pattern, stage.field)
     elif isinstance(stage, JudgeStage):
         if stage.mode == "pairwise":
             need("group_by", stage.group_by)
@@ -139,6 +121,21 @@ def validate(pipeline, name: str, input_columns: list[str]) -> None:
             path = filter_path(pipeline, name)
             if path.suffix == ".sql" and stage.args:
                 raise SynthError(f"{where}: key 'args': {path.name} is a SQL filter; args are for .py filters")
+
+
+def check_extract(where: str, extract: str, pattern: str | None, field: str | None, prefix: str = "") -> None:
+    """The answer-extraction keys of a verify stage (or of an evaluate stage's `verify:`, prefix
+    "verify."): regex needs a valid pattern, json a field."""
+    if extract == "regex" and not pattern:
+        raise SynthError(f"{where}: key '{prefix}pattern': extract regex needs a pattern")
+    if extract == "json" and not field:
+        raise SynthError(f"{where}: key '{prefix}field': extract json needs the field to read")
+    if pattern:
+        import re
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise SynthError(f"{where}: key '{prefix}pattern': not a valid regular expression ({exc})") from None
 
 
 # ---- running a filter stage ------------------------------------------------------------------------
@@ -200,7 +197,7 @@ def create_view(con, pipeline, name: str) -> None:
     stage = pipeline.stage(name)
     src = quote_ident(stage.input)
     if isinstance(stage, KeepStage):
-        stages = ", ".join(_sql_str(s) for s in stage.pass_)
+        stages = ", ".join(sql_str(s) for s in stage.pass_)
         if stage.strict:
             cond = (f"(SELECT count(*) FROM synth.verdicts v WHERE v.row_id = CAST(i.id AS VARCHAR) AND v.stage IN "
                     f"({stages}) AND v.passed) = {len(set(stage.pass_))}")
@@ -211,7 +208,7 @@ def create_view(con, pipeline, name: str) -> None:
         return
     Store.replace_view(con, name, (
         f"SELECT i.*, v.passed, v.score, v.reason FROM {src} i JOIN synth.verdicts v "
-        f"ON v.row_id = CAST(i.id AS VARCHAR) AND v.stage = {_sql_str(name)}"))
+        f"ON v.row_id = CAST(i.id AS VARCHAR) AND v.stage = {sql_str(name)}"))
 
 
 def run_keep(pipeline, name: str, run_id: str, console: Console) -> dict:
@@ -289,7 +286,7 @@ def _sql_filter(pipeline, name: str, source: str, expr: str, label: str) -> pa.T
     expr = expr.strip().rstrip(";")
     sql = (f"SELECT CAST(id AS VARCHAR) AS row_id, coalesce(ok, false) AS passed, "
            f"CASE WHEN ok THEN 1.0 ELSE 0.0 END AS score, "
-           f"CASE WHEN ok THEN NULL WHEN ok IS NULL THEN {_sql_str(label + ':null')} ELSE {_sql_str(label)} END AS reason, "
+           f"CASE WHEN ok THEN NULL WHEN ok IS NULL THEN {sql_str(label + ':null')} ELSE {sql_str(label)} END AS reason, "
            f"NULL::VARCHAR AS details FROM (SELECT id, CAST((\n{expr}\n) AS BOOLEAN) AS ok FROM {source})")
     with pipeline.store.read() as con:
         try:
@@ -341,7 +338,3 @@ def _as_verdict(result, label: str, path: Path) -> Verdict:
             raise SynthError(f"{path}: judge returned score {result[2]!r}; a score is a number") from None
         return Verdict.ok(score) if ok else Verdict.fail(str(reason or label), score)
     raise SynthError(f"{path}: judge returned {result!r}; return a bool, (bool, reason) or (bool, reason, score)")
-
-
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"

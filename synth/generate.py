@@ -31,7 +31,7 @@ from synth.config import GenerateStage, LoadStage
 from synth.errors import SynthError
 from synth.ids import prompt_id, request_id
 from synth.parsers import PARSER_COLUMNS, PARSERS
-from synth.store import fetch_one, Store, now, quote_ident
+from synth.store import fetch_one, Store, now, quote_ident, sql_str
 from synth.teachers import Completion, Request, load_teacher
 
 CHARS_PER_TOKEN = 4.0  # token estimate without a tokenizer: ~4 characters per token for English text
@@ -131,7 +131,7 @@ def estimate(pipeline, name: str, statuses) -> dict:
     prompt_chars = sum(len(m["content"]) for r in to_send for m in r.messages)
     est_prompt = int(prompt_chars / CHARS_PER_TOKEN)
     max_completion = len(to_send) * stage.params.max_tokens
-    prices = pipeline.spec.teachers[stage.teacher].prices
+    prices = pipeline.prices(name)
     # at most: every request is assumed to use its whole max_tokens
     return {"requests": len(planned.requests), "cached": len(cached), "to_send": len(to_send),
             "est_prompt_tokens": est_prompt, "max_completion_tokens": max_completion,
@@ -173,7 +173,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                                         "c.completion_tokens), 0) FROM synth.generations g JOIN synth.completions c "
                                         "USING (id) WHERE g.stage = ?", [name])
 
-    budget = Budget(stage, pipeline.spec.teachers[stage.teacher].prices, spent_in, spent_out, pipeline.run_budget)
+    budget = Budget(stage, pipeline.prices(name), spent_in, spent_out, pipeline.run_budget)
     pending = [r for r in planned.requests if r.id not in cached]
     if pending and budget.reached():
         console.print(f"  {name}: at its budget before sending anything ({budget.describe()})")
@@ -344,15 +344,11 @@ def _create_view(con, pipeline, name: str) -> None:
     own = GENERATION_COLUMNS + parsed_cols
     select = ["g.id", "g.input_id", "g.sample", "g.teacher", "r.model", "c.text", "c.finish_reason",
               "c.prompt_tokens", "c.completion_tokens"]
-    select += [f"json_extract_string(g.parsed, {_sql_str('$.' + json.dumps(k))}) AS {quote_ident(k)}"
+    select += [f"json_extract_string(g.parsed, {sql_str('$.' + json.dumps(k))}) AS {quote_ident(k)}"
                for k in parsed_cols]
     select += [f"i.{quote_ident(c)} AS {quote_ident(input_alias(c, own))}"
                for c in pipeline.columns[stage.input] if c != "id"]
     Store.replace_view(con, name, (
         f"SELECT {', '.join(select)} FROM synth.generations g "
         "JOIN synth.completions c ON c.id = g.id JOIN synth.requests r ON r.id = g.id "
-        f"LEFT JOIN {quote_ident(stage.input)} i ON i.id = g.input_id WHERE g.stage = {_sql_str(name)}"))
-
-
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+        f"LEFT JOIN {quote_ident(stage.input)} i ON i.id = g.input_id WHERE g.stage = {sql_str(name)}"))

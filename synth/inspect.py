@@ -96,8 +96,7 @@ def status_rows(pipeline) -> list[dict]:
                 counts[r[0]] = {"requests": r[1], "done": r[2], "failed": r[3], "pending": r[1] - r[2] - r[3],
                                 "completion_tokens": int(r[4]), "prompt_tokens": int(r[5])}
     for name, c in counts.items():  # spend: the stage's tokens at its teacher's prices, when it has them
-        stage = pipeline.spec.stages.get(name)
-        prices = getattr(pipeline.spec.teachers.get(getattr(stage, "teacher", None)), "prices", None)
+        prices = pipeline.prices(name)
         c["cost"] = prices.cost(c["prompt_tokens"], c["completion_tokens"]) if prices else None
     rows = []
     for name in pipeline.order:
@@ -275,8 +274,7 @@ def stats_rows(pipeline) -> list[dict]:
 def _cost_per_kept(con, pipeline, name: str, kept: int) -> float | None:
     """What the generation behind a keep stage cost (all its samples, kept or not) per kept row."""
     root = pipeline.root(name)
-    stage = pipeline.stage(root)
-    prices = getattr(pipeline.spec.teachers.get(getattr(stage, "teacher", None)), "prices", None)
+    prices = pipeline.prices(root)
     if prices is None or not kept:
         return None
     tokens_in, tokens_out = fetch_one(con, "SELECT coalesce(sum(c.prompt_tokens), 0), coalesce(sum(c.completion_tokens), 0) "

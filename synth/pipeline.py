@@ -104,6 +104,11 @@ class Pipeline:
     def fingerprint(self, name: str) -> str:
         return content_hash(self.fingerprint_parts(name))
 
+    def prices(self, stage_name: str):
+        """The prices of the teacher a stage generates with, or None (no teacher, or no prices)."""
+        teacher = getattr(self.spec.stages.get(stage_name), "teacher", None)
+        return self.spec.teachers[teacher].prices if teacher in self.spec.teachers else None
+
     def teacher(self, name: str):
         """A teacher's config; for a train stage's model, with the directory its last finished run wrote
         (read from the store when the pipeline is loaded, updated when a train stage finishes)."""
@@ -186,17 +191,8 @@ def load_pipeline(path: Path) -> Pipeline:
             v = stage.verify
             if len(set(stage.models)) != len(stage.models):
                 raise SynthError(f"{where(name, 'models')}: key 'models': a model is listed twice")
-            if v.extract == "regex":
-                import re
-                try:
-                    re.compile(v.pattern or "")
-                except re.error as exc:
-                    raise SynthError(f"{where(name, 'verify')}: key 'verify.pattern': not a valid regular "
-                                     f"expression ({exc})") from None
-                if not v.pattern:
-                    raise SynthError(f"{where(name, 'verify')}: key 'verify.pattern': extract regex needs a pattern")
-            if v.extract == "json" and not v.field:
-                raise SynthError(f"{where(name, 'verify')}: key 'verify.field': extract json needs the field to read")
+            from synth.filters import check_extract
+            check_extract(where(name, "verify"), v.extract, v.pattern, v.field, prefix="verify.")
             if v.reference not in pipeline.columns[stage.input]:
                 raise SynthError(f"{where(name, 'verify')}: key 'verify.reference': the input has no column "
                                  f"{v.reference!r} (its columns: {', '.join(pipeline.columns[stage.input])})")

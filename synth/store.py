@@ -94,6 +94,11 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def sql_str(value: str) -> str:
+    """A SQL string literal (for DDL such as view definitions, where parameters cannot be bound)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def fetch_one(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> tuple | None:
     """First row of a query, or None. Fetches the whole result: DuckDB 2.0 refuses the next statement
     on a connection whose last result was not read to the end."""
