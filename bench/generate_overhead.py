@@ -86,7 +86,11 @@ def raw_worker(spec_path: str) -> None:
             await client.close()
         return results
 
-    results = asyncio.run(main())
+    report(started, imported, asyncio.run(main()))
+
+
+def report(started: float, imported: float, results: list) -> None:
+    """A raw worker's result line: seconds from before the client import to the last answer."""
     seconds = time.perf_counter() - started
     errors = sum(isinstance(r, BaseException) for r in results)
     print(json.dumps({"seconds": seconds, "import_s": imported - started, "done": len(results) - errors,
@@ -121,11 +125,7 @@ def raw_http_worker(spec: dict) -> None:
             await asyncio.gather(*(worker() for _ in range(min(concurrency, len(requests)))))
         return results
 
-    results = asyncio.run(main())
-    seconds = time.perf_counter() - started
-    errors = sum(isinstance(r, BaseException) for r in results)
-    print(json.dumps({"seconds": seconds, "import_s": imported - started, "done": len(results) - errors,
-                      "errors": errors}))
+    report(started, imported, asyncio.run(main()))
 
 
 # ---- the server --------------------------------------------------------------------------------
