@@ -50,12 +50,15 @@ class GenerateStage(_Stage):
 
 
 class ExportStage(_Stage):
-    """Training data in TRL's conversational formats: sft (a generate or keep stage's rows) or dpo (a
-    pairs stage's pairs)."""
+    """Training data in TRL's conversational formats: sft (a generate or keep stage's rows, or a load
+    stage's rows with `prompt` and `response`) or dpo (a pairs stage's pairs)."""
     kind: Literal["export"]
     input: str
     format: Literal["sft", "dpo"] = "sft"
     path: str
+    prompt: str | None = Field(None, description="input is a load stage: the template that renders each "
+                                                 "row's prompt turns (a dataset with its own answers)")
+    response: str | None = Field(None, description="with prompt: the input column that is the assistant turn")
     system: bool = Field(True, description="keep the template's system message")
     few_shot: bool = Field(False, description="keep the template's few-shot turns")
     target: Literal["text", "answer", "both"] = Field(
@@ -191,6 +194,8 @@ class TrainStage(_Stage):
     student: str | None = Field(None, description="the base model: a teacher's name, a local dir or a hub id")
     init: str | None = Field(None, description="a train stage to start from (dpo after sft)")
     recipe: str = Field(description="a YAML file of TRL config fields (train/*.yaml), relative to the pipeline")
+    batch_size: int = Field(16, ge=1, description="when the trained model generates (as a teacher, or in an "
+                                                   "evaluate stage): requests per batch")
 
 
 FILTER_KINDS = ("verify", "vote", "judge", "dedup", "decontaminate", "filter")

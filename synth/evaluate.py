@@ -90,15 +90,23 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
 def summary(con, name: str, models: list[str] | None = None) -> list[dict]:
     """Per model (in `models` order, else by name): n, correct, accuracy, 95% Wilson interval, mean
     completion tokens — computed from the per-row results in synth.evaluations."""
-    from scipy.stats import binomtest
-
     out = []
     found = con.execute("SELECT model, count(*), count(*) FILTER (WHERE passed), avg(completion_tokens) "
                         "FROM synth.evaluations WHERE stage = ? GROUP BY model ORDER BY model", [name]).fetchall()
     order = {m: i for i, m in enumerate(models or [])}
     for model, n, correct, tokens in sorted(found, key=lambda r: (order.get(r[0], len(order)), r[0])):
-        ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson") if n else None
+        low, high = wilson(correct, n)
         out.append({"model": model, "n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
-                    "ci_low": ci.low if ci else 0.0, "ci_high": ci.high if ci else 0.0,
+                    "ci_low": low, "ci_high": high,
                     "mean_output_tokens": float(tokens) if tokens is not None else None})
     return out
+
+
+def wilson(correct: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of correct/n (scipy); (0, 0) when n is 0."""
+    from scipy.stats import binomtest
+
+    if not n:
+        return 0.0, 0.0
+    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)

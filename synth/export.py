@@ -4,7 +4,9 @@
     {"id": <chosen id>:<rejected id>, "prompt": [turns], "chosen": [assistant turn], "rejected": [...]}
 with the chosen sample's prompt turns (trimmed like sft's).
 
-`format: sft` writes TRL's conversational format, one row per completion:
+`format: sft` writes TRL's conversational format, one row per completion (or, from a load stage
+with `prompt` and `response`, one per dataset row: the template renders the prompt turns and the
+response column is the assistant turn — supervised data that no teacher wrote):
     {"id": <request id>, "messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
 The prompt turns are the rendered messages that were sent (system kept unless `system: false`,
 few-shot turns dropped unless `few_shot: true`), and the assistant turn is the teacher's text
@@ -59,6 +61,15 @@ def run_stage(pipeline, name: str, run_id: str) -> dict:
                 "WHERE s.chosen_text IS NOT NULL AND s.rejected_text IS NOT NULL ORDER BY s.input_id, s.id").fetchall()
         records = [dpo_record(rid, json.loads(msgs), chosen, rejected, system=stage.system, few_shot=stage.few_shot)
                    for rid, msgs, chosen, rejected in rows]
+    elif stage.prompt:  # a dataset's own rows: the template renders the prompt, a column is the response
+        template = pipeline.templates[name]
+        with pipeline.store.read() as con:
+            cur = con.execute(f"SELECT * FROM {quote_ident(stage.input)} ORDER BY id")
+            columns = [d[0] for d in cur.description]
+            rows = [dict(zip(columns, r)) for r in cur.fetchall()]
+        records = [rec for row in rows for rec in sft_records(
+            str(row["id"]), template.render(row, pipeline.where(name)), str(row[stage.response]),
+            None if row.get(stage.answer) is None else str(row[stage.answer]), stage)]
     else:
         answer = quote_ident(stage.answer) if stage.target != "text" else "NULL"
         with pipeline.store.read() as con:

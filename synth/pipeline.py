@@ -74,11 +74,14 @@ class Pipeline:
 
     def fingerprint_parts(self, name: str) -> dict[str, str]:
         stage = self.stage(name)
-        # budgets are not part of what a stage computes: raising one only lets an incomplete stage go on
+        # budgets are not part of what a stage computes: raising one only lets an incomplete stage go on;
+        # nor is a train stage's batch_size, which is how its model generates later
         parts = {"config": content_hash(stage.model_dump(mode="json", exclude={"description", "max_cost",
-                                                                                "max_tokens_total"}))}
+                                                                                "max_tokens_total", "batch_size"}))}
         if isinstance(stage, LoadStage):
             parts["file"] = self.seeds[name].file_hash
+        if isinstance(stage, ExportStage) and stage.prompt:
+            parts["prompt"] = self.templates[name].file_hash
         if isinstance(stage, GenerateStage):
             parts["prompt"] = self.templates[name].file_hash
             teacher = self.teacher(stage.teacher)
@@ -89,8 +92,11 @@ class Pipeline:
         if isinstance(stage, TrainStage):
             parts["recipe"] = content_hash(self.resolve(stage.recipe).read_text(encoding="utf-8"))
             if stage.student:
-                parts["student"] = content_hash(self.spec.teachers[stage.student].model
-                                                if stage.student in self.spec.teachers else stage.student)
+                from synth.teachers import model_signature
+                model = (self.spec.teachers[stage.student].model if stage.student in self.spec.teachers
+                         else stage.student)
+                # a local base model rebuilt with another config or tokenizer retrains the stage
+                parts["student"] = content_hash({"model": model, "files": model_signature(model, self.base_dir)})
         for inp in _inputs(stage):
             parts[f"input:{inp}"] = self.fingerprint(inp)
         return parts
@@ -204,9 +210,7 @@ def load_pipeline(path: Path) -> Pipeline:
             pipeline.columns[name] = ["model", "id", "input_id", "sample", "passed", "reason", "answer",
                                       "completion_tokens"]
         elif isinstance(stage, ExportStage):
-            if stage.format == "sft" and spec.stages[pipeline.root(stage.input)].kind != "generate":
-                raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports generated rows; "
-                                 f"{stage.input!r} carries {pipeline.root(stage.input)!r}'s rows")
+            _check_export_source(pipeline, name, where)
             out = pipeline.resolve(stage.path)
             if out.suffix == "":
                 import importlib.util
@@ -227,6 +231,34 @@ def load_pipeline(path: Path) -> Pipeline:
         pipeline.trained = {n: st["detail"]["model_dir"] for n, st in pipeline.store.stage_states().items()
                             if st["kind"] == "train" and st["status"] == "done" and st["detail"].get("model_dir")}
     return pipeline
+
+
+def _check_export_source(pipeline: Pipeline, name: str, where) -> None:
+    """sft exports generated rows, or a load stage's own rows rendered with `prompt` (+ `response`)."""
+    stage: ExportStage = pipeline.stage(name)
+    root_kind = pipeline.spec.stages[pipeline.root(stage.input)].kind
+    if stage.format == "dpo":
+        if stage.prompt or stage.response:
+            raise SynthError(f"{where(name, 'prompt')}: keys 'prompt'/'response' export a dataset's own rows "
+                             "(format sft); a dpo export takes its prompts from the pairs")
+        return
+    if root_kind == "load":
+        if not stage.prompt or not stage.response:
+            raise SynthError(f"{where(name, 'input')}: key 'input': {stage.input!r} is a dataset, not generated "
+                             "rows; give `prompt:` (a template for the prompt turns) and `response:` (the column "
+                             "that is the assistant turn) to export its own rows")
+        template = load_template(stage.prompt, pipeline.path.parent, f"{where(name, 'prompt')}: key 'prompt'")
+        template.check_columns(pipeline.columns[stage.input], where(name, 'prompt'))
+        if stage.response not in pipeline.columns[stage.input]:
+            raise SynthError(f"{where(name, 'response')}: key 'response': the input has no column "
+                             f"{stage.response!r} (its columns: {', '.join(pipeline.columns[stage.input])})")
+        pipeline.templates[name] = template
+    elif root_kind != "generate":
+        raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports generated rows; "
+                         f"{stage.input!r} carries {pipeline.root(stage.input)!r}'s rows")
+    elif stage.prompt or stage.response:
+        raise SynthError(f"{where(name, 'prompt')}: keys 'prompt'/'response' are for exporting a dataset's own "
+                         f"rows; {stage.input!r} holds generated rows, whose prompts are the ones sent")
 
 
 def trained_model_dir(pipeline, name: str) -> str | None:

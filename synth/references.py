@@ -29,7 +29,8 @@ def add_student_teachers(path: Path, spec: PipelineFile) -> None:
             if name in spec.teachers:
                 raise SynthError(f"{path}: stage '{name}': a teacher has the same name; a trained model is a "
                                  "teacher under its stage's name, so rename one of them")
-            spec.teachers[name] = HFTeacherConfig(backend="hf", model=f"<trained by stage {name}>")
+            spec.teachers[name] = HFTeacherConfig(backend="hf", model=f"<trained by stage {name}>",
+                                                  batch_size=stage.batch_size)
 
 
 def add_companion_stages(path: Path, spec: PipelineFile) -> None:
@@ -59,7 +60,9 @@ def stage_references(stage) -> list[tuple[str, list[str], tuple[str, ...]]]:
         return [("input", [stage.input], ROWS), ("by", [stage.by] if stage.by else [], ("verify", "vote", "judge")),
                 ("versus", [stage.versus] if stage.versus else [], ROWS)]
     if isinstance(stage, ExportStage):
-        return [("input", [stage.input], ("generate", "keep") if stage.format == "sft" else ("pairs",))]
+        sources = ("pairs",) if stage.format == "dpo" else ("generate", "keep", "load") if stage.prompt else \
+            ("generate", "keep")
+        return [("input", [stage.input], sources)]
     if isinstance(stage, TrainStage):
         return [("data", [stage.data], ("export",)), ("init", [stage.init] if stage.init else [], ("train",))]
     if hasattr(stage, "input"):  # generate, evaluate and the filters read rows

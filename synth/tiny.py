@@ -39,13 +39,20 @@ DEFAULT_CORPUS = [
 ]
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on `corpus`, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, *, split_digits: bool = False):
+    """A byte-level BPE tokenizer trained on `corpus`, wrapped as a transformers fast tokenizer.
+    split_digits: every digit its own token (arithmetic is learnable digit by digit; a BPE merge like
+    "17" would make each number an unrelated symbol), with a leading space kept on the first digit
+    (" 17" -> " 1", "7"): a bare space token before every number would make every number look alike to
+    the attention that copies it from the question."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    digits = pre_tokenizers.Split(Regex(" ?[0-9]"), behavior="isolated")
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([digits, byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -59,16 +66,16 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
 
 def build_model(out_dir: str | Path, corpus: Iterable[str] | None = None, *, hidden: int = 128,
                 layers: int = 2, heads: int = 2, vocab_size: int = 512, max_positions: int = 1024,
-                seed: int = 0) -> Path:
+                intermediate: int | None = None, split_digits: bool = False, seed: int = 0) -> Path:
     """Write a randomly initialised tiny model + tokenizer to `out_dir` and return the path."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(corpus or DEFAULT_CORPUS, vocab_size)
+    tokenizer = build_tokenizer(corpus or DEFAULT_CORPUS, vocab_size, split_digits=split_digits)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or hidden * 2,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=max_positions, tie_word_embeddings=True,
         eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
@@ -81,7 +88,8 @@ def build_model(out_dir: str | Path, corpus: Iterable[str] | None = None, *, hid
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "synth_tiny.json").write_text(json.dumps({"hidden": hidden, "layers": layers, "heads": heads,
-                                                     "vocab_size": vocab_size, "seed": seed}))
+                                                     "vocab_size": vocab_size, "intermediate": intermediate,
+                                                     "split_digits": split_digits, "seed": seed}))
     return out
 
 

@@ -145,6 +145,23 @@ def resolve_model_path(model: str, base_dir: Path) -> str:
     return model
 
 
+def model_signature(model: str, base_dir: Path) -> dict | None:
+    """What identifies a local model directory cheaply, for fingerprints: the content hash of its small
+    files (config, tokenizer, chat template) and the size of every other file (weights are not read:
+    they can be gigabytes). None for a hub id or a path that does not exist (yet)."""
+    import hashlib
+
+    path = Path(resolve_model_path(model, base_dir))
+    if not path.is_dir():
+        return None
+    signature = {}
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        key = str(f.relative_to(path))
+        small = f.suffix in (".json", ".jinja", ".txt", ".model") and f.stat().st_size < 16 * 2**20
+        signature[key] = hashlib.sha256(f.read_bytes()).hexdigest()[:16] if small else f.stat().st_size
+    return signature
+
+
 def load_teacher(name: str, config: _TeacherConfig, base_dir: Path) -> Teacher:
     """Construct the backend for a teacher config. Imports the backend module only now."""
     if config.backend == "hf":

@@ -1,0 +1,138 @@
+"""`synth demo`: the whole distillation loop, offline, on a CPU, in one folder.
+
+The demo's files live in examples/demo (installed under <prefix>/share/synth/examples/demo): a world
+(world.yaml), a pipeline (pipeline.yaml), a template (prompts/solve.yaml) and training recipes
+(recipes/*.yaml). `synth demo --dir DIR`
+  1. copies those files into DIR, keeping any that are already there (DIR is yours to edit);
+  2. writes DIR/data/*.jsonl from world.yaml (synth.demo.world: seeded word problems) and builds the
+     random-weight starting models DIR/models/{teacher,student}-init with a tokenizer trained on the
+     world's text — each only when world.yaml asks for something different from what is there;
+  3. runs DIR/pipeline.yaml like `synth run` (only what is stale: a second run trains and sends nothing);
+  4. computes the report from the store (synth.demo.report), prints it and writes DIR/report.json and
+     DIR/report.png.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from synth.errors import SynthError
+from synth.ids import content_hash
+from synth.paths import builtin_dir
+
+SPEC_FILE = "synth_demo.json"  # in each built model dir: the world spec it was built from
+
+
+def demo_files() -> Path:
+    return builtin_dir("examples") / "demo"
+
+
+def copy_files(target: Path) -> list[str]:
+    """Copy the demo's files into target, keeping the ones already there. Returns what was copied."""
+    source = demo_files()
+    if not (source / "pipeline.yaml").is_file():
+        raise SynthError(f"the demo's files are missing from {source}; reinstall synth")
+    copied = []
+    for f in sorted(source.rglob("*")):
+        rel = f.relative_to(source)
+        if not f.is_file() or rel.parts[0] in ("data", "models", "out") or rel.name.startswith("report."):
+            continue
+        dest = target / rel
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest)
+            copied.append(str(rel))
+    return copied
+
+
+def read_world(target: Path) -> dict:
+    path = target / "world.yaml"
+    try:
+        world = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise SynthError(f"{path}: cannot read the demo world: {' '.join(str(exc).split())}") from None
+    try:
+        splits = {str(k): int(v) for k, v in world["splits"].items()}
+        models = {str(k): {"hidden": int(v["hidden"]), "layers": int(v["layers"]), "heads": int(v["heads"])}
+                  for k, v in world["models"].items()}
+        spec = {"seed": int(world.get("seed", 0)), "splits": splits, "vocab_size": int(world.get("vocab_size", 600)),
+                "models": models}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SynthError(f"{path}: expected seed, splits {{name: size}}, vocab_size and models {{name: {{hidden, "
+                         f"layers, heads}}}} ({type(exc).__name__}: {exc})") from None
+    for name, m in models.items():
+        if m["hidden"] % m["heads"]:
+            raise SynthError(f"{path}: models.{name}: hidden ({m['hidden']}) must be a multiple of heads ({m['heads']})")
+    return spec
+
+
+def build_world(target: Path, console: Console | None = None) -> dict:
+    """Write DIR/data/*.jsonl and the starting models from DIR/world.yaml, skipping what is up to date."""
+    from synth.demo.world import corpus, make_splits, write_splits
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
+    console = console or Console(stderr=True)
+    spec = read_world(target)
+    splits = make_splits(spec["splits"], spec["seed"])
+    data_dir = target / "data"
+    for split, rows in splits.items():
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        path = data_dir / f"{split}.jsonl"
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            write_splits(data_dir, {split: rows})
+            console.print(f"world: wrote {len(rows)} problems to {path}")
+    world_key = {"seed": spec["seed"], "splits": spec["splits"], "vocab_size": spec["vocab_size"]}
+    for name, shape in spec["models"].items():
+        out = target / "models" / name
+        key = content_hash({**world_key, **shape})
+        marker = out / SPEC_FILE
+        if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+            continue
+        from synth.tiny import build_model
+
+        if out.exists():
+            shutil.rmtree(out)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_model(tmp, corpus(splits), hidden=shape["hidden"], layers=shape["layers"], heads=shape["heads"],
+                    intermediate=4 * shape["hidden"], vocab_size=spec["vocab_size"], max_positions=256,
+                    split_digits=True, seed=spec["seed"])
+        (tmp / SPEC_FILE).write_text(json.dumps({"key": key, **world_key, **shape}, indent=2))
+        tmp.rename(out)  # whole or absent: a killed build leaves only the .tmp dir, rebuilt next time
+        console.print(f"world: built {out} ({shape['hidden']} wide, {shape['layers']} layers, random weights)")
+    return spec
+
+
+def run_demo(target: Path, console: Console | None = None) -> dict:
+    """Prepare DIR, run its pipeline, and write the report; returns the report."""
+    from synth.demo.report import demo_report, print_report, write_png
+    from synth.pipeline import load_pipeline, run
+
+    console = console or Console(stderr=True)
+    began = time.monotonic()
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    copied = copy_files(target)
+    if copied:
+        console.print(f"demo: copied {len(copied)} files into {target} (pipeline.yaml, world.yaml, prompts/, "
+                      "recipes/) — edit them and re-run; only what changed runs again")
+    build_world(target, console)
+    pipeline = load_pipeline(target / "pipeline.yaml")
+    counts = run(pipeline, console=console, argv=["demo", str(target)])
+    pipeline = load_pipeline(target / "pipeline.yaml")  # re-read: the trained models' dirs
+    report = demo_report(pipeline)
+    report["this_run"] = {"seconds": round(time.monotonic() - began, 1), "stages_run": len(counts["stages_run"]),
+                          "requests_sent": counts["sent"], "requests_cached": counts["cached"],
+                          "errors": counts["errors"]}
+    (target / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_png(report, target / "report.png")
+    print_report(report, Console(width=None if console.is_terminal else 120))
+    return report
