@@ -61,11 +61,14 @@ def read_world(target: Path) -> dict:
         splits = {str(k): int(v) for k, v in world["splits"].items()}
         models = {str(k): {"hidden": int(v["hidden"]), "layers": int(v["layers"]), "heads": int(v["heads"])}
                   for k, v in world["models"].items()}
+        low, high = (int(x) for x in world.get("ops", [2, 4]))
         spec = {"seed": int(world.get("seed", 0)), "splits": splits, "vocab_size": int(world.get("vocab_size", 600)),
-                "models": models}
+                "ops": [low, high], "models": models}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise SynthError(f"{path}: expected seed, splits {{name: size}}, vocab_size and models {{name: {{hidden, "
-                         f"layers, heads}}}} ({type(exc).__name__}: {exc})") from None
+        raise SynthError(f"{path}: expected seed, splits {{name: size}}, ops [min, max], vocab_size and models "
+                         f"{{name: {{hidden, layers, heads}}}} ({type(exc).__name__}: {exc})") from None
+    if not 1 <= spec["ops"][0] <= spec["ops"][1]:
+        raise SynthError(f"{path}: ops: [min, max] steps per problem, 1 <= min <= max (got {spec['ops']})")
     for name, m in models.items():
         if m["hidden"] % m["heads"]:
             raise SynthError(f"{path}: models.{name}: hidden ({m['hidden']}) must be a multiple of heads ({m['heads']})")
@@ -81,7 +84,7 @@ def build_world(target: Path, console: Console | None = None) -> dict:
     hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
     console = console or Console(stderr=True)
     spec = read_world(target)
-    splits = make_splits(spec["splits"], spec["seed"])
+    splits = make_splits(spec["splits"], spec["seed"], tuple(spec["ops"]))
     data_dir = target / "data"
     for split, rows in splits.items():
         text = "".join(json.dumps(r) + "\n" for r in rows)
@@ -89,7 +92,7 @@ def build_world(target: Path, console: Console | None = None) -> dict:
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             write_splits(data_dir, {split: rows})
             console.print(f"world: wrote {len(rows)} problems to {path}")
-    world_key = {"seed": spec["seed"], "splits": spec["splits"], "vocab_size": spec["vocab_size"]}
+    world_key = {"seed": spec["seed"], "splits": spec["splits"], "ops": spec["ops"], "vocab_size": spec["vocab_size"]}
     for name, shape in spec["models"].items():
         out = target / "models" / name
         key = content_hash({**world_key, **shape})

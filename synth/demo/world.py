@@ -1,6 +1,6 @@
 """The demo world: multi-step arithmetic word problems with integer answers, made by a seeded program.
 
-Every problem starts with a quantity and applies 2-4 operations (buys more, gives away, gets k times
+Every problem starts with a quantity and applies 2-4 operations (world.yaml's `ops`) (buys more, gives away, gets k times
 as many, shares equally among k friends and keeps one share); every intermediate value stays a whole
 number in [1, 99]. Each problem has a gold answer and a gold step-by-step solution, one equation per
 line, ending in "The answer is N.".
@@ -73,10 +73,10 @@ def _step(rng: random.Random, value: int, friend: str, used: set[str]) -> tuple[
     return phrase.format(n=n, friend=friend), equation, new
 
 
-def make_problem(rng: random.Random) -> Problem:
+def make_problem(rng: random.Random, ops_range: tuple[int, int] = (2, 4)) -> Problem:
     who, friend = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
-    ops = rng.randint(2, 4)
+    ops = rng.randint(*ops_range)
     value = rng.randint(2, 20)
     start, phrases, lines, used = value, [], [], set()
     while len(lines) < ops:
@@ -92,15 +92,16 @@ def make_problem(rng: random.Random) -> Problem:
     return Problem(question, solution, value, ops)
 
 
-def make_splits(sizes: dict[str, int], seed: int = 0) -> dict[str, list[dict]]:
-    """Disjoint splits (by question text) of the sizes asked, in order, from one seeded stream."""
+def make_splits(sizes: dict[str, int], seed: int = 0, ops: tuple[int, int] = (2, 4)) -> dict[str, list[dict]]:
+    """Disjoint splits (by question text) of the sizes asked, in order, from one seeded stream; each
+    problem takes between ops[0] and ops[1] steps."""
     rng = random.Random(seed)
     seen: set[str] = set()
     splits: dict[str, list[dict]] = {}
     for split, size in sizes.items():
         rows: list[dict] = []
         while len(rows) < size:
-            p = make_problem(rng)
+            p = make_problem(rng, ops)
             if p.question in seen:
                 continue
             seen.add(p.question)
