@@ -33,6 +33,11 @@ class Rules:
     fault_kinds: dict[str, float] = field(default_factory=lambda: {"429": 1, "500": 1, "slow": 1, "truncated": 1,
                                                                   "reset": 1})
     slow_s: float = 5.0
+    # A server-side rate limit: at most limit_requests per fixed window of limit_window_s (OpenAI's
+    # shape: every answer carries x-ratelimit-limit/remaining/reset-requests; over the limit, a 429
+    # with Retry-After until the window resets).
+    limit_requests: int | None = None
+    limit_window_s: float = 60.0
     seed: int = 0
     attempts: list[tuple[float, str, int]] = field(default_factory=list)  # (time, body hash, status)
     faults: dict[str, int] = field(default_factory=dict)  # kind -> attempts given that fault
@@ -44,6 +49,8 @@ class FaultProxy(LoopbackServer):
         self.upstream = upstream.rstrip("/")
         self.rules = rules
         self._rng = random.Random(rules.seed)
+        self._started = time.monotonic()
+        self._window = (-1, 0)  # (window index, requests admitted in it)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -64,6 +71,23 @@ class FaultProxy(LoopbackServer):
             status = 500
         elif rules.first_attempt_status and not seen:
             status = rules.first_attempt_status
+        limit_headers = {}
+        if rules.limit_requests is not None:
+            elapsed = time.monotonic() - self._started
+            index = int(elapsed // rules.limit_window_s)
+            count = self._window[1] if self._window[0] == index else 0
+            reset = (index + 1) * rules.limit_window_s - elapsed
+            limited = count >= rules.limit_requests
+            self._window = (index, count if limited else count + 1)
+            remaining = rules.limit_requests - self._window[1]
+            limit_headers = {"x-ratelimit-limit-requests": str(rules.limit_requests),
+                             "x-ratelimit-remaining-requests": str(remaining),
+                             "x-ratelimit-reset-requests": f"{reset:.3f}s"}
+            if limited:
+                rules.attempts.append((time.monotonic(), digest, 429))
+                return web.json_response({"error": {"message": "rate limit reached", "type": "requests"}},
+                                         status=429, headers={**limit_headers, "Retry-After": str(max(int(reset), 1)),
+                                                              "retry-after-ms": str(int(reset * 1000) + 1)})
         fault = None
         if status is None and rules.fault_rate and self._rng.random() < rules.fault_rate:
             kinds, weights = zip(*rules.fault_kinds.items())
@@ -89,5 +113,6 @@ class FaultProxy(LoopbackServer):
             payload = await up.read()
             if fault == "truncated":
                 payload = payload[: len(payload) // 2]
-            return web.Response(body=payload, status=up.status, content_type="application/json")
+            return web.Response(body=payload, status=up.status, content_type="application/json",
+                                headers=limit_headers)
 

@@ -109,8 +109,12 @@ def test_ctrl_c_saves_what_arrived(workspace, tiny_model):
     store = workspace / "out" / "run.duckdb"
     total = len(SEEDS) * 32
     env = cli_env(SYNTH_FLUSH_ROWS="100000", SYNTH_FLUSH_SECONDS="100000", SYNTH_PROGRESS_SECONDS="0.2")
+    # A terminal's Ctrl-C reaches a process whose SIGINT is at its default. A shell's background job
+    # (`cmd &` in a script, as CI launchers may do) starts with SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: restore the default in the child, as a terminal has it.
     proc = subprocess.Popen([sys.executable, "-m", "synth.cli", "run", str(pipeline)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     for line in proc.stderr:  # progress lines: wait until some completions are in memory
         lines.append(line)

@@ -116,7 +116,11 @@ class OpenAITeacherConfig(_TeacherConfig):
     backend: Literal["openai"]
     base_url: str | None = None
     api_key_env: str | None = Field(None, description="NAME of the environment variable with the key")
-    max_concurrency: int = Field(16, ge=1)
+    max_concurrency: int = Field(16, ge=1, description="most requests in flight at once")
+    adaptive: bool = Field(True, description="AIMD: halve the requests in flight on 429/5xx/timeouts, grow back "
+                                             "while healthy (never above max_concurrency)")
+    rpm: int | None = Field(None, ge=1, description="hard limit: requests per minute")
+    tpm: int | None = Field(None, ge=1, description="hard limit: tokens per minute (prompt chars / 4 + max_tokens)")
     max_retries: int = Field(6, ge=0)
     timeout_s: float = Field(120.0, gt=0)
     client: Literal["auto", "openai", "http"] = Field(

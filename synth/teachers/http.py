@@ -47,10 +47,10 @@ def request_body(model: str, request: Request) -> dict:
 
 
 class HTTPClient:
-    def __init__(self, teacher_name: str, config, api_key: str):
+    def __init__(self, teacher_name: str, config, api_key: str, limiter=None):
         import aiohttp
 
-        self.name, self.config = teacher_name, config
+        self.name, self.config, self.limiter = teacher_name, config, limiter
         self.url = config.base_url.rstrip("/") + "/chat/completions"
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.session = aiohttp.ClientSession(
@@ -64,10 +64,11 @@ class HTTPClient:
         from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
         body = json.dumps(request_body(model, request), ensure_ascii=False).encode()
+        tokens = estimated_tokens(request)
         started = time.monotonic()
         try:
             try:
-                data = await self._post(body)  # the common case, without the retry machinery's per-call cost
+                data = await self._post(body, tokens)  # the common case, without the retry machinery's per-call cost
             except _Retryable as first:
                 if self.config.max_retries == 0:
                     raise
@@ -75,7 +76,7 @@ class HTTPClient:
                 async for attempt in AsyncRetrying(retry=retry_if_exception_type(_Retryable), wait=_wait,
                                                    stop=stop_after_attempt(self.config.max_retries), reraise=True):
                     with attempt:
-                        data = await self._post(body)
+                        data = await self._post(body, tokens)
         except (_Retryable, _Final) as exc:
             return Completion(request.id, error=exc.cause, error_message=str(exc)[:500],
                               latency_s=time.monotonic() - started)
@@ -90,13 +91,29 @@ class HTTPClient:
             return Completion(request.id, error="malformed_response", error_message=f"{type(exc).__name__}: {exc}",
                               latency_s=latency)
 
-    async def _post(self, body: bytes) -> dict:
+    async def _post(self, body: bytes, tokens: int = 0) -> dict:
+        """One attempt, admitted by the limiter (when there is one) and reported back to it."""
+        if self.limiter is None:
+            return await self._attempt(body)
+        await self.limiter.acquire(tokens)
+        outcome, retry_after, headers = "ok", None, None
+        try:
+            data, headers = await self._attempt(body, with_headers=True)
+            return data
+        except (_Retryable, _Final) as exc:
+            outcome, retry_after, headers = exc.cause, getattr(exc, "retry_after", None), getattr(exc, "headers", None)
+            raise
+        finally:
+            await self.limiter.release(outcome, retry_after=retry_after, headers=headers)
+
+    async def _attempt(self, body: bytes, with_headers: bool = False):
         import aiohttp
 
         try:
             async with self.session.post(self.url, data=body, headers=self.headers) as resp:
                 raw = await resp.read()
                 status = resp.status
+                headers = resp.headers
                 retry_after = None if status == 200 else _retry_after(resp.headers)
         except asyncio.TimeoutError:
             raise _Retryable("timeout", f"no response within {self.config.timeout_s:g}s") from None
@@ -105,7 +122,8 @@ class HTTPClient:
         text = raw.decode("utf-8", "replace")
         if status == 200:
             try:
-                return json.loads(text)
+                data = json.loads(text)
+                return (data, headers) if with_headers else data
             except json.JSONDecodeError:
                 raise _Retryable("malformed_response", f"invalid JSON: {text[:200]!r}") from None
         message = f"HTTP {status}: {' '.join(text.split())[:300]}"
@@ -116,10 +134,19 @@ class HTTPClient:
             raise SynthError(f"teacher '{self.name}': {self.url} answered 404 ({message}); check base_url and model")
         if status in RETRY_STATUS:
             cause = "rate_limit" if status == 429 else "timeout" if status == 408 else "server_error"
-            raise _Retryable(cause, message, retry_after)
+            exc = _Retryable(cause, message, retry_after)
+            exc.headers = headers  # a 429's x-ratelimit-* tell the limiter when the budget resets
+            raise exc
         if status == 400 and "context" in text.lower() and ("length" in text.lower() or "window" in text.lower()):
             raise _Final("context_length", message)
         raise _Final("bad_request" if 400 <= status < 500 else "api_error", message)
+
+
+def estimated_tokens(request: Request) -> int:
+    """Tokens a request may use, before it is sent: prompt characters / 4 (the approximation `synth
+    plan` documents) plus max_tokens. For the limiter's tokens-per-minute bucket."""
+    chars = sum(len(m.get("content") or "") for m in request.messages)
+    return chars // 4 + int(request.params.get("max_tokens") or 0)
 
 
 def _retry_after(headers) -> float | None:

@@ -72,15 +72,31 @@ class OpenAITeacher:
             results.put(_DONE)
 
     async def _run_all(self, requests: list[Request], results: queue.Queue) -> None:
+        from synth.teachers.limiter import Limiter
+
+        c = self.config
+        limiter = Limiter(c.max_concurrency, adaptive=c.adaptive, rpm=c.rpm, tpm=c.tpm)
+        self.limiter = limiter
         if self.uses_http:
             from synth.teachers.http import HTTPClient
-            client = HTTPClient(self.name, self.config, self.api_key)
+            client = HTTPClient(self.name, c, self.api_key, limiter)
             one = lambda request: client.complete(self.model, request)  # noqa: E731
         else:
             import openai
-            client = openai.AsyncOpenAI(base_url=self.config.base_url, api_key=self.api_key,
-                                        max_retries=self.config.max_retries, timeout=self.config.timeout_s)
-            one = lambda request: self._one(client, request)  # noqa: E731
+            client = openai.AsyncOpenAI(base_url=c.base_url, api_key=self.api_key,
+                                        max_retries=c.max_retries, timeout=c.timeout_s)
+
+            async def one(request: Request) -> Completion:
+                # The official client retries inside one call and hides the headers: the limiter sees
+                # the call's final outcome only (AIMD and rpm/tpm; no x-ratelimit-* reading).
+                from synth.teachers.http import estimated_tokens
+                await limiter.acquire(estimated_tokens(request))
+                completion = None
+                try:
+                    completion = await self._one(client, request)
+                    return completion
+                finally:
+                    await limiter.release(completion.error or "ok" if completion else "client_error")
         todo = iter(requests)
 
         async def worker() -> None:
