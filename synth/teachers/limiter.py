@@ -56,57 +56,67 @@ class Limiter:
         self._budget: int | None = None  # requests the server still allows, minus those sent since it said so
         self._budget_reset_at = 0.0
         self._changed = asyncio.Condition()
+        self._waiting = 0  # workers inside acquire's wait loop
         # leaky buckets with a one-second burst: rpm/60 requests (tpm/60 tokens) may go at once
         self._rpm = AsyncLimiter(max(rpm / 60, 1), 1) if rpm else None
         self._tpm = AsyncLimiter(max(tpm / 60, 1), 1) if tpm else None
         self.stats = {"cuts": 0, "paused_s": 0.0, "min_window": self.window}
 
     async def acquire(self, tokens: int = 0) -> None:
-        """Wait until one more request may go out."""
-        async with self._changed:
-            while True:
-                now = time.monotonic()
-                if self._budget is not None and now >= self._budget_reset_at:
-                    self._budget = None  # the server's window has reset
-                wait = max(self._paused_until - now, 0.0)
-                if self._budget is not None and self._budget <= 0:
-                    wait = max(wait, self._budget_reset_at - now)
-                if wait > 0:
-                    self.stats["paused_s"] += wait
-                    try:
-                        await asyncio.wait_for(self._changed.wait(), timeout=wait)
-                    except asyncio.TimeoutError:
-                        pass
-                    continue
-                if self.in_flight < max(int(self.window), 1):
-                    break
-                await self._changed.wait()
-            self.in_flight += 1
-            if self._budget is not None:
-                self._budget -= 1
+        """Wait until one more request may go out. One asyncio loop runs every worker, so the check and
+        the admission (no await between them) cannot interleave; the condition is entered only to wait."""
+        if self._wait_s(time.monotonic()) is not None:
+            async with self._changed:
+                self._waiting += 1
+                try:
+                    while (wait := self._wait_s(time.monotonic())) is not None:
+                        if wait > 0:
+                            self.stats["paused_s"] += wait
+                        try:
+                            await asyncio.wait_for(self._changed.wait(), timeout=wait or None)
+                        except asyncio.TimeoutError:
+                            pass
+                finally:
+                    self._waiting -= 1
+        self.in_flight += 1
+        if self._budget is not None:
+            self._budget -= 1
         if self._rpm is not None:
             await self._rpm.acquire()
         if self._tpm is not None and tokens:
             await self._tpm.acquire(min(tokens, self._tpm.max_rate))
 
+    def _wait_s(self, now: float) -> float | None:
+        """None: a request may go now; else how long to wait (0: until a request finishes)."""
+        if self._budget is not None and now >= self._budget_reset_at:
+            self._budget = None  # the server's window has reset
+        wait = self._paused_until - now
+        if self._budget is not None and self._budget <= 0:
+            wait = max(wait, self._budget_reset_at - now)
+        if wait > 0:
+            return wait
+        return None if self.in_flight < max(int(self.window), 1) else 0.0
+
     async def release(self, outcome: str, *, retry_after: float | None = None, headers=None) -> None:
         """After an attempt: outcome is "ok", or a cause ("rate_limit", "server_error", "timeout", ...)."""
-        async with self._changed:
-            self.in_flight -= 1
-            now = time.monotonic()
-            if headers is not None:
-                self._read_headers(headers, now)
-            if retry_after:
-                self._paused_until = max(self._paused_until, now + retry_after)
-            if self.adaptive:
-                if outcome == "ok":
+        self.in_flight -= 1
+        now = time.monotonic()
+        if headers is not None:
+            self._read_headers(headers, now)
+        if retry_after:
+            self._paused_until = max(self._paused_until, now + retry_after)
+        if self.adaptive:
+            if outcome == "ok":
+                if self.window < self.max:
                     self.window = min(self.window + 1.0 / max(self.window, 1.0), float(self.max))
-                elif outcome in ("rate_limit", "server_error", "timeout") and now - self._last_cut >= self.cooldown_s:
-                    self.window = max(self.window / 2, 1.0)
-                    self._last_cut = now
-                    self.stats["cuts"] += 1
-                    self.stats["min_window"] = min(self.stats["min_window"], self.window)
-            self._changed.notify_all()
+            elif outcome in ("rate_limit", "server_error", "timeout") and now - self._last_cut >= self.cooldown_s:
+                self.window = max(self.window / 2, 1.0)
+                self._last_cut = now
+                self.stats["cuts"] += 1
+                self.stats["min_window"] = min(self.stats["min_window"], self.window)
+        if self._waiting:
+            async with self._changed:
+                self._changed.notify_all()
 
     def _read_headers(self, headers, now: float) -> None:
         remaining = headers.get("x-ratelimit-remaining-requests")
