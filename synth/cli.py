@@ -101,7 +101,11 @@ def demo(target: Path) -> None:
     """
     from synth.demo import run_demo
 
-    run_demo(target, _err_console())
+    report = run_demo(target, _err_console())
+    if report["this_run"]["errors"]:
+        click.echo("some requests failed; `synth status DIR/pipeline.yaml` counts them and a re-run retries them",
+                   err=True)
+        sys.exit(1)
 
 
 @main.command()

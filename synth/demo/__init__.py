@@ -119,6 +119,12 @@ def run_demo(target: Path, console: Console | None = None) -> dict:
     from synth.demo.report import demo_report, print_report, write_png
     from synth.pipeline import load_pipeline, run
 
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "trl") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SynthError(f"synth demo trains models and needs {', '.join(missing)}: pip install "
+                         "'synth-distill[hf,train]' (./scripts/setup does it)")
     console = console or Console(stderr=True)
     began = time.monotonic()
     target = Path(target)
