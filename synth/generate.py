@@ -32,7 +32,7 @@ from synth.errors import SynthError
 from synth.ids import prompt_id, request_id
 from synth.parsers import PARSER_COLUMNS, PARSERS
 from synth.store import fetch_one, Store, now, quote_ident, sql_str
-from synth.teachers import Completion, Request, load_teacher
+from synth.teachers import Completion, Request, content_filtered, load_teacher
 
 CHARS_PER_TOKEN = 4.0  # token estimate without a tokenizer: ~4 characters per token for English text
 
@@ -213,14 +213,27 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                                      errors=0, tps=0)
             if pending:
                 teacher = load_teacher(stage.teacher, pipeline.teacher(stage.teacher), pipeline.base_dir)
-                for completion in teacher.generate(pending):
-                    sent += 1
-                    if completion.ok:
-                        tokens += completion.completion_tokens or 0
-                        budget.add(completion.prompt_tokens, completion.completion_tokens)
+
+                def account(c: Completion) -> None:
+                    if c.ok:
+                        budget.add(c.prompt_tokens, c.completion_tokens)
                         if budget.reached() and not budget.stopped:
                             budget.stopped = True
                             teacher.stop()  # no new requests; those in flight still arrive and are kept
+
+                # A teacher with concurrent workers (openai) accounts each answer in its worker, before the
+                # next request is taken: the budget is then overshot by at most the requests in flight,
+                # not by what arrived while this loop was busy.
+                in_worker = hasattr(teacher, "on_result")
+                if in_worker:
+                    teacher.on_result = account
+                for completion in teacher.generate(pending):
+                    sent += 1
+                    if not in_worker:
+                        account(completion)
+                    completion = content_filtered(completion)
+                    if completion.ok:
+                        tokens += completion.completion_tokens or 0
                     else:
                         errors += 1
                     buffer.append(completion)

@@ -57,9 +57,11 @@ class ScriptedTeacher(LoopbackServer):
         body = await request.json()
         self.requests += 1
         text = self.reply(body)
+        # a question containing FILTERME is cut by a content filter, as hosted APIs do
+        finish = "content_filter" if "FILTERME" in body["messages"][-1]["content"] else "stop"
         return web.json_response({
             "id": f"chatcmpl-{self.requests}", "object": "chat.completion", "created": int(time.time()),
-            "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop",
+            "model": body["model"], "choices": [{"index": 0, "finish_reason": finish,
                                                  "message": {"role": "assistant", "content": text}}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
 

@@ -42,9 +42,9 @@ def test_stage_stops_at_max_cost_and_resumes_when_raised(workspace):
         first = synth("run", pipeline)
         assert first.returncode == 1 and "stopped at the budget of solutions" in first.stderr, first.stderr
         saved = query(store, "SELECT count(*) FROM solutions")[0][0]
-        # $0.50 / $0.02 = 25, plus what was in flight or already answered when the stage saw the budget
-        # reached (4 workers, and answers queued while a batch was being committed), all kept
-        assert 25 <= saved <= 25 + 12
+        # $0.50 / $0.02 = 25, plus what was in flight when a worker saw the budget reached (the openai
+        # teacher accounts each answer in its worker before taking the next request): at most 3 of 4 workers
+        assert 25 <= saved <= 25 + 3
         assert teacher.requests == saved  # nothing sent was lost
         state = json.loads(query(store, "SELECT detail FROM synth.stages WHERE name = 'solutions'")[0][0])
         assert state["stopped"] == "budget" and state["cost"] >= 0.5
@@ -83,6 +83,6 @@ def test_run_level_max_cost(workspace):
         first = synth("run", pipeline, "--max-cost", "0.3")
         assert first.returncode == 1 and "--max-cost" in first.stderr, first.stderr
         saved = query(store, "SELECT count(*) FROM solutions")[0][0]
-        assert 15 <= saved <= 15 + 12 and teacher.requests == saved
+        assert 15 <= saved <= 15 + 3 and teacher.requests == saved
         synth("run", pipeline, check=True)
         assert teacher.requests == ROWS * SAMPLES

@@ -63,6 +63,16 @@ class Completion:
         return self.error is None
 
 
+def content_filtered(c: Completion) -> Completion:
+    """An output the server stopped for its content policy (finish_reason `content_filter`) is not
+    data: it becomes an error with cause `content_filter`, counted by `synth status` and asked again
+    by a re-run, instead of a truncated sample in the table."""
+    if c.ok and c.finish_reason == "content_filter":
+        return Completion(c.request_id, latency_s=c.latency_s, error="content_filter",
+                          error_message=f"the server's content filter stopped the output: {(c.text or '')[:200]!r}")
+    return c
+
+
 @dataclass(frozen=True)
 class Capabilities:
     n_samples: bool = True  # can produce several independent samples of one prompt

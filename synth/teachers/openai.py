@@ -36,6 +36,8 @@ class OpenAITeacher:
         self.name, self.config, self.model = name, config, config.model
         self.api_key = resolve_api_key(name, config)
         self._stop = threading.Event()
+        # called in the worker thread with each completion before the next request is taken (budgets)
+        self.on_result = None
 
     def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
         results: queue.Queue = queue.Queue()
@@ -103,7 +105,10 @@ class OpenAITeacher:
             for request in todo:  # one shared iterator: each request is taken by exactly one worker
                 if self._stop.is_set():
                     return
-                results.put(await one(request))
+                completion = await one(request)
+                if self.on_result is not None:
+                    self.on_result(completion)
+                results.put(completion)
 
         try:
             await asyncio.gather(*(worker() for _ in range(min(self.config.max_concurrency, len(requests) or 1))))
