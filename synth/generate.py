@@ -32,9 +32,7 @@ from synth.errors import SynthError
 from synth.ids import prompt_id, request_id
 from synth.parsers import PARSER_COLUMNS, PARSERS
 from synth.store import fetch_one, Store, now, quote_ident, sql_str
-from synth.teachers import Completion, Request, content_filtered, load_teacher
-
-CHARS_PER_TOKEN = 4.0  # token estimate without a tokenizer: ~4 characters per token for English text
+from synth.teachers import CHARS_PER_TOKEN, Completion, Request, content_filtered, load_teacher
 
 
 def flush_batch_rows() -> int:

@@ -389,7 +389,7 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
     if max_cost is not None:
         from synth.generate import RunBudget
         unpriced = sorted({pipeline.stage(n).teacher for n in names if isinstance(pipeline.stage(n), GenerateStage)
-                           and pipeline.spec.teachers[pipeline.stage(n).teacher].prices is None})
+                           and pipeline.prices(n) is None})
         if unpriced:
             raise SynthError(f"--max-cost: teacher {unpriced[0]!r} has no prices; add prices: {{input: USD per 1M "
                              "tokens, output: USD per 1M tokens}} to it, or run without --max-cost")

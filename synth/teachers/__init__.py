@@ -63,6 +63,16 @@ class Completion:
         return self.error is None
 
 
+CHARS_PER_TOKEN = 4.0  # token estimate without a tokenizer: ~4 characters per token for English text
+
+
+def estimated_tokens(request: Request) -> int:
+    """Tokens a request may use, before it is sent: its prompt characters / CHARS_PER_TOKEN plus its
+    max_tokens (the openai teacher's tokens-per-minute bucket)."""
+    chars = sum(len(m.get("content") or "") for m in request.messages)
+    return int(chars / CHARS_PER_TOKEN) + int(request.params.get("max_tokens") or 0)
+
+
 def content_filtered(c: Completion) -> Completion:
     """An output the server stopped for its content policy (finish_reason `content_filter`) is not
     data: it becomes an error with cause `content_filter`, counted by `synth status` and asked again

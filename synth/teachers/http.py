@@ -18,7 +18,7 @@ import random
 import time
 
 from synth.errors import SynthError
-from synth.teachers import Completion, Request
+from synth.teachers import Completion, Request, estimated_tokens
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -47,7 +47,7 @@ def request_body(model: str, request: Request) -> dict:
 
 
 class HTTPClient:
-    def __init__(self, teacher_name: str, config, api_key: str, limiter=None):
+    def __init__(self, teacher_name: str, config, api_key: str, limiter):
         import aiohttp
 
         self.name, self.config, self.limiter = teacher_name, config, limiter
@@ -91,14 +91,12 @@ class HTTPClient:
             return Completion(request.id, error="malformed_response", error_message=f"{type(exc).__name__}: {exc}",
                               latency_s=latency)
 
-    async def _post(self, body: bytes, tokens: int = 0) -> dict:
-        """One attempt, admitted by the limiter (when there is one) and reported back to it."""
-        if self.limiter is None:
-            return await self._attempt(body)
+    async def _post(self, body: bytes, tokens: int) -> dict:
+        """One attempt, admitted by the limiter and reported back to it (outcome, Retry-After, headers)."""
         await self.limiter.acquire(tokens)
         outcome, retry_after, headers = "ok", None, None
         try:
-            data, headers = await self._attempt(body, with_headers=True)
+            data, headers = await self._attempt(body)
             return data
         except (_Retryable, _Final) as exc:
             outcome, retry_after, headers = exc.cause, getattr(exc, "retry_after", None), getattr(exc, "headers", None)
@@ -106,7 +104,8 @@ class HTTPClient:
         finally:
             await self.limiter.release(outcome, retry_after=retry_after, headers=headers)
 
-    async def _attempt(self, body: bytes, with_headers: bool = False):
+    async def _attempt(self, body: bytes) -> tuple[dict, object]:
+        """POST once: (the JSON body, the response headers), or _Retryable / _Final."""
         import aiohttp
 
         try:
@@ -122,8 +121,7 @@ class HTTPClient:
         text = raw.decode("utf-8", "replace")
         if status == 200:
             try:
-                data = json.loads(text)
-                return (data, headers) if with_headers else data
+                return json.loads(text), headers
             except json.JSONDecodeError:
                 raise _Retryable("malformed_response", f"invalid JSON: {text[:200]!r}") from None
         message = f"HTTP {status}: {' '.join(text.split())[:300]}"
@@ -140,13 +138,6 @@ class HTTPClient:
         if status == 400 and "context" in text.lower() and ("length" in text.lower() or "window" in text.lower()):
             raise _Final("context_length", message)
         raise _Final("bad_request" if 400 <= status < 500 else "api_error", message)
-
-
-def estimated_tokens(request: Request) -> int:
-    """Tokens a request may use, before it is sent: prompt characters / 4 (the approximation `synth
-    plan` documents) plus max_tokens. For the limiter's tokens-per-minute bucket."""
-    chars = sum(len(m.get("content") or "") for m in request.messages)
-    return chars // 4 + int(request.params.get("max_tokens") or 0)
 
 
 def _retry_after(headers) -> float | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from synth.errors import SynthError
-from synth.teachers import Capabilities, Completion, OpenAITeacherConfig, Request
+from synth.teachers import Capabilities, Completion, OpenAITeacherConfig, Request, estimated_tokens
 
 _DONE = object()
 
@@ -91,7 +91,6 @@ class OpenAITeacher:
             async def one(request: Request) -> Completion:
                 # The official client retries inside one call and hides the headers: the limiter sees
                 # the call's final outcome only (AIMD and rpm/tpm; no x-ratelimit-* reading).
-                from synth.teachers.http import estimated_tokens
                 await limiter.acquire(estimated_tokens(request))
                 completion = None
                 try:
