@@ -34,6 +34,18 @@ class LoadStage(_Stage):
     limit: int | None = Field(None, ge=1)
 
 
+class RayOptions(BaseModel):
+    """Spread a generate stage's requests over Ray workers, each running the stage's teacher backend;
+    completions come back to this process and are written through the same store contract."""
+    model_config = ConfigDict(extra="forbid")
+    address: str | None = Field(None, description="a running cluster (\"auto\", \"ray://host:10001\"); "
+                                                  "unset: start a local one")
+    workers: int = Field(2, ge=1, description="Ray actors, each with its own copy of the teacher")
+    chunk_size: int = Field(64, ge=1, description="requests per task; a lost worker loses at most its chunks")
+    num_cpus: float = Field(1, ge=0, description="CPUs reserved per worker")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved per worker (1 for a vLLM teacher on a GPU node)")
+
+
 class GenerateStage(_Stage):
     """input rows x template x samples -> requests -> completions."""
     kind: Literal["generate"]
@@ -45,6 +57,16 @@ class GenerateStage(_Stage):
     max_cost: float | None = Field(None, gt=0, description="USD; stop (resumably) once the stage has cost this")
     max_tokens_total: int | None = Field(None, gt=0, description="stop once the stage's prompt + completion "
                                                                  "tokens reach this")
+    on_length: Literal["keep", "retry", "error"] = Field(
+        "keep", description="an output cut at max_tokens (finish_reason length): keep it as a sample (a "
+                            "finish_stop filter can judge it), retry it once with retry_max_tokens, or record "
+                            "it as an error row with cause `length`")
+    retry_max_tokens: int | None = Field(None, ge=1, description="on_length retry: max_tokens of the retry "
+                                                                 "(default: twice params.max_tokens)")
+    on_refusal: Literal["keep", "error"] = Field(
+        "keep", description="error: an answer that reads as a refusal (the no_refusal filter's patterns) is an "
+                            "error row with cause `refusal`, asked again by a re-run, instead of a sample")
+    ray: RayOptions | None = Field(None, description="run the teacher on Ray workers (see RayOptions)")
     _pairs_for: str = PrivateAttr("")  # set on a pairwise judge's critic stage: it reads that judge's pairs
     _after: list[str] = PrivateAttr(default_factory=list)  # train stages whose model is this stage's teacher
 

@@ -302,15 +302,8 @@ def _python_filter(pipeline, name: str, rows: list[dict]) -> list[Verdict]:
     or judge_batch(rows, **args) -> list of those. A False without a reason gets the filter's name."""
     stage: FilterStage = pipeline.stage(name)
     path = filter_path(pipeline, name)
-    spec = importlib.util.spec_from_file_location(f"synth_filter_{stage.use}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - the filter file is the user's code
-        raise SynthError(f"{path}: cannot load the filter: {type(exc).__name__}: {exc}") from None
+    module = load_filter_module(path)
     batch, single = getattr(module, "judge_batch", None), getattr(module, "judge", None)
-    if not callable(batch) and not callable(single):
-        raise SynthError(f"{path}: define judge(row) or judge_batch(rows)")
     try:
         results = batch(rows, **stage.args) if callable(batch) else [single(r, **stage.args) for r in rows]
         results = list(results)
@@ -321,6 +314,19 @@ def _python_filter(pipeline, name: str, rows: list[dict]) -> list[Verdict]:
     if len(results) != len(rows):
         raise SynthError(f"{path}: judge_batch returned {len(results)} results for {len(rows)} rows; return one per row")
     return [_as_verdict(r, stage.use, path) for r in results]
+
+
+def load_filter_module(path: Path):
+    """Import a filters/NAME.py file; it must define judge(row) or judge_batch(rows)."""
+    spec = importlib.util.spec_from_file_location(f"synth_filter_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the filter file is the user's code
+        raise SynthError(f"{path}: cannot load the filter: {type(exc).__name__}: {exc}") from None
+    if not callable(getattr(module, "judge_batch", None)) and not callable(getattr(module, "judge", None)):
+        raise SynthError(f"{path}: define judge(row) or judge_batch(rows)")
+    return module
 
 
 def _as_verdict(result, label: str, path: Path) -> Verdict:

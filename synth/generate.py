@@ -172,6 +172,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                                         "USING (id) WHERE g.stage = ?", [name])
 
     budget = Budget(stage, pipeline.prices(name), spent_in, spent_out, pipeline.run_budget)
+    policies = Policies(pipeline, name)
     pending = [r for r in planned.requests if r.id not in cached]
     if pending and budget.reached():
         console.print(f"  {name}: at its budget before sending anything ({budget.describe()})")
@@ -187,6 +188,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         bad = [c for c in buffer if not c.ok]
         with store.write(threads=1) as con:
             Store.insert_arrow(con, "synth.completions", _completion_rows(good, stage.teacher, run_id))
+            Store.insert_arrow(con, "synth.logprobs", _logprob_rows(good, pipeline.teacher(stage.teacher).model))
             Store.insert_arrow(con, "synth.generations", _membership(
                 name, stage.teacher, [by_id[c.request_id] for c in good], planned.input_ids,
                 {c.request_id: c.text for c in good}, parse), mode="OR REPLACE")
@@ -210,7 +212,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             task = progress.add_task(name, total=len(ids), completed=len(cached), cached=len(cached), sent=0,
                                      errors=0, tps=0)
             if pending:
-                teacher = load_teacher(stage.teacher, pipeline.teacher(stage.teacher), pipeline.base_dir)
+                teacher = stage_teacher(pipeline, name, run_id)
 
                 def account(c: Completion) -> None:
                     if c.ok:
@@ -225,11 +227,14 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                 in_worker = hasattr(teacher, "on_result")
                 if in_worker:
                     teacher.on_result = account
-                for completion in teacher.generate(pending):
+                policies.requests = by_id
+                for completion in _with_retries(teacher, pending, policies, lambda: budget.stopped):
                     sent += 1
                     if not in_worker:
                         account(completion)
-                    completion = content_filtered(completion)
+                    completion = policies(completion)
+                    if completion is None:  # cut at max_tokens: queued for its retry, nothing to record yet
+                        continue
                     if completion.ok:
                         tokens += completion.completion_tokens or 0
                     else:
@@ -271,6 +276,81 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                       "the budget and re-run to continue")
     return {"rows": done, "total": len(ids), "cached": len(cached), "sent": sent, "errors": errors,
             "completion_tokens": tokens, "unsent": missing if stopped else 0, **stopped}
+
+
+def stage_teacher(pipeline, name: str, run_id: str):
+    """The teacher a generate stage sends its requests to: its backend, on Ray workers when the stage
+    says `ray:`. A backend that keeps state in the store (the Batch API's batch ids) is bound to it."""
+    stage: GenerateStage = pipeline.stage(name)
+    config = pipeline.teacher(stage.teacher)
+    if stage.ray is not None:
+        from synth.teachers.ray import RayTeacher
+        teacher = RayTeacher(stage.teacher, config, pipeline.base_dir, stage.ray)
+    else:
+        teacher = load_teacher(stage.teacher, config, pipeline.base_dir)
+    if hasattr(teacher, "bind"):
+        teacher.bind(pipeline.store, name, run_id)
+    return teacher
+
+
+def _with_retries(teacher, pending: list[Request], policies: "Policies", stopped):
+    """The teacher's completions of `pending`, then those of the on_length retries queued meanwhile
+    (the same request ids, with retry_max_tokens): one pass of retries, so each is asked once more.
+    Not after a budget stop: an unanswered retry stays unsent, and a re-run asks it again."""
+    yield from teacher.generate(pending)
+    if policies.queue and not stopped():
+        queued, policies.queue = policies.queue, []
+        yield from teacher.generate(queued)
+
+
+class Policies:
+    """What a generate stage does with an answer before it is recorded (GenerateStage.on_length,
+    on_refusal; the server's content filter always): a Completion to record, or None when the answer
+    was queued for its one retry."""
+
+    def __init__(self, pipeline, name: str):
+        self.stage: GenerateStage = pipeline.stage(name)
+        self.retry_tokens = self.stage.retry_max_tokens or 2 * self.stage.params.max_tokens
+        self.retried: set[str] = set()
+        self.queue: list[Request] = []  # on_length retries, sent after the first pass
+        self.requests: dict[str, Request] = {}  # request id -> Request (set by run_stage)
+        self.refusal = _refusal_judge(pipeline) if self.stage.on_refusal == "error" else None
+
+    def __call__(self, c: Completion) -> Completion | None:
+        c = content_filtered(c)
+        if not c.ok:
+            return c
+        if c.request_id in self.retried:
+            c.retry_max_tokens = self.retry_tokens
+        if c.finish_reason == "length" and self.stage.on_length != "keep":
+            if self.stage.on_length == "retry" and c.request_id not in self.retried:
+                self.retried.add(c.request_id)
+                r = self.requests[c.request_id]
+                self.queue.append(Request(r.id, r.messages, {**r.params, "max_tokens": self.retry_tokens}, r.sample))
+                return None
+            tokens = self.retry_tokens if c.request_id in self.retried else self.stage.params.max_tokens
+            return Completion(c.request_id, latency_s=c.latency_s, error="length", error_message=(
+                f"the output was cut at max_tokens={tokens}"
+                + (" after its retry" if c.request_id in self.retried else "")
+                + f"; raise params.max_tokens or retry_max_tokens: {(c.text or '')[-120:]!r}"))
+        if self.refusal is not None:
+            verdict = self.refusal({"text": c.text or ""})
+            if verdict is False or isinstance(verdict, tuple) and verdict[0] is False:
+                return Completion(c.request_id, latency_s=c.latency_s, error="refusal",
+                                  error_message=f"the answer reads as a refusal: {(c.text or '')[:200]!r}")
+        return c
+
+
+def _refusal_judge(pipeline):
+    """judge(row) of the no_refusal filter: the workspace's filters/no_refusal.py if it has one, else the
+    built-in (so on_refusal and a no_refusal filter stage agree on what a refusal is)."""
+    from synth.filters import find_filter, load_filter_module
+
+    path = find_filter("no_refusal", pipeline.base_dir)
+    module = load_filter_module(path)
+    if not callable(getattr(module, "judge", None)):
+        raise SynthError(f"{path}: on_refusal needs judge(row) in this file")
+    return module.judge
 
 
 class Budget:
@@ -338,8 +418,31 @@ def _completion_rows(completions: list[Completion], teacher: str, run_id: str) -
         "prompt_tokens": pa.array([c.prompt_tokens for c in completions], pa.int32()),
         "completion_tokens": pa.array([c.completion_tokens for c in completions], pa.int32()),
         "latency_s": pa.array([c.latency_s for c in completions], pa.float64()),
+        "retry_max_tokens": pa.array([c.retry_max_tokens for c in completions], pa.int32()),
         "teacher": [teacher] * len(completions), "run_id": [run_id] * len(completions),
         "created_at": [now()] * len(completions)})
+
+
+def _logprob_rows(completions: list[Completion], tokenizer: str) -> pa.Table:
+    """synth.logprobs rows: one per generated token of each completion that carries logprobs."""
+    cols = {"request_id": [], "position": [], "token": [], "token_id": [], "logprob": [], "top": []}
+    for c in completions:
+        for position, t in enumerate(c.logprobs or ()):
+            cols["request_id"].append(c.request_id)
+            cols["position"].append(position)
+            cols["token"].append(t["token"])
+            cols["token_id"].append(t.get("token_id"))
+            cols["logprob"].append(float(t["logprob"]))
+            cols["top"].append([{"token": a["token"], "token_id": a.get("token_id"), "logprob": float(a["logprob"])}
+                                for a in t.get("top") or ()])
+    top_type = pa.list_(pa.struct([("token", pa.string()), ("token_id", pa.int32()), ("logprob", pa.float64())]))
+    return pa.table({"request_id": pa.array(cols["request_id"], pa.string()),
+                     "position": pa.array(cols["position"], pa.int32()),
+                     "token": pa.array(cols["token"], pa.string()),
+                     "token_id": pa.array(cols["token_id"], pa.int32()),
+                     "logprob": pa.array(cols["logprob"], pa.float64()),
+                     "top": pa.array(cols["top"], top_type),
+                     "tokenizer": pa.array([tokenizer] * len(cols["request_id"]), pa.string())})
 
 
 def _create_view(con, pipeline, name: str) -> None:

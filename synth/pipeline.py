@@ -75,9 +75,10 @@ class Pipeline:
     def fingerprint_parts(self, name: str) -> dict[str, str]:
         stage = self.stage(name)
         # budgets are not part of what a stage computes: raising one only lets an incomplete stage go on;
-        # nor is a train stage's batch_size, which is how its model generates later
+        # nor is a train stage's batch_size, which is how its model generates later, nor where a generate
+        # stage's requests run (ray): the request ids, hence the cache, do not depend on it
         parts = {"config": content_hash(stage.model_dump(mode="json", exclude={"description", "max_cost",
-                                                                                "max_tokens_total", "batch_size"}))}
+                                                                                "max_tokens_total", "batch_size", "ray"}))}
         if isinstance(stage, LoadStage):
             parts["file"] = self.seeds[name].file_hash
         if isinstance(stage, ExportStage) and stage.prompt:
@@ -443,7 +444,7 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
 
 def check_teachers(pipeline: Pipeline, names: list[str]) -> None:
     """What can be checked about the teachers without calling them, before anything is written:
-    API keys present in the environment."""
+    API keys present in the environment, and the capabilities a stage asks of its backend."""
     from synth.teachers import OpenAITeacherConfig
     from synth.teachers.openai import resolve_api_key
 
@@ -451,6 +452,11 @@ def check_teachers(pipeline: Pipeline, names: list[str]) -> None:
         stage = pipeline.stage(name)
         if isinstance(stage, GenerateStage):
             config = pipeline.teacher(stage.teacher)
+            if stage.params.logprobs is not None and not config.capabilities().logprobs:
+                raise SynthError(f"{pipeline.where(name)}: key 'params.logprobs': teacher '{stage.teacher}' "
+                                 f"(backend {config.backend}) cannot return logprobs"
+                                 + (" (its config says logprobs: false)" if config.backend == "openai" else "")
+                                 + "; remove params.logprobs or use a backend that has them (hf, vllm, openai)")
             if isinstance(config, OpenAITeacherConfig):
                 resolve_api_key(stage.teacher, config)
 

@@ -82,6 +82,31 @@ MIGRATIONS: list[str] = [
     CREATE TABLE synth.train_logs (
         stage VARCHAR, run_id VARCHAR, step INTEGER, loss DOUBLE, logs JSON, created_at TIMESTAMP);
     """,
+    # 6: OpenAI Batch API jobs of generate stages (synth/teachers/batch.py): one row per uploaded input
+    # file, recorded before the batch is created (status 'uploaded', batch_id NULL), so that a restart
+    # resumes polling a batch in flight, or finds the one it created just before dying, instead of
+    # submitting its requests again. unanswered_ids: the requests a finished batch returned no
+    # successful line for (NULL until its results were read).
+    """
+    CREATE TABLE synth.batches (
+        input_file_id VARCHAR PRIMARY KEY, batch_id VARCHAR, stage VARCHAR, teacher VARCHAR, model VARCHAR,
+        endpoint VARCHAR, params JSON, request_ids JSON, requests INTEGER, status VARCHAR,
+        output_file_id VARCHAR, error_file_id VARCHAR, unanswered_ids JSON, run_id VARCHAR,
+        submitted_at TIMESTAMP, updated_at TIMESTAMP, detail JSON);
+    """,
+    # 7: token-level log-probabilities of generated tokens (SamplingParams.logprobs = top k), for
+    # token-level distillation. One row per (request, position); `tokenizer` names whose vocabulary the
+    # tokens are in; token_id is NULL where the backend gives only strings (OpenAI-compatible servers).
+    """
+    CREATE TABLE synth.logprobs (
+        request_id VARCHAR, position INTEGER, token VARCHAR, token_id INTEGER, logprob DOUBLE,
+        top STRUCT(token VARCHAR, token_id INTEGER, logprob DOUBLE)[], tokenizer VARCHAR,
+        PRIMARY KEY (request_id, position));
+    """,
+    # 8: the max_tokens a completion was generated with when it is not its request's (an on_length retry)
+    """
+    ALTER TABLE synth.completions ADD COLUMN retry_max_tokens INTEGER;
+    """,
 ]
 
 

@@ -7,7 +7,12 @@ else one of `wrong` distractors (i+1, i+2, ...) uniformly; the draw is seeded by
 and the question, so a given request always gets the same answer.
 Critic requests (the system prompt mentions "grader"): "Score: 9" when the solution's boxed answer
 is correct, "Score: 2" when it is wrong, and a reply with no score when the solution contains
-"NOSCORE". Pairwise critic requests ("compare two"): the correct solution wins; when both or neither
+"NOSCORE". A question containing LONG gets a 12-word answer, cut at max_tokens words (finish_reason
+length) when that is smaller; REFUSE gets a refusal; FILTERME is stopped by a content filter. Usage is
+10 prompt and 5 completion tokens per answer (the budget tests price them), a LONG answer's word count.
+`logprobs: true` with `top_logprobs: k` returns OpenAI-shaped logprobs, one entry per word, unless
+the server was made with logprobs=False (as servers without them do, it then ignores the keys).
+Pairwise critic requests ("compare two"): the correct solution wins; when both or neither
 are correct it answers "Winner: A" — a pure position bias that judging both orders must cancel.
 """
 
@@ -24,9 +29,9 @@ from synth.parsers import last_boxed
 
 
 class ScriptedTeacher(LoopbackServer):
-    def __init__(self, p: float = 0.7, wrong: int = 2):
+    def __init__(self, p: float = 0.7, wrong: int = 2, logprobs: bool = True):
         super().__init__()
-        self.p, self.wrong = p, wrong
+        self.p, self.wrong, self.logprobs = p, wrong, logprobs
         self.requests = 0
 
     def answer(self, question_number: int, seed: int | None, salt: str) -> int:
@@ -50,20 +55,41 @@ class ScriptedTeacher(LoopbackServer):
             q = int(re.search(r"Q(\d+)", user).group(1))
             given = last_boxed(user)
             return "Checked.\nScore: 9" if given == str(q) else "Wrong result.\nScore: 2"
+        if "REFUSE" in user:
+            return "I'm sorry, but I can't help with that."
         q = int(re.search(r"Q(\d+)", user).group(1))
+        if "LONG" in user:
+            return f"Let me work through this one slowly, step by step: so \\boxed{{{self.answer(q, body.get('seed'), user)}}}"
         return f"Working it out. \\boxed{{{self.answer(q, body.get('seed'), user)}}}"
 
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests += 1
+        return web.json_response(self.response(body))
+
+    def response(self, body: dict) -> dict:
+        """The chat.completion object answering one request body."""
         text = self.reply(body)
         # a question containing FILTERME is cut by a content filter, as hosted APIs do
         finish = "content_filter" if "FILTERME" in body["messages"][-1]["content"] else "stop"
-        return web.json_response({
-            "id": f"chatcmpl-{self.requests}", "object": "chat.completion", "created": int(time.time()),
-            "model": body["model"], "choices": [{"index": 0, "finish_reason": finish,
-                                                 "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+        words = text.split(" ")
+        completion_tokens = len(words) if "LONG" in body["messages"][-1]["content"] else 5
+        if len(words) > (body.get("max_tokens") or 10**9):
+            words = words[:body["max_tokens"]]
+            text, finish, completion_tokens = " ".join(words), "length", len(words)
+        choice = {"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": text}}
+        if self.logprobs and body.get("logprobs"):
+            k = body.get("top_logprobs") or 0
+            # word t has logprob -0.1*(t+1); its alternatives are "alt1".."altk", less likely
+            choice["logprobs"] = {"content": [
+                {"token": (" " if t else "") + w, "logprob": -0.1 * (t + 1), "bytes": None,
+                 "top_logprobs": [{"token": (" " if t else "") + w, "logprob": -0.1 * (t + 1), "bytes": None}]
+                 + [{"token": f"alt{j}", "logprob": -0.1 * (t + 1) - j, "bytes": None} for j in range(1, k)]}
+                for t, w in enumerate(words)]}
+        return {"id": f"chatcmpl-{self.requests}", "object": "chat.completion", "created": int(time.time()),
+                "model": body["model"], "choices": [choice],
+                "usage": {"prompt_tokens": 10, "completion_tokens": completion_tokens,
+                          "total_tokens": 10 + completion_tokens}}
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)

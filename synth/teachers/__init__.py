@@ -32,6 +32,8 @@ class SamplingParams(BaseModel):
     stop: list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logprobs: int | None = Field(None, ge=0, le=20, description="store the log-probability of each generated "
+                                 "token and its top k alternatives in synth.logprobs (k = this)")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class Completion:
     latency_s: float | None = None
     error: str | None = None  # cause code: rate_limit, server_error, timeout, bad_request, connection, ...
     error_message: str | None = None
+    # when the request asked for logprobs: one dict per generated token, in order:
+    # {"token": str, "token_id": int | None, "logprob": float, "top": [{"token", "token_id", "logprob"}, ...]}
+    logprobs: list[dict] | None = None
+    retry_max_tokens: int | None = None  # generated with this max_tokens, not the request's (on_length retry)
 
     @property
     def ok(self) -> bool:
@@ -131,6 +137,9 @@ class HFTeacherConfig(_TeacherConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(16, ge=1)
 
+    def capabilities(self) -> Capabilities:
+        return Capabilities(n_samples=True, logprobs=True)
+
 
 class OpenAITeacherConfig(_TeacherConfig):
     backend: Literal["openai"]
@@ -146,6 +155,17 @@ class OpenAITeacherConfig(_TeacherConfig):
     client: Literal["auto", "openai", "http"] = Field(
         "auto", description="http: the raw aiohttp fast path; openai: the official client; auto: http when "
                             "base_url is set (a self-hosted server), else openai")
+    logprobs: bool = Field(True, description="the server returns logprobs when asked (OpenAI, vLLM and SGLang do); "
+                                             "false: a stage that asks for them fails before sending anything")
+    mode: Literal["online", "batch"] = Field(
+        "online", description="batch: the OpenAI Batch API (a JSONL file per batch, about half the price, "
+                              "results within completion_window); online: one request per call")
+    completion_window: str = Field("24h", description="mode batch: the Batch API's completion window")
+    batch_max_requests: int = Field(50_000, ge=1, description="mode batch: most requests in one batch")
+    poll_interval_s: float = Field(30.0, gt=0, description="mode batch: seconds between status checks")
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(n_samples=True, logprobs=self.logprobs)
 
 
 class VLLMTeacherConfig(_TeacherConfig):
@@ -154,6 +174,9 @@ class VLLMTeacherConfig(_TeacherConfig):
     max_model_len: int | None = None
     chunk_size: int = Field(256, ge=1, description="requests submitted per engine call; a crash loses at most one")
     engine: dict = Field(default_factory=dict, description="extra keyword arguments for vllm.LLM")
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(n_samples=True, logprobs=True)
 
 
 TeacherConfig = Annotated[Union[HFTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig],
@@ -191,6 +214,9 @@ def load_teacher(name: str, config: _TeacherConfig, base_dir: Path) -> Teacher:
     if config.backend == "hf":
         from synth.teachers.hf import HFTeacher
         return HFTeacher(name, config, base_dir)
+    if config.backend == "openai" and config.mode == "batch":
+        from synth.teachers.batch import BatchTeacher
+        return BatchTeacher(name, config, base_dir)
     if config.backend == "openai":
         from synth.teachers.openai import OpenAITeacher
         return OpenAITeacher(name, config, base_dir)

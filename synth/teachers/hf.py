@@ -16,7 +16,7 @@ from synth.teachers import Capabilities, Completion, HFTeacherConfig, Request, r
 
 
 class HFTeacher:
-    capabilities = Capabilities(n_samples=True, logprobs=False, structured_output=False)
+    capabilities = Capabilities(n_samples=True, logprobs=True, structured_output=False)
 
     def __init__(self, name: str, config: HFTeacherConfig, base_dir: Path):
         import torch
@@ -86,6 +86,9 @@ class HFTeacher:
         sampling = {"do_sample": temperature > 0}
         if temperature > 0:
             sampling.update(temperature=temperature, top_p=params.get("top_p", 1.0), top_k=params.get("top_k", 0))
+        top_k = params.get("logprobs")
+        if top_k is not None:  # the model's own (raw) logits of each step, before temperature and top-p
+            sampling.update(output_logits=True, return_dict_in_generate=True)
         try:
             out = self.lm.generate(**{k: v.to(self.lm.device) for k, v in enc.items()}, max_new_tokens=max_new,
                                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=list(self.eos_ids),
@@ -95,16 +98,38 @@ class HFTeacher:
                 yield Completion(r.id, error="backend_error", error_message=" ".join(str(exc).split())[:500])
             return
         latency = time.monotonic() - started
+        sequences = out.sequences if top_k is not None else out
         for i, r in enumerate(batch):
-            new = out[i, prompt_len:].tolist()
+            new = sequences[i, prompt_len:].tolist()
             stop_at = next((j for j, t in enumerate(new) if t in self.eos_ids), None)
             tokens = new if stop_at is None else new[:stop_at]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             finish = "length" if stop_at is None else "stop"
             text, finish = _apply_stop_strings(text, finish, params.get("stop"))
+            generated = len(tokens) + (0 if stop_at is None else 1)  # the end-of-sequence token counts
             yield Completion(r.id, text=text, finish_reason=finish,
-                             prompt_tokens=int(enc["attention_mask"][i].sum()),
-                             completion_tokens=len(tokens) + (0 if stop_at is None else 1), latency_s=latency)
+                             prompt_tokens=int(enc["attention_mask"][i].sum()), completion_tokens=generated,
+                             latency_s=latency,
+                             logprobs=None if top_k is None else self._logprobs(out.logits, i, new[:generated], top_k))
+
+    def _logprobs(self, logits, row: int, tokens: list[int], k: int) -> list[dict]:
+        """Completion.logprobs of one sequence: for each generated token, its log-probability under the
+        model and the k most likely tokens at that step (log_softmax of the raw logits)."""
+        import torch
+
+        steps = torch.stack([logits[t][row] for t in range(len(tokens))]).float().log_softmax(-1)
+        chosen = steps.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1).tolist()
+        top_values, top_ids = steps.topk(k, dim=-1) if k > 0 else (steps[:, :0], steps[:, :0].long())
+        def decode(ids: list[int]) -> list[str]:  # each token's text, as vLLM and OpenAI give it
+            return self.tokenizer.batch_decode([[i] for i in ids])
+
+        out = []
+        for t, token in enumerate(tokens):
+            ids = top_ids[t].tolist()
+            out.append({"token": decode([token])[0], "token_id": token, "logprob": chosen[t],
+                        "top": [{"token": tok, "token_id": i, "logprob": v}
+                                for tok, i, v in zip(decode(ids), ids, top_values[t].tolist())]})
+        return out
 
     def stop(self) -> None:
         self._stopped = True  # checked between batches

@@ -43,7 +43,26 @@ def request_body(model: str, request: Request) -> dict:
             "stop": p.get("stop"), "temperature": p.get("temperature"), "top_p": p.get("top_p")}
     if "top_k" in p:
         body["top_k"] = p["top_k"]
+    if p.get("logprobs") is not None:
+        body["logprobs"], body["top_logprobs"] = True, p["logprobs"]
     return {k: v for k, v in body.items() if v is not None}
+
+
+def parse_logprobs(teacher_name: str, request: Request, choice: dict) -> list[dict] | None:
+    """Completion.logprobs from an OpenAI-shaped choice (`logprobs.content`: token, logprob,
+    top_logprobs); None when the request did not ask. A server that answers without them cannot give
+    them to any request: SynthError, before more requests are spent."""
+    k = request.params.get("logprobs")
+    if k is None:
+        return None
+    content = (choice.get("logprobs") or {}).get("content")
+    if content is None:
+        raise SynthError(f"teacher '{teacher_name}': the server answered without logprobs though the stage asks "
+                         "for them (params.logprobs); this server cannot give them: set `logprobs: false` on the "
+                         "teacher and remove params.logprobs, or use a server that returns them (vLLM, OpenAI)")
+    return [{"token": t["token"], "token_id": None, "logprob": float(t["logprob"]),
+             "top": [{"token": a["token"], "token_id": None, "logprob": float(a["logprob"])}
+                     for a in (t.get("top_logprobs") or [])[:k]]} for t in content]
 
 
 class HTTPClient:
@@ -86,8 +105,9 @@ class HTTPClient:
             usage = data.get("usage") or {}
             return Completion(request.id, text=choice["message"].get("content") or "",
                               finish_reason=choice.get("finish_reason"), prompt_tokens=usage.get("prompt_tokens"),
-                              completion_tokens=usage.get("completion_tokens"), latency_s=latency)
-        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+                              completion_tokens=usage.get("completion_tokens"), latency_s=latency,
+                              logprobs=parse_logprobs(self.name, request, choice))
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
             return Completion(request.id, error="malformed_response", error_message=f"{type(exc).__name__}: {exc}",
                               latency_s=latency)
 

@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from synth.errors import SynthError
-from synth.teachers import Capabilities, Completion, OpenAITeacherConfig, Request, estimated_tokens
+from synth.teachers import Completion, OpenAITeacherConfig, Request, estimated_tokens
+from synth.teachers.http import parse_logprobs
 
 _DONE = object()
 
 
 class OpenAITeacher:
-    capabilities = Capabilities(n_samples=True, logprobs=False, structured_output=False)
-
     def __init__(self, name: str, config: OpenAITeacherConfig, base_dir: Path):
         self.name, self.config, self.model = name, config, config.model
+        self.capabilities = config.capabilities()
         self.api_key = resolve_api_key(name, config)
         self._stop = threading.Event()
         # called in the worker thread with each completion before the next request is taken (budgets)
@@ -123,13 +123,14 @@ class OpenAITeacher:
 
         p = request.params
         extra_body = {"top_k": p["top_k"]} if "top_k" in p else None
+        logprobs = {} if p.get("logprobs") is None else {"logprobs": True, "top_logprobs": p["logprobs"]}
         started = time.monotonic()
         try:
             response = await client.chat.completions.create(
                 model=self.model, messages=request.messages, temperature=p.get("temperature"),
                 top_p=p.get("top_p"), max_tokens=p.get("max_tokens"), seed=request.seed, stop=p.get("stop"),
                 presence_penalty=p.get("presence_penalty"), frequency_penalty=p.get("frequency_penalty"),
-                extra_body=extra_body)
+                extra_body=extra_body, **logprobs)
         except openai.AuthenticationError as exc:
             raise SynthError(f"teacher '{self.name}': the server refused the API key "
                              f"({_short(exc)}); check {self.config.api_key_env or 'the key'}") from None
@@ -151,7 +152,8 @@ class OpenAITeacher:
             usage = response.usage
             return Completion(request.id, text=choice.message.content or "", finish_reason=choice.finish_reason,
                               prompt_tokens=usage.prompt_tokens if usage else None,
-                              completion_tokens=usage.completion_tokens if usage else None, latency_s=latency)
+                              completion_tokens=usage.completion_tokens if usage else None, latency_s=latency,
+                              logprobs=parse_logprobs(self.name, request, choice.model_dump()))
         except (AttributeError, IndexError, TypeError) as exc:
             return Completion(request.id, error="malformed_response", error_message=_short(exc), latency_s=latency)
 

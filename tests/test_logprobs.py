@@ -1,0 +1,101 @@
+"""Token logprobs (params.logprobs = k) land in synth.logprobs, one row per generated token with its k
+best alternatives and the tokenizer named; a backend that cannot give them fails before sending
+anything. The hf backend runs a real tiny model and its numbers are checked against a forward pass;
+the openai backend talks to the scripted server (tests/scripted_teacher.py), whose logprobs are
+scripted (one token per word), on both client paths."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import query, synth, write
+from scripted_teacher import ScriptedTeacher
+
+
+def _pipeline(workspace, teacher_yaml: str, k: int = 3, max_tokens: int = 16):
+    rows = [{"id": f"q{i}", "question": f"Q{i}: what is {i} + {i}?"} for i in range(6)]
+    write(workspace / "questions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return write(workspace / "pipeline.yaml", f"""\
+        store: out/run.duckdb
+        teachers:
+          t: {teacher_yaml}
+        stages:
+          problems: {{kind: load, path: questions.jsonl}}
+          solutions: {{kind: generate, input: problems, teacher: t, prompt: solve, samples: 2,
+                      params: {{temperature: 1.0, max_tokens: {max_tokens}, seed: 0, logprobs: {k}}}}}
+        """)
+
+
+@pytest.mark.parametrize("client", ["http", "openai"])
+def test_openai_logprobs_are_stored_per_token(workspace, client):
+    store = workspace / "out" / "run.duckdb"
+    with ScriptedTeacher(p=1.0) as teacher:
+        synth("run", _pipeline(workspace, f'{{backend: openai, model: m, base_url: "{teacher.base_url}", '
+                                          f'client: {client}}}'), check=True)
+    words = {rid: len(text.split(" ")) for rid, text in query(store, "SELECT id, text FROM synth.completions")}
+    assert len(words) == 12
+    rows = query(store, "SELECT request_id, position, token, token_id, logprob, top, tokenizer FROM synth.logprobs "
+                        "ORDER BY request_id, position")
+    assert len(rows) == sum(words.values())
+    for rid, position, token, token_id, logprob, top, tokenizer in rows:
+        assert position < words[rid] and token_id is None and tokenizer == "m"
+        assert logprob == pytest.approx(-0.1 * (position + 1))
+        assert [a["token"] for a in top] == [token, "alt1", "alt2"]  # k = 3, best first
+
+
+def test_a_server_without_logprobs_stops_the_stage_with_one_line(workspace):
+    """The teacher's config says it has logprobs (the default) but the server ignores the request: the
+    first answer says so, the run stops with one line, and no answer without its logprobs is stored."""
+    store = workspace / "out" / "run.duckdb"
+    with ScriptedTeacher(p=1.0, logprobs=False) as teacher:
+        run = synth("run", _pipeline(workspace, f'{{backend: openai, model: m, base_url: "{teacher.base_url}"}}'))
+    assert run.returncode == 2, run.stderr
+    assert "answered without logprobs" in run.stderr and "Traceback" not in run.stderr
+    assert query(store, "SELECT count(*) FROM synth.completions") == [(0,)]
+
+
+def test_asking_a_backend_without_logprobs_fails_before_sending(workspace):
+    with ScriptedTeacher(p=1.0) as teacher:
+        run = synth("run", _pipeline(workspace, f'{{backend: openai, model: m, base_url: "{teacher.base_url}", '
+                                                f'logprobs: false}}'))
+    assert run.returncode == 2 and teacher.requests == 0
+    assert "stage 'solutions'" in run.stderr and "cannot return logprobs" in run.stderr
+    assert not (workspace / "out" / "run.duckdb").exists()  # nothing written
+
+
+def test_hf_logprobs_match_a_forward_pass(workspace, tiny_model):
+    """The hf backend's stored logprobs are log_softmax of the model's logits at each generated position:
+    recomputed here with one forward pass over prompt + completion."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    store = workspace / "out" / "run.duckdb"
+    synth("run", _pipeline(workspace, f"{{backend: hf, model: '{tiny_model}', batch_size: 4}}", k=5,
+                           max_tokens=12), check=True)
+    counts = dict(query(store, "SELECT id, completion_tokens FROM synth.completions"))
+    per_request = dict(query(store, "SELECT request_id, count(*) FROM synth.logprobs GROUP BY 1"))
+    assert per_request == counts  # one row per generated token, the end-of-sequence token included
+    rid = sorted(counts)[0]
+    rows = query(store, f"SELECT token_id, logprob, top, tokenizer FROM synth.logprobs WHERE request_id = '{rid}' "
+                        "ORDER BY position")
+    assert all(r[3] == str(tiny_model) for r in rows)
+    for token_id, logprob, top, _ in rows:
+        assert len(top) == 5 and logprob <= 0
+        assert [a["logprob"] for a in top] == sorted((a["logprob"] for a in top), reverse=True)
+        assert logprob <= top[0]["logprob"] + 1e-6 and sum(math.exp(a["logprob"]) for a in top) <= 1 + 1e-6
+        if token_id in [a["token_id"] for a in top]:
+            assert next(a["logprob"] for a in top if a["token_id"] == token_id) == pytest.approx(logprob)
+
+    messages = json.loads(query(store, "SELECT p.messages FROM synth.requests r JOIN synth.prompts p "
+                                       f"ON p.id = r.prompt_id WHERE r.id = '{rid}'")[0][0])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    generated = [r[0] for r in rows]
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + generated])).logits[0].float().log_softmax(-1)
+    expected = [logits[len(prompt) - 1 + t, token].item() for t, token in enumerate(generated)]
+    assert [r[1] for r in rows] == pytest.approx(expected, abs=1e-3)
