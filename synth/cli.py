@@ -114,7 +114,9 @@ def demo(target: Path) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def plan(pipeline: Path, stages: tuple[str, ...], fmt: str) -> None:
     """Show what `synth run` would do, without calling any teacher: each stage, stale or fresh and
-    why, requests cached vs to send, and a token estimate (~4 characters per token)."""
+    why, requests cached vs to send, and a token estimate: counted with the teacher's tokenizer and chat
+    template when synth can load it (hf, vllm, an openai teacher's `tokenizer`), else ~4 characters
+    per token (marked ≈)."""
     from rich.table import Table
 
     from synth.pipeline import load_pipeline, plan as make_plan
@@ -132,7 +134,8 @@ def plan(pipeline: Path, stages: tuple[str, ...], fmt: str) -> None:
     for r in rows:
         cost = "" if r.get("max_cost") is None else f"${r['max_cost']:,.4f}"
         table.add_row(r["stage"], r["kind"], "stale" if r["stale"] else "fresh", fmt(r.get("requests")),
-                      fmt(r.get("cached")), fmt(r.get("to_send")), fmt(r.get("est_prompt_tokens")),
+                      fmt(r.get("cached")), fmt(r.get("to_send")),
+                      ("≈" if r.get("prompt_tokens_by") == "chars/4" else "") + fmt(r.get("est_prompt_tokens")),
                       fmt(r.get("max_completion_tokens")), cost, r.get("note") or r["reason"])
     _console().print(table)
 

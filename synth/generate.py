@@ -32,7 +32,7 @@ from synth.errors import SynthError
 from synth.ids import prompt_id, request_id
 from synth.parsers import PARSER_COLUMNS, PARSERS
 from synth.store import fetch_one, Store, now, quote_ident, sql_str
-from synth.teachers import CHARS_PER_TOKEN, Completion, Request, content_filtered, load_teacher
+from synth.teachers import Completion, Request, content_filtered, load_teacher, prompt_token_counter
 
 
 def flush_batch_rows() -> int:
@@ -126,13 +126,19 @@ def estimate(pipeline, name: str, statuses) -> dict:
     planned = build_requests(pipeline, name, rows)
     cached = cached_ids(pipeline.store, [r.id for r in planned.requests])
     to_send = [r for r in planned.requests if r.id not in cached]
-    prompt_chars = sum(len(m["content"]) for r in to_send for m in r.messages)
-    est_prompt = int(prompt_chars / CHARS_PER_TOKEN)
+    count, counted_by = prompt_token_counter(pipeline.teacher(stage.teacher), pipeline.base_dir)
+    per_prompt: dict[str, int] = {}  # the samples of one prompt share its count
+    est_prompt = 0
+    for r in to_send:
+        pid = planned.prompt_of[r.id]
+        if pid not in per_prompt:
+            per_prompt[pid] = count(r.messages)
+        est_prompt += per_prompt[pid]
     max_completion = len(to_send) * stage.params.max_tokens
     prices = pipeline.prices(name)
     # at most: every request is assumed to use its whole max_tokens
     return {"requests": len(planned.requests), "cached": len(cached), "to_send": len(to_send),
-            "est_prompt_tokens": est_prompt, "max_completion_tokens": max_completion,
+            "est_prompt_tokens": est_prompt, "prompt_tokens_by": counted_by, "max_completion_tokens": max_completion,
             "max_cost": round(prices.cost(est_prompt, max_completion), 6) if prices else None}
 
 

@@ -86,3 +86,29 @@ def test_run_level_max_cost(workspace):
         assert 15 <= saved <= 15 + 3 and teacher.requests == saved
         synth("run", pipeline, check=True)
         assert teacher.requests == ROWS * SAMPLES
+
+
+def test_plan_counts_prompt_tokens_with_the_teachers_tokenizer(workspace, tiny_model):
+    """`synth plan` counts prompt tokens with the tokenizer and chat template when it can load them (an
+    openai teacher's `tokenizer` key here, pointing at a local tiny model), else ~4 characters per token."""
+    from transformers import AutoTokenizer
+
+    write(workspace / "questions.jsonl", "".join(json.dumps({"id": f"q{i}", "question": f"Q{i}: what is it?"})
+                                                  + "\n" for i in range(ROWS)))
+    text = pipeline_text("http://127.0.0.1:9/v1", 1.0)  # plan calls no teacher
+    counted = write(workspace / "pipeline.yaml", text.replace("backend: openai,", f"backend: openai, tokenizer: "
+                                                                                  f"'{tiny_model}',"))
+    solutions = next(r for r in json.loads(synth("plan", counted, "--format", "json", check=True).stdout)
+                     if r["stage"] == "solutions")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    system = "Solve step by step and end with \\boxed{ANSWER}."
+    expected = sum(len(tok.apply_chat_template([{"role": "system", "content": system},
+                                                {"role": "user", "content": f"Q{i}: what is it?"}],
+                                               add_generation_prompt=True, tokenize=True)["input_ids"])
+                   for i in range(ROWS)) * SAMPLES
+    assert solutions["prompt_tokens_by"] == "tokenizer" and solutions["est_prompt_tokens"] == expected
+    approx = write(workspace / "pipeline.yaml", text)
+    solutions = next(r for r in json.loads(synth("plan", approx, "--format", "json", check=True).stdout)
+                     if r["stage"] == "solutions")
+    assert solutions["prompt_tokens_by"] == "chars/4" and solutions["est_prompt_tokens"] != expected
+    assert "≈" in synth("plan", approx, check=True).stdout

@@ -79,6 +79,30 @@ def estimated_tokens(request: Request) -> int:
     return int(chars / CHARS_PER_TOKEN) + int(request.params.get("max_tokens") or 0)
 
 
+def prompt_token_counter(config, base_dir: Path):
+    """(count(messages) -> prompt tokens, how) for `synth plan`: the tokenizer and chat template of the
+    teacher's model (hf, vllm) or of its `tokenizer` key (openai), when one can be loaded here (a local
+    dir, or a hub id in the local cache); else prompt characters / CHARS_PER_TOKEN."""
+    source = getattr(config, "tokenizer", None) if config.backend == "openai" else config.model
+    if source:
+        try:
+            from transformers import AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            tok = AutoTokenizer.from_pretrained(resolve_model_path(source, base_dir))
+            if tok.chat_template:
+                def count(messages: list[dict]) -> int:
+                    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5: a BatchEncoding
+                        ids = ids["input_ids"]
+                    return len(ids)
+                return count, "tokenizer"
+        except Exception:  # noqa: BLE001 - no transformers, not cached offline, not a tokenizer: approximate
+            pass
+    return (lambda messages: int(sum(len(m.get("content") or "") for m in messages) / CHARS_PER_TOKEN)), "chars/4"
+
+
 def content_filtered(c: Completion) -> Completion:
     """An output the server stopped for its content policy (finish_reason `content_filter`) is not
     data: it becomes an error with cause `content_filter`, counted by `synth status` and asked again
@@ -155,6 +179,9 @@ class OpenAITeacherConfig(_TeacherConfig):
     client: Literal["auto", "openai", "http"] = Field(
         "auto", description="http: the raw aiohttp fast path; openai: the official client; auto: http when "
                             "base_url is set (a self-hosted server), else openai")
+    tokenizer: str | None = Field(None, description="a local dir or hub id whose tokenizer (and chat template) "
+                                                    "`synth plan` counts prompt tokens with; unset: ~4 characters "
+                                                    "per token")
     logprobs: bool = Field(True, description="the server returns logprobs when asked (OpenAI, vLLM and SGLang do); "
                                              "false: a stage that asks for them fails before sending anything")
     mode: Literal["online", "batch"] = Field(
