@@ -199,7 +199,8 @@ class VLLMTeacherConfig(_TeacherConfig):
     backend: Literal["vllm"]
     dtype: str = "auto"
     max_model_len: int | None = None
-    chunk_size: int = Field(256, ge=1, description="requests submitted per engine call; a crash loses at most one")
+    chunk_size: int = Field(256, ge=1, description="most requests in the engine at once (a finished one is replaced "
+                                                   "at once); a crash loses at most these")
     engine: dict = Field(default_factory=dict, description="extra keyword arguments for vllm.LLM")
 
     def capabilities(self) -> Capabilities:
