@@ -457,6 +457,9 @@ def check_teachers(pipeline: Pipeline, names: list[str]) -> None:
                                  f"(backend {config.backend}) cannot return logprobs"
                                  + (" (its config says logprobs: false)" if config.backend == "openai" else "")
                                  + "; remove params.logprobs or use a backend that has them (hf, vllm, openai)")
+            if stage.ray is not None and getattr(config, "mode", "online") == "batch":
+                raise SynthError(f"{pipeline.where(name)}: key 'ray': teacher '{stage.teacher}' uses mode batch, which "
+                                 "runs on the provider's side; remove `ray:` from the stage or use mode online")
             if isinstance(config, OpenAITeacherConfig):
                 resolve_api_key(stage.teacher, config)
 

@@ -51,6 +51,8 @@ CASES = [
     ("malformed seed row", "path: seeds.jsonl", "path: broken.jsonl", ["broken.jsonl:3", "not valid JSON"]),
     ("stage name is a SQL keyword", "  sft: {kind", "  unique: {kind", ["pipeline.yaml:13", "'unique'", "reserved SQL keyword"]),
     ("unknown export format", "format: sft", "format: dpo", ["pipeline.yaml:13", "stage 'sft'", "format"]),
+    ("unknown on_length policy", "samples: 2", "samples: 2\n    on_length: trim",
+     ["pipeline.yaml:12", "stage 'solutions'", "key 'on_length'", "'keep', 'retry' or 'error'"]),
 ]
 
 
@@ -81,6 +83,14 @@ def test_bad_input_is_one_line_and_writes_nothing(project, case, old, new, must,
     pipeline = project / "pipeline.yaml"
     pipeline.write_text(VALID.replace(old, new, 1))
     assert_one_line_error(synth(command, pipeline), must)
+    assert not (project / "out").exists()
+
+
+def test_batch_api_teacher_on_ray_is_refused_before_anything_is_written(project):
+    text = VALID.replace("backend: hf, model: models/tiny", "backend: openai, model: m, base_url: 'http://x/v1', "
+                         "mode: batch").replace("samples: 2", "samples: 2\n    ray: {workers: 1}")
+    pipeline = write(project / "pipeline.yaml", text)
+    assert_one_line_error(synth("run", pipeline), ["stage 'solutions'", "key 'ray'", "mode batch"])
     assert not (project / "out").exists()
 
 
