@@ -42,6 +42,20 @@ class SynthGroup(click.Group):
             sys.exit(130)
 
 
+def _show_progress_logs() -> None:
+    """Messages a backend logs to the `synth` logger at INFO and above (the Batch API teacher: batches
+    submitted, their status and counts, which can take hours) go to stderr as indented lines."""
+    import logging
+
+    logger = logging.getLogger("synth")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("  %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 @click.group(cls=SynthGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="synth-distill")
 def main() -> None:
@@ -66,6 +80,7 @@ def run(pipeline: Path, stages: tuple[str, ...], force: bool, max_cost: float | 
     from synth.pipeline import load_pipeline, run as run_pipeline
 
     p = load_pipeline(pipeline)
+    _show_progress_logs()
     counts = run_pipeline(p, list(stages) or None, force=force, argv=sys.argv[1:], console=_err_console(),
                           max_cost=max_cost)
     click.echo(f"run {counts['run_id']}: {len(counts['stages_run'])} stages run, {counts['sent']} requests sent, "

@@ -233,6 +233,8 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                 in_worker = hasattr(teacher, "on_result")
                 if in_worker:
                     teacher.on_result = account
+                if hasattr(teacher, "on_idle"):  # a teacher that waits long between answers (the Batch API):
+                    teacher.on_idle = flush      # what arrived is committed before each wait
                 policies.requests = by_id
                 for completion in _with_retries(teacher, pending, policies, lambda: budget.stopped):
                     sent += 1

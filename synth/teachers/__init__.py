@@ -188,7 +188,8 @@ class OpenAITeacherConfig(_TeacherConfig):
         "online", description="batch: the OpenAI Batch API (a JSONL file per batch, about half the price, "
                               "results within completion_window); online: one request per call")
     completion_window: str = Field("24h", description="mode batch: the Batch API's completion window")
-    batch_max_requests: int = Field(50_000, ge=1, description="mode batch: most requests in one batch")
+    batch_max_requests: int = Field(50_000, ge=1, le=50_000, description="mode batch: most requests in one batch "
+                                                                         "(the Batch API's limit is 50,000)")
     poll_interval_s: float = Field(30.0, gt=0, description="mode batch: seconds between status checks")
 
     def capabilities(self) -> Capabilities:
