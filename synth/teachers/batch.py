@@ -63,7 +63,7 @@ from typing import Iterator, Sequence
 
 from synth.errors import SynthError
 from synth.teachers import Completion, OpenAITeacherConfig, Request
-from synth.teachers.http import parse_logprobs, request_body
+from synth.teachers.http import http_cause, parse_logprobs, request_body
 from synth.teachers.openai import error_cause, resolve_api_key
 
 log = logging.getLogger("synth")
@@ -578,22 +578,7 @@ def _line_cause(status: int | None, code: str | None, message: str) -> str:
     """The cause code of a failed line: the same codes as the online teacher (synth/teachers/http.py)."""
     if code in ("batch_expired", "batch_cancelled"):
         return code
-    if status == 429:
-        return "rate_limit"
-    if status == 408:
-        return "timeout"
-    if status is not None and status >= 500:
-        return "server_error"
-    text = message.lower()
-    if status == 400 and "context" in text and ("length" in text or "window" in text):
-        return "context_length"
-    if status in (401, 403):
-        return "auth"
-    if status == 404:
-        return "not_found"
-    if status is not None and 400 <= status < 500:
-        return "bad_request"
-    return code or "api_error"
+    return http_cause(status, message) if status is not None else code or "api_error"
 
 
 def _batch_error(b: _Batch, server) -> tuple[str, str]:

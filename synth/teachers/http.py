@@ -35,6 +35,29 @@ class _Final(Exception):
         self.cause = cause
 
 
+def is_context_length(text: str) -> bool:
+    """A 400's message says the prompt (plus max_tokens) exceeds the model's context."""
+    text = text.lower()
+    return "context" in text and ("length" in text or "window" in text) or "maximum" in text and "token" in text
+
+
+def http_cause(status: int, text: str) -> str:
+    """The cause code of a failed HTTP answer: the fast path's and the Batch API's error lines'."""
+    if status == 429:
+        return "rate_limit"
+    if status == 408:
+        return "timeout"
+    if status >= 500:
+        return "server_error"
+    if status == 400 and is_context_length(text):
+        return "context_length"
+    if status in (401, 403):
+        return "auth"
+    if status == 404:
+        return "not_found"
+    return "bad_request" if 400 <= status < 500 else "api_error"
+
+
 def request_body(model: str, request: Request) -> dict:
     """The chat-completions body: the keys the openai client sends for the same call, None omitted."""
     p = request.params
@@ -151,13 +174,10 @@ class HTTPClient:
         if status == 404:
             raise SynthError(f"teacher '{self.name}': {self.url} answered 404 ({message}); check base_url and model")
         if status in RETRY_STATUS:
-            cause = "rate_limit" if status == 429 else "timeout" if status == 408 else "server_error"
-            exc = _Retryable(cause, message, retry_after)
+            exc = _Retryable("server_error" if status == 409 else http_cause(status, text), message, retry_after)
             exc.headers = headers  # a 429's x-ratelimit-* tell the limiter when the budget resets
             raise exc
-        if status == 400 and "context" in text.lower() and ("length" in text.lower() or "window" in text.lower()):
-            raise _Final("context_length", message)
-        raise _Final("bad_request" if 400 <= status < 500 else "api_error", message)
+        raise _Final(http_cause(status, text), message)
 
 
 def _retry_after(headers) -> float | None:

@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 
 from synth.errors import SynthError
 from synth.teachers import Completion, OpenAITeacherConfig, Request, estimated_tokens
-from synth.teachers.http import parse_logprobs
+from synth.teachers.http import is_context_length, parse_logprobs
 
 _DONE = object()
 
@@ -187,10 +187,7 @@ def error_cause(exc: Exception) -> str:
     if isinstance(exc, openai.InternalServerError) or getattr(exc, "status_code", 0) >= 500:
         return "server_error"
     if isinstance(exc, openai.BadRequestError):
-        text = str(exc).lower()
-        if "context" in text and ("length" in text or "window" in text) or "maximum" in text and "token" in text:
-            return "context_length"
-        return "bad_request"
+        return "context_length" if is_context_length(str(exc)) else "bad_request"
     if isinstance(exc, openai.APIResponseValidationError):
         return "malformed_response"
     return "api_error"
