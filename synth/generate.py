@@ -183,7 +183,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
     if pending and budget.reached():
         console.print(f"  {name}: at its budget before sending anything ({budget.describe()})")
         pending = []
-    sent, errors, tokens = 0, 0, 0
+    sent, errors, tokens, answered = 0, 0, 0, 0  # sent counts an on_length retry as a request of its own
     buffer: list[Completion] = []
     by_id = {r.id: r for r in pending}
 
@@ -244,6 +244,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                     if completion is None:  # cut at max_tokens: queued for its retry, nothing to record yet
                         continue
                     if completion.ok:
+                        answered += 1
                         tokens += completion.completion_tokens or 0
                     else:
                         errors += 1
@@ -252,16 +253,16 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                     if t - last_update < 0.1:  # the bar refreshes 10x/s; updating it per row costs the client CPU
                         continue
                     last_update, elapsed = t, max(t - started, 1e-6)
-                    progress.update(task, completed=len(cached) + sent - errors, sent=sent, errors=errors,
+                    progress.update(task, completed=len(cached) + answered, sent=sent, errors=errors,
                                     tps=f"{tokens / elapsed:,.0f}")
                     if len(buffer) >= flush_rows or t - last_flush >= flush_every:
                         flush()
                         last_flush = time.monotonic()
                     if not console.is_terminal and t - last_log >= log_every:
                         last_log = t
-                        console.print(f"  {name}: {len(cached) + sent - errors}/{len(ids)} · sent {sent} · "
+                        console.print(f"  {name}: {len(cached) + answered}/{len(ids)} · sent {sent} · "
                                       f"errors {errors} · {tokens / elapsed:,.0f} tok/s", highlight=False)
-                progress.update(task, completed=len(cached) + sent - errors, sent=sent, errors=errors)
+                progress.update(task, completed=len(cached) + answered, sent=sent, errors=errors)
     finally:
         flush()  # an exception or Ctrl-C keeps everything that had arrived
         if teacher is not None:
