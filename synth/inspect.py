@@ -130,10 +130,33 @@ def print_status(pipeline, console: Console) -> None:
                       *[_cell(r.get(k)) for k in ("rows", "requests", "done", "failed", "pending")],
                       _cell(r.get("completion_tokens")), cost, r["why"])
     console.print(table)
+    for line in open_batches(pipeline.store):
+        console.print(line, highlight=False)
     for run in last_runs(pipeline.store, 3):
         counts = json.loads(run["counts"]) if run["counts"] else {}
         console.print(f"[dim]run {run['id']} {run['command']} {run['status']} started {run['started_at']:%Y-%m-%d %H:%M:%S} "
                       f"sent {counts.get('sent', '-')} errors {counts.get('errors', '-')}[/dim]")
+
+
+def open_batches(store: Store) -> list[str]:
+    """One line per Batch API batch that has not ended (mode: batch), with its server-side counts, as
+    last polled: a job that takes hours shows where it stands."""
+    if not store.exists():
+        return []
+    with store.read() as con:
+        if not fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'synth' "
+                              "AND table_name = 'batches'")[0]:
+            return []
+        rows = con.execute("SELECT stage, batch_id, status, requests, detail, updated_at FROM synth.batches WHERE "
+                           "status IN ('uploaded', 'validating', 'in_progress', 'finalizing', 'cancelling') "
+                           "ORDER BY submitted_at").fetchall()
+    lines = []
+    for stage, batch_id, status, requests, detail, updated in rows:
+        counts = (json.loads(detail) if detail else {}).get("request_counts") or {}
+        done = f"{counts.get('completed', 0)} done, {counts.get('failed', 0)} failed of " if counts else ""
+        lines.append(f"batch {batch_id or '(being created)'} of {stage}: {status}, {done}{requests} requests "
+                     f"(checked {updated:%Y-%m-%d %H:%M:%S})")
+    return lines
 
 
 def show(store: Store, stage: str, n: int, console: Console) -> None:

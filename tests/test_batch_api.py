@@ -150,6 +150,8 @@ def test_killed_while_batches_are_in_flight_resumes_them_without_resubmitting(qu
     try:
         wait_until(proc, lambda: read_store(store, "SELECT count(*) FROM synth.batches WHERE status = 'in_progress'")
                    == [(3,)], "three batches in progress")
+        status = synth("status", pipeline, env=env, check=True).stdout  # answers while the run waits
+        assert sum(f"batch {b['id']} of solutions: in_progress" in status for b in api.batches) == 3, status
         first = api.batches[0]["id"]
         api.release(first)
         wait_until(proc, lambda: read_store(store, "SELECT count(*) FROM synth.completions") == [(25,)],
