@@ -424,3 +424,24 @@ def test_the_teacher_in_process_without_a_store(api, monkeypatch, tmp_path):
     assert out.keys() == {r.id for r in requests} and all(c.ok for c in out.values())
     assert all(out[r.id].text == api.scripted.response(request_body("scripted", r))["choices"][0]["message"]["content"]
                for r in requests)
+
+
+def test_answers_rejected_by_a_policy_are_asked_again_in_a_new_batch(workspace, api, env):
+    """A refusal (on_refusal: error) or an answer cut at max_tokens (on_length: error) that came back in a
+    batch is an error row, and the next run submits it again in a new batch rather than re-reading the
+    same answer from the old batch's file (which would repeat the error forever)."""
+    rows = [{"id": f"q{i}", "question": f"Q{i}: what is it?" + {2: " REFUSE", 5: " LONG"}.get(i, "")}
+            for i in range(8)]
+    write(workspace / "questions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    pipeline = write(workspace / "pipeline.yaml", pipeline_text(
+        api.base_url, stage_extra=", on_refusal: error, on_length: error", params="temperature: 0, max_tokens: 8, seed: 0"))
+    store = workspace / "out" / "run.duckdb"
+    first = synth("run", pipeline, env=env)
+    assert first.returncode == 1 and len(api.batches) == 1
+    errors = sorted(r[0] for r in query(store, "SELECT cause FROM synth.errors"))
+    assert errors == ["length"] * SAMPLES + ["refusal"] * SAMPLES
+    again = synth("run", pipeline, env=env)
+    assert again.returncode == 1 and len(api.batches) == 2  # asked again, in a batch of their own
+    assert sorted(api.batches[1]["custom_ids"]) == sorted(r[0] for r in query(
+        store, "SELECT DISTINCT request_id FROM synth.errors"))
+    assert query(store, "SELECT count(*) FROM synth.completions") == [(6 * SAMPLES,)]

@@ -103,6 +103,11 @@ def prompt_token_counter(config, base_dir: Path):
     return (lambda messages: int(sum(len(m.get("content") or "") for m in messages) / CHARS_PER_TOKEN)), "chars/4"
 
 
+# causes of answers that came back and that the generate stage rejected by a policy (content_filtered
+# below, GenerateStage.on_length / on_refusal): a re-run asks them again rather than re-reading them
+POLICY_CAUSES = ("content_filter", "length", "refusal")
+
+
 def content_filtered(c: Completion) -> Completion:
     """An output the server stopped for its content policy (finish_reason `content_filter`) is not
     data: it becomes an error with cause `content_filter`, counted by `synth status` and asked again

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from synth.errors import SynthError
-from synth.teachers import Completion, OpenAITeacherConfig, Request
+from synth.teachers import POLICY_CAUSES, Completion, OpenAITeacherConfig, Request
 from synth.teachers.http import http_cause, parse_logprobs, request_body
 from synth.teachers.openai import error_cause, resolve_api_key
 
@@ -95,6 +95,7 @@ class _Batch:
     output_file_id: str | None = None
     error_file_id: str | None = None
     recorded_at: datetime | None = None
+    submitted_at: datetime | None = None
     counts: dict | None = None
     assigned: set[str] = field(default_factory=set)
 
@@ -176,10 +177,14 @@ class BatchTeacher:
         if uploaded:
             self._resolve_uploaded(uploaded)
         batches = [b for b in batches if b.status in OPEN | ENDED]
+        rejected = self._rejected()
         taken: set[str] = set()
         # ended batches first (answers already paid for), then open ones; oldest first within each
         for b in sorted(batches, key=lambda b: (b.status not in ENDED, b.recorded_at or datetime.min)):
             can = set(b.request_ids) - (b.unanswered or set()) - taken
+            # an answer of this batch that the stage rejected by a policy (refusal, cut at max_tokens,
+            # content filter) is asked again in a new batch, not read again from this one
+            can = {i for i in can if not (i in rejected and b.submitted_at and rejected[i] >= b.submitted_at)}
             b.assigned = {i for i in can if i in self._todo and params_key(self._todo[i].params) == b.params}
             taken |= b.assigned
         adopted = [b for b in batches if b.assigned]
@@ -188,18 +193,27 @@ class BatchTeacher:
                      b.status, len(b.assigned))
         return adopted
 
+    def _rejected(self) -> dict[str, datetime]:
+        """Request id -> when the stage last recorded an answer of it as rejected by a policy."""
+        if self.store is None or not self.store.exists():
+            return {}
+        with self.store.read() as con:
+            return dict(con.execute(
+                f"SELECT request_id, max(created_at) FROM synth.errors WHERE stage = ? AND cause IN "
+                f"({', '.join('?' * len(POLICY_CAUSES))}) GROUP BY 1", [self.stage, *POLICY_CAUSES]).fetchall())
+
     def _load(self) -> list[_Batch]:
         if self.store is None or not self.store.exists():
             return []
         with self.store.read() as con:
             rows = con.execute(
                 "SELECT input_file_id, batch_id, status, params, request_ids, unanswered_ids, output_file_id, "
-                "error_file_id, updated_at FROM synth.batches WHERE model = ? AND endpoint = ? AND status "
-                "NOT IN (?, ?, ?) ORDER BY updated_at",
+                "error_file_id, updated_at, submitted_at FROM synth.batches WHERE model = ? AND endpoint = ? AND "
+                "status NOT IN (?, ?, ?) ORDER BY updated_at",
                 [self.model, self.endpoint, ABANDONED, REFUSED, LOST]).fetchall()
         return [_Batch(fid, bid, status, params_key(json.loads(params)), json.loads(ids),
-                       set(json.loads(unanswered)) if unanswered is not None else None, out, err, at)
-                for fid, bid, status, params, ids, unanswered, out, err, at in rows]
+                       set(json.loads(unanswered)) if unanswered is not None else None, out, err, at, submitted)
+                for fid, bid, status, params, ids, unanswered, out, err, at, submitted in rows]
 
     def _resolve_uploaded(self, uploaded: list[_Batch]) -> None:
         """Rows whose batch creation was cut short: adopt the batch made from their file, if any."""
