@@ -313,7 +313,7 @@ def _python_filter(pipeline, name: str, rows: list[dict]) -> list[Verdict]:
         raise SynthError(f"{path}: the filter raised {type(exc).__name__}: {exc}") from None
     if len(results) != len(rows):
         raise SynthError(f"{path}: judge_batch returned {len(results)} results for {len(rows)} rows; return one per row")
-    return [_as_verdict(r, stage.use, path) for r in results]
+    return [as_verdict(r, stage.use, path) for r in results]
 
 
 def load_filter_module(path: Path):
@@ -329,7 +329,7 @@ def load_filter_module(path: Path):
     return module
 
 
-def _as_verdict(result, label: str, path: Path) -> Verdict:
+def as_verdict(result, label: str, path: Path) -> Verdict:
     """A filter's answer as a Verdict; anything else is the filter's bug, reported in one line (never a
     NULL `passed`, which a lenient keep would count as a pass)."""
     if isinstance(result, Verdict) and isinstance(result.passed, bool):

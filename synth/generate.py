@@ -173,9 +173,12 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                                                                  planned.input_ids, cached, parse))
         _create_view(con, pipeline, name)
         record_stage(con, pipeline, name, "running", len(cached), run_id, total=len(ids))
-        spent_in, spent_out = fetch_one(con, "SELECT coalesce(sum(c.prompt_tokens), 0), coalesce(sum("
-                                        "c.completion_tokens), 0) FROM synth.generations g JOIN synth.completions c "
-                                        "USING (id) WHERE g.stage = ?", [name])
+        # what the stage has spent: its answers, and the answers it rejected by a policy (paid for too)
+        spent_in, spent_out = fetch_one(con, "SELECT coalesce(sum(p), 0), coalesce(sum(c), 0) FROM ("
+                                        "SELECT c.prompt_tokens AS p, c.completion_tokens AS c FROM synth.generations g "
+                                        "JOIN synth.completions c USING (id) WHERE g.stage = ? UNION ALL "
+                                        "SELECT prompt_tokens, completion_tokens FROM synth.errors WHERE stage = ?)",
+                                        [name, name])
 
     budget = Budget(stage, pipeline.prices(name), spent_in, spent_out, pipeline.run_budget)
     policies = Policies(pipeline, name)
@@ -201,6 +204,8 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             Store.insert_arrow(con, "synth.errors", pa.table({
                 "request_id": [c.request_id for c in bad], "stage": [name] * len(bad),
                 "cause": [c.error for c in bad], "message": [(c.error_message or "")[:2000] for c in bad],
+                "prompt_tokens": pa.array([c.prompt_tokens for c in bad], pa.int32()),
+                "completion_tokens": pa.array([c.completion_tokens for c in bad], pa.int32()),
                 "run_id": [run_id] * len(bad), "created_at": [now()] * len(bad)}), mode="")
         buffer.clear()
 
@@ -338,28 +343,37 @@ class Policies:
                 self.queue.append(Request(r.id, r.messages, {**r.params, "max_tokens": self.retry_tokens}, r.sample))
                 return None
             tokens = self.retry_tokens if c.request_id in self.retried else self.stage.params.max_tokens
-            return Completion(c.request_id, latency_s=c.latency_s, error="length", error_message=(
-                f"the output was cut at max_tokens={tokens}"
-                + (" after its retry" if c.request_id in self.retried else "")
-                + f"; raise params.max_tokens or retry_max_tokens: {(c.text or '')[-120:]!r}"))
-        if self.refusal is not None:
-            verdict = self.refusal({"text": c.text or ""})
-            if verdict is False or isinstance(verdict, tuple) and verdict[0] is False:
-                return Completion(c.request_id, latency_s=c.latency_s, error="refusal",
-                                  error_message=f"the answer reads as a refusal: {(c.text or '')[:200]!r}")
+            return c.rejected("length", f"the output was cut at max_tokens={tokens}"
+                              + (" after its retry" if c.request_id in self.retried else "")
+                              + f"; raise params.max_tokens or retry_max_tokens: {(c.text or '')[-120:]!r}")
+        if self.refusal is not None and self.refusal(c.text or ""):
+            return c.rejected("refusal", f"the answer reads as a refusal: {(c.text or '')[:200]!r}")
         return c
 
 
 def _refusal_judge(pipeline):
-    """judge(row) of the no_refusal filter: the workspace's filters/no_refusal.py if it has one, else the
-    built-in (so on_refusal and a no_refusal filter stage agree on what a refusal is)."""
-    from synth.filters import find_filter, load_filter_module
+    """refused(text) from judge(row) of the no_refusal filter: the workspace's filters/no_refusal.py if it
+    has one, else the built-in, so that on_refusal and a no_refusal filter stage (without `args`) agree on
+    what a refusal is."""
+    from synth.filters import as_verdict, load_filter_module
+    from synth.paths import builtin_dir
 
-    path = find_filter("no_refusal", pipeline.base_dir)
+    path = pipeline.base_dir / "filters" / "no_refusal.py"
+    if not path.is_file():
+        path = builtin_dir("filters") / "no_refusal.py"
     module = load_filter_module(path)
     if not callable(getattr(module, "judge", None)):
         raise SynthError(f"{path}: on_refusal needs judge(row) in this file")
-    return module.judge
+
+    def refused(text: str) -> bool:
+        try:
+            return not as_verdict(module.judge({"text": text}), "refusal", path).passed
+        except SynthError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the workspace's filter file is the user's code
+            raise SynthError(f"{path}: judge raised {type(exc).__name__}: {exc} (on_refusal calls judge(row) with "
+                             "row = {'text': the answer})") from None
+    return refused
 
 
 class Budget:

@@ -107,6 +107,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE synth.completions ADD COLUMN retry_max_tokens INTEGER;
     """,
+    # 9: the tokens of an answer that came back and was rejected by a policy (refusal, length, content
+    # filter): paid for, so they count toward the stage's spend and budgets
+    """
+    ALTER TABLE synth.errors ADD COLUMN prompt_tokens INTEGER;
+    ALTER TABLE synth.errors ADD COLUMN completion_tokens INTEGER;
+    """,
 ]
 
 

@@ -109,8 +109,9 @@ def test_length_after_its_retry_is_an_error_with_its_cause(workspace):
     with ScriptedTeacher(p=1.0) as teacher:
         run = synth("run", _pipeline(workspace, teacher, "on_length: retry, retry_max_tokens: 10"))
         assert run.returncode == 1 and teacher.requests == 8 + 1
-        (cause, message), = query(store, "SELECT cause, message FROM synth.errors")
+        (cause, message, tokens), = query(store, "SELECT cause, message, completion_tokens FROM synth.errors")
         assert cause == "length" and "max_tokens=10 after its retry" in message
+        assert tokens == 10  # the rejected answer was paid for: its tokens count toward the stage's spend
         assert "length" in synth("status", workspace / "pipeline.yaml", check=True).stdout
         store.unlink()
         run = synth("run", _pipeline(workspace, teacher, "on_length: error"))

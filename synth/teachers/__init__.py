@@ -68,6 +68,12 @@ class Completion:
     def ok(self) -> bool:
         return self.error is None
 
+    def rejected(self, cause: str, message: str) -> "Completion":
+        """This answer as an error row with `cause` (a policy rejected it), keeping its token counts:
+        it was paid for, so it counts toward the stage's spend."""
+        return Completion(self.request_id, prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                          latency_s=self.latency_s, error=cause, error_message=message)
+
 
 CHARS_PER_TOKEN = 4.0  # token estimate without a tokenizer: ~4 characters per token for English text
 
@@ -90,7 +96,7 @@ def prompt_token_counter(config, base_dir: Path):
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()
-            tok = AutoTokenizer.from_pretrained(resolve_model_path(source, base_dir))
+            tok = AutoTokenizer.from_pretrained(resolve_model_path(source, base_dir), local_files_only=True)
             if tok.chat_template:
                 def count(messages: list[dict]) -> int:
                     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -113,8 +119,7 @@ def content_filtered(c: Completion) -> Completion:
     data: it becomes an error with cause `content_filter`, counted by `synth status` and asked again
     by a re-run, instead of a truncated sample in the table."""
     if c.ok and c.finish_reason == "content_filter":
-        return Completion(c.request_id, latency_s=c.latency_s, error="content_filter",
-                          error_message=f"the server's content filter stopped the output: {(c.text or '')[:200]!r}")
+        return c.rejected("content_filter", f"the server's content filter stopped the output: {(c.text or '')[:200]!r}")
     return c
 
 

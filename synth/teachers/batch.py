@@ -575,11 +575,21 @@ class BatchTeacher:
 # ---- result lines ----------------------------------------------------------------------------------
 
 def _lines(path: Path) -> Iterator[dict]:
+    """A result file's lines. A line that is not JSON (a corrupt or cut file) is skipped with a warning:
+    its request then counts as unanswered by the batch, becomes an error row, and a re-run sends it."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            for text in fh:
-                if text.strip():
-                    yield json.loads(text)
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for number, text in enumerate(fh, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    line = json.loads(text)
+                except ValueError:
+                    log.warning("batch result file line %d is not JSON (%r...); its request counts as unanswered",
+                                number, text[:80])
+                    continue
+                if isinstance(line, dict):
+                    yield line
     finally:
         path.unlink(missing_ok=True)
 
