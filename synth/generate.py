@@ -181,7 +181,6 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                                         [name, name])
 
     budget = Budget(stage, pipeline.prices(name), spent_in, spent_out, pipeline.run_budget)
-    policies = Policies(pipeline, name)
     pending = [r for r in planned.requests if r.id not in cached]
     if pending and budget.reached():
         console.print(f"  {name}: at its budget before sending anything ({budget.describe()})")
@@ -189,6 +188,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
     sent, errors, tokens, answered = 0, 0, 0, 0  # sent counts an on_length retry as a request of its own
     buffer: list[Completion] = []
     by_id = {r.id: r for r in pending}
+    policies = Policies(pipeline, name, by_id)
 
     def flush() -> None:
         if not buffer:
@@ -240,7 +240,6 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                     teacher.on_result = account
                 if hasattr(teacher, "on_idle"):  # a teacher that waits long between answers (the Batch API):
                     teacher.on_idle = flush      # what arrived is committed before each wait
-                policies.requests = by_id
                 for completion in _with_retries(teacher, pending, policies, lambda: budget.stopped):
                     sent += 1
                     if not in_worker:
@@ -322,12 +321,12 @@ class Policies:
     on_refusal; the server's content filter always): a Completion to record, or None when the answer
     was queued for its one retry."""
 
-    def __init__(self, pipeline, name: str):
+    def __init__(self, pipeline, name: str, requests: dict[str, Request]):
         self.stage: GenerateStage = pipeline.stage(name)
         self.retry_tokens = self.stage.retry_max_tokens or 2 * self.stage.params.max_tokens
         self.retried: set[str] = set()
         self.queue: list[Request] = []  # on_length retries, sent after the first pass
-        self.requests: dict[str, Request] = {}  # request id -> Request (set by run_stage)
+        self.requests = requests  # request id -> Request: the ones this run sends
         self.refusal = _refusal_judge(pipeline) if self.stage.on_refusal == "error" else None
 
     def __call__(self, c: Completion) -> Completion | None:

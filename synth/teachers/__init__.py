@@ -78,11 +78,15 @@ class Completion:
 CHARS_PER_TOKEN = 4.0  # token estimate without a tokenizer: ~4 characters per token for English text
 
 
+def approx_prompt_tokens(messages: list[dict]) -> int:
+    """A prompt's tokens without a tokenizer: its characters / CHARS_PER_TOKEN."""
+    return int(sum(len(m.get("content") or "") for m in messages) / CHARS_PER_TOKEN)
+
+
 def estimated_tokens(request: Request) -> int:
-    """Tokens a request may use, before it is sent: its prompt characters / CHARS_PER_TOKEN plus its
-    max_tokens (the openai teacher's tokens-per-minute bucket)."""
-    chars = sum(len(m.get("content") or "") for m in request.messages)
-    return int(chars / CHARS_PER_TOKEN) + int(request.params.get("max_tokens") or 0)
+    """Tokens a request may use, before it is sent: its approximate prompt tokens plus its max_tokens
+    (the openai teacher's tokens-per-minute bucket)."""
+    return approx_prompt_tokens(request.messages) + int(request.params.get("max_tokens") or 0)
 
 
 def prompt_token_counter(config, base_dir: Path):
@@ -106,7 +110,7 @@ def prompt_token_counter(config, base_dir: Path):
                 return count, "tokenizer"
         except Exception:  # noqa: BLE001 - no transformers, not cached offline, not a tokenizer: approximate
             pass
-    return (lambda messages: int(sum(len(m.get("content") or "") for m in messages) / CHARS_PER_TOKEN)), "chars/4"
+    return approx_prompt_tokens, "chars/4"
 
 
 # causes of answers that came back and that the generate stage rejected by a policy (content_filtered

@@ -64,7 +64,7 @@ from typing import Iterator, Sequence
 from synth.errors import SynthError
 from synth.teachers import POLICY_CAUSES, Completion, OpenAITeacherConfig, Request
 from synth.teachers.http import http_cause, parse_logprobs, request_body
-from synth.teachers.openai import error_cause, resolve_api_key
+from synth.teachers.openai import _short, error_cause, resolve_api_key
 
 log = logging.getLogger("synth")
 
@@ -635,7 +635,3 @@ def _detail(server) -> dict:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
-def _short(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:500]

@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from synth.errors import SynthError
-from synth.teachers import Capabilities, Completion, HFTeacherConfig, Request, resolve_model_path
+from synth.teachers import Completion, HFTeacherConfig, Request, resolve_model_path
 
 
 class HFTeacher:
-    capabilities = Capabilities(n_samples=True, logprobs=True, structured_output=False)
-
     def __init__(self, name: str, config: HFTeacherConfig, base_dir: Path):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -26,6 +24,7 @@ class HFTeacher:
         hf_logging.disable_progress_bar()  # synth draws its own progress; keep stderr readable
         hf_logging.set_verbosity_error()
         self.name, self.config, self.model = name, config, config.model
+        self.capabilities = config.capabilities()
         path = resolve_model_path(config.model, base_dir)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -120,13 +119,14 @@ class HFTeacher:
         steps = torch.stack([logits[t][row] for t in range(len(tokens))]).float().log_softmax(-1)
         chosen = steps.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1).tolist()
         top_values, top_ids = steps.topk(k, dim=-1) if k > 0 else (steps[:, :0], steps[:, :0].long())
+
         def decode(ids: list[int]) -> list[str]:  # each token's text, as vLLM and OpenAI give it
             return self.tokenizer.batch_decode([[i] for i in ids])
 
         out = []
-        for t, token in enumerate(tokens):
+        for t, (token, text) in enumerate(zip(tokens, decode(tokens))):
             ids = top_ids[t].tolist()
-            out.append({"token": decode([token])[0], "token_id": token, "logprob": chosen[t],
+            out.append({"token": text, "token_id": token, "logprob": chosen[t],
                         "top": [{"token": tok, "token_id": i, "logprob": v}
                                 for tok, i, v in zip(decode(ids), ids, top_values[t].tolist())]})
         return out

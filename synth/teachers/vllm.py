@@ -50,14 +50,13 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from synth.errors import SynthError
-from synth.teachers import Capabilities, Completion, Request, VLLMTeacherConfig, resolve_model_path
+from synth.teachers import Completion, Request, VLLMTeacherConfig, resolve_model_path
 
 
 class VLLMTeacher:
-    capabilities = Capabilities(n_samples=True, logprobs=True, structured_output=False)
-
     def __init__(self, name: str, config: VLLMTeacherConfig, base_dir: Path):
         self.name, self.config, self.model = name, config, config.model
+        self.capabilities = config.capabilities()
         path = resolve_model_path(config.model, base_dir)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep synth's progress readable
         try:
