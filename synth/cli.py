@@ -105,7 +105,7 @@ def demo(target: Path) -> None:
     then doubles them. How many pens does Ann have?"), 2-4 steps, made by a seeded program with
     gold answers and gold step-by-step solutions, in disjoint train / seed / held-out splits.
     The teacher: a small transformer trained from scratch on the gold solutions (synth's own
-    train stage); sampled at temperature 1 it is right often, not always.
+    train stage); sampled at temperature 0.7 it is right often, not always.
     The loop: the teacher writes 8 solutions per seed problem; verify, vote and keep judge them;
     a smaller student is trained on all samples (A) and on the verified ones (B); B then gets DPO
     on pairs of its own verified vs failed samples; all are evaluated on held-out problems.

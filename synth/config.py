@@ -86,6 +86,10 @@ class ExportStage(_Stage):
     target: Literal["text", "answer", "both"] = Field(
         "text", description="sft: the teacher's whole text, only its answer, or both as two tasks")
     answer: str = Field("answer", description="target answer/both: the column holding the answer")
+    rejected: Literal["whole", "first_difference"] = Field(
+        "whole", description="dpo: the rejected answer whole, or cut after its first line that differs from the "
+                             "chosen answer (step-level pairs: DPO then pushes down the step that went wrong, not "
+                             "the sound steps written after it)")
 
 
 # ---- filters: each writes one verdict (passed, score, reason) per input row; none deletes ---------

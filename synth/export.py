@@ -2,7 +2,8 @@
 
 `format: dpo` writes one row per preference pair of a pairs stage:
     {"id": <chosen id>:<rejected id>, "prompt": [turns], "chosen": [assistant turn], "rejected": [...]}
-with the chosen sample's prompt turns (trimmed like sft's).
+with the chosen sample's prompt turns (trimmed like sft's). With `rejected: first_difference` the
+rejected answer is cut after its first line that differs from the chosen one (see first_difference).
 
 `format: sft` writes TRL's conversational format, one row per completion (or, from a load stage
 with `prompt` and `response`, one per dataset row: the template renders the prompt turns and the
@@ -48,6 +49,21 @@ def dpo_record(pair_id: str, prompt: list[dict], chosen: str, rejected: str, *, 
             "rejected": [{"role": "assistant", "content": rejected}]}
 
 
+def first_difference(chosen: str, rejected: str) -> str:
+    """The rejected answer up to and including its first line that differs from the chosen answer.
+
+    For answers written a step per line (chain of thought), a failed answer is right up to one step and
+    then goes on from a wrong value. Whole, DPO lowers every token after the shared prefix, the sound
+    steps after the mistake too (copying the next number from the question, say), and a small model
+    unlearns them. Cut, the pair says only "this step, not that one" (the idea of Step-DPO; here the
+    chosen answer stays whole, so its later steps are still pushed up and it still ends as it should)."""
+    chosen_lines, rejected_lines = chosen.splitlines(keepends=True), rejected.splitlines(keepends=True)
+    for i, line in enumerate(rejected_lines):
+        if i >= len(chosen_lines) or line.rstrip() != chosen_lines[i].rstrip():
+            return "".join(rejected_lines[:i + 1]).rstrip()
+    return rejected
+
+
 def run_stage(pipeline, name: str, run_id: str) -> dict:
     from synth.pipeline import record_stage
 
@@ -59,8 +75,9 @@ def run_stage(pipeline, name: str, run_id: str) -> dict:
                 f"SELECT s.id, p.messages, s.chosen_text, s.rejected_text FROM {quote_ident(stage.input)} s "
                 "JOIN synth.requests r ON r.id = s.chosen_id JOIN synth.prompts p ON p.id = r.prompt_id "
                 "WHERE s.chosen_text IS NOT NULL AND s.rejected_text IS NOT NULL ORDER BY s.input_id, s.id").fetchall()
-        records = [dpo_record(rid, json.loads(msgs), chosen, rejected, system=stage.system, few_shot=stage.few_shot)
-                   for rid, msgs, chosen, rejected in rows]
+        cut = first_difference if stage.rejected == "first_difference" else (lambda _, rejected: rejected)
+        records = [dpo_record(rid, json.loads(msgs), chosen, cut(chosen, rejected), system=stage.system,
+                              few_shot=stage.few_shot) for rid, msgs, chosen, rejected in rows]
     elif stage.prompt:  # a dataset's own rows: the template renders the prompt, a column is the response
         template = pipeline.templates[name]
         with pipeline.store.read() as con:

@@ -8,8 +8,11 @@ Rules, each within a group (default: the samples of one input row):
   the same group (PLaD / SODA style; put the teacher samples through a keep stage first to pair
   only verified ones).
 A pair stores the two row ids, the rule and the margin (synth.pairs) — never text copies; the
-stage's view joins the texts for reading. Selection is deterministic under `seed`: candidates are
-ordered by md5(seed, chosen, rejected) within their group and the first `max_per_input` are kept.
+stage's view joins the texts for reading. Pairs are distinct by text: a candidate whose two texts are
+the same is no preference and is dropped, and samples that repeat the same two texts make one
+candidate, not several (else a repeated pair would be trained on, and weighted, once per repeat).
+Selection is deterministic under `seed`: candidates are ordered by md5(seed, chosen, rejected) within
+their group and the first `max_per_input` are kept.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from synth.config import PairsStage
+from synth.errors import SynthError
 from synth.store import Store, fetch_one, now, quote_ident
 
 RULES = {"verify": "verified", "vote": "plurality", "judge": "judge"}
@@ -28,16 +32,17 @@ def rule_of(pipeline, name: str) -> str:
 
 
 def candidates_sql(pipeline, name: str) -> str:
-    """SELECT grp, chosen_id, rejected_id, margin: every candidate pair of the rule."""
+    """SELECT grp, chosen_id, rejected_id, margin, chosen_text, rejected_text: every candidate pair of
+    the rule (texts for the distinct-by-text selection in run_stage)."""
     stage: PairsStage = pipeline.stage(name)
     src, g = quote_ident(stage.input), quote_ident(stage.group_by)
     rule = rule_of(pipeline, name)
     if rule == "teacher_student":
         other = quote_ident(stage.versus)
-        return (f"SELECT t.{g} AS grp, t.id AS chosen_id, s.id AS rejected_id, NULL::DOUBLE AS margin "
-                f"FROM {src} t JOIN {other} s ON s.{g} = t.{g}")
+        return (f"SELECT t.{g} AS grp, t.id AS chosen_id, s.id AS rejected_id, NULL::DOUBLE AS margin, "
+                f"t.text AS chosen_text, s.text AS rejected_text FROM {src} t JOIN {other} s ON s.{g} = t.{g}")
     by = stage.by
-    rows = (f"SELECT i.id, i.{g} AS grp, v.passed, v.score, v.reason FROM {src} i JOIN synth.verdicts v "
+    rows = (f"SELECT i.id, i.{g} AS grp, i.text, v.passed, v.score, v.reason FROM {src} i JOIN synth.verdicts v "
             f"ON v.row_id = CAST(i.id AS VARCHAR) AND v.stage = '{by}'")
     if rule == "verified":
         cond, margin = "c.passed AND NOT r.passed", "NULL::DOUBLE"
@@ -46,7 +51,8 @@ def candidates_sql(pipeline, name: str) -> str:
     else:
         cond = f"c.score IS NOT NULL AND r.score IS NOT NULL AND c.score - r.score >= {max(stage.min_margin, 1e-9)}"
         margin = "c.score - r.score"
-    return (f"WITH x AS ({rows}) SELECT c.grp, c.id AS chosen_id, r.id AS rejected_id, {margin} AS margin "
+    return (f"WITH x AS ({rows}) SELECT c.grp, c.id AS chosen_id, r.id AS rejected_id, {margin} AS margin, "
+            f"c.text AS chosen_text, r.text AS rejected_text "
             f"FROM x c JOIN x r ON c.grp = r.grp AND c.id <> r.id WHERE {cond}")
 
 
@@ -55,12 +61,19 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
 
     stage: PairsStage = pipeline.stage(name)
     rule = rule_of(pipeline, name)
+    order = f"md5(concat_ws('|', {int(stage.seed)}, chosen_id, rejected_id))"
+    distinct = (f"SELECT * FROM ({candidates_sql(pipeline, name)}) WHERE chosen_text IS DISTINCT FROM rejected_text "
+                f"QUALIFY row_number() OVER (PARTITION BY grp, chosen_text, rejected_text ORDER BY {order}) = 1")
     select = (f"SELECT '{name}' AS stage, CAST(chosen_id AS VARCHAR) AS chosen_id, "
               f"CAST(rejected_id AS VARCHAR) AS rejected_id, CAST(grp AS VARCHAR) AS input_id, '{rule}' AS rule, "
               f"margin, ? AS run_id, ? AS created_at FROM (SELECT *, row_number() OVER (PARTITION BY grp ORDER BY "
-              f"md5(concat_ws('|', {int(stage.seed)}, chosen_id, rejected_id))) AS k FROM ({candidates_sql(pipeline, name)})) "
-              f"WHERE k <= {int(stage.max_per_input)}")
+              f"{order}) AS k FROM ({distinct})) WHERE k <= {int(stage.max_per_input)}")
     with pipeline.store.write() as con:
+        for source in filter(None, (stage.input, stage.versus)):
+            cols = {c[0] for c in con.execute(f"SELECT * FROM {quote_ident(source)} LIMIT 0").description}
+            if "text" not in cols:
+                raise SynthError(f"stage '{name}': its samples '{source}' have no 'text' column; pair the samples "
+                                 "of a generate stage (or a keep stage of one)")
         con.execute("DELETE FROM synth.pairs WHERE stage = ?", [name])
         con.execute(f"INSERT INTO synth.pairs BY NAME {select}", [run_id, now()])
         n, groups = fetch_one(con, "SELECT count(*), count(DISTINCT input_id) FROM synth.pairs WHERE stage = ?", [name])

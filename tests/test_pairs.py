@@ -25,7 +25,7 @@ SAMPLES = [  # two groups; ids say what each sample is
 def project(workspace, stage: str, verdicts: dict[str, tuple] | None, by_kind: str | None):
     write(workspace / "samples.jsonl", "".join(json.dumps({"id": i, "input_id": g, "text": f"text of {i}"}) + "\n"
                                                for i, g in SAMPLES))
-    write(workspace / "student.jsonl", "".join(json.dumps({"id": f"s_{g}{k}", "input_id": g, "text": "student"}) + "\n"
+    write(workspace / "student.jsonl", "".join(json.dumps({"id": f"s_{g}{k}", "input_id": g, "text": f"student {g}{k}"}) + "\n"
                                                for g in "ab" for k in range(2)))
     by = {"verify": "f: {kind: verify, input: samples, method: exact, answer: text, reference: input_id}",
           "vote": "f: {kind: vote, input: samples, answer: text}",
@@ -187,3 +187,46 @@ stages:
     assert len(answers) == 10 and all(a["messages"][-1]["content"].isdigit() for a in answers)
     assert json.loads((workspace / "out" / "answers.jsonl.synth.json").read_text())["format"] == "sft"
     assert query(workspace / "out" / "run.duckdb", "SELECT count(*) FROM steps")[0][0] == 20
+
+
+def test_pairs_are_distinct_by_text(workspace):
+    """Samples that repeat a text make one candidate per distinct (chosen, rejected) texts, and a
+    candidate whose two texts are equal (a judge can score one text twice, differently) is dropped."""
+    texts = {"a_ok1": "right", "a_ok2": "right", "a_bad1": "wrong", "a_bad2": "wrong", "b_ok1": "same",
+             "b_bad1": "same", "c_ok1": "alone"}
+    project(workspace, "by: f, max_per_input: 10", VERIFIED, "verify")  # writes the files
+    write(workspace / "samples.jsonl", "".join(json.dumps({"id": i, "input_id": g, "text": texts[i]}) + "\n"
+                                               for i, g in SAMPLES))
+    pipeline = load_pipeline(workspace / "pipeline.yaml")
+    with pipeline.store.write() as con:
+        Store.replace_table(con, "samples", pipeline.seeds["samples"].table)
+    result = pairs.run_stage(pipeline, "p", "test-run", Console(quiet=True))
+    with pipeline.store.read() as con:
+        got = con.execute("SELECT input_id, chosen_id, rejected_id FROM synth.pairs WHERE stage = 'p'").fetchall()
+    assert len(got) == 1 and got[0][0] == "a" and got[0][1].startswith("a_ok") and got[0][2].startswith("a_bad")
+    assert result["rows"] == 1 and result["inputs"] == 1
+
+
+def test_pairs_of_rows_without_text_is_one_line(workspace):
+    write(workspace / "samples.jsonl", json.dumps({"id": "x", "input_id": "a", "answer": "t"}) + "\n")
+    write(workspace / "pipeline.yaml", "store: out/run.duckdb\nstages:\n  samples: {kind: load, path: samples.jsonl}\n"
+                                       "  f: {kind: verify, input: samples, method: exact, answer: answer, "
+                                       "reference: input_id}\n  p: {kind: pairs, input: samples, by: f}\n")
+    proc = synth("run", workspace / "pipeline.yaml")
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr
+    assert errors[0] == ("synth: error: stage 'p': its samples 'samples' have no 'text' column; pair the samples of "
+                         "a generate stage (or a keep stage of one)")
+
+
+@pytest.mark.parametrize("chosen,rejected,cut", [
+    ("- a: 3 - 1 = 2\n- b: 2 + 4 = 6\nThe answer is 6.", "- a: 3 - 1 = 2\n- b: 2 + 4 = 5\nThe answer is 5.",
+     "- a: 3 - 1 = 2\n- b: 2 + 4 = 5"),                                    # cut after the wrong step
+    ("x = 1\nThe answer is 1.", "y = 2\nz = 3\nThe answer is 3.", "y = 2"),  # wrong from the first line
+    ("one\ntwo", "one\ntwo\nthree", "one\ntwo\nthree"),                       # runs on: the extra line is the difference
+    ("one line", "another line", "another line"),
+])
+def test_rejected_first_difference(chosen, rejected, cut):
+    from synth.export import first_difference
+
+    assert first_difference(chosen, rejected) == cut
