@@ -224,8 +224,12 @@ def build_config(method: str, recipe: dict, out_dir: Path):
         kwargs.setdefault("bf16", not kwargs.get("fp16", False))
     else:
         # TRL's configs default to bf16 and gradient checkpointing; this CPU has no native bf16 and
-        # checkpointing only slows small models down.
-        kwargs.update(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False)
+        # checkpointing only slows small models down. transformers >= 5.2x renamed gradient_checkpointing
+        # to activation_checkpointing (the old name warns); set whichever this version has.
+        names = {f.name for f in dataclasses.fields(cls)}
+        checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+        kwargs.pop("gradient_checkpointing", None)
+        kwargs.update({"use_cpu": True, "bf16": False, "fp16": False, checkpointing: False})
     if kwargs.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
         kwargs["use_liger_kernel"] = False
     return cls(**kwargs)
