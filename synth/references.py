@@ -88,6 +88,9 @@ def check_references(path: Path, spec: PipelineFile, where) -> None:
         if isinstance(stage, PairsStage) and (stage.by is None) == (stage.versus is None):
             raise SynthError(f"{where(name)}: give exactly one of 'by' (a verify, vote or judge stage) or "
                              "'versus' (a stage of student samples)")
+        if isinstance(stage, ExportStage) and stage.format != "dpo" and stage.rejected != "whole":
+            raise SynthError(f"{where(name, 'rejected')}: key 'rejected' cuts the rejected answers of DPO pairs; "
+                             f"it needs format: dpo (this export is format: {stage.format})")
         if isinstance(stage, TrainStage):
             _check_train(spec, name, stage, where, path)
         if isinstance(stage, GenerateStage) and isinstance(spec.stages.get(stage.teacher), TrainStage):

@@ -230,3 +230,13 @@ def test_rejected_first_difference(chosen, rejected, cut):
     from synth.export import first_difference
 
     assert first_difference(chosen, rejected) == cut
+
+
+def test_rejected_on_an_sft_export_is_one_line(workspace):
+    write(workspace / "samples.jsonl", json.dumps({"id": "x", "input_id": "a", "text": "t"}) + "\n")
+    write(workspace / "pipeline.yaml", "store: out/run.duckdb\nstages:\n  samples: {kind: load, path: samples.jsonl}\n"
+                                       "  out: {kind: export, input: samples, prompt: p, response: text, "
+                                       "rejected: first_difference, path: out/x.jsonl}\n")
+    proc = synth("run", workspace / "pipeline.yaml")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "key 'rejected' cuts the rejected answers of DPO pairs; it needs format: dpo" in proc.stderr
