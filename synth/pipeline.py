@@ -29,6 +29,11 @@ from synth.parsers import PARSER_COLUMNS
 from synth.prompts import Template, load_template
 from synth.store import fetch_one, Store
 
+# Keys a stage kind gained after it first shipped, with their defaults: at the default they stay out of
+# the stage's fingerprint, so that upgrading synth does not make finished stages (and every train stage
+# after them) stale. A key set to anything else is part of the fingerprint like any other.
+LATER_KEYS: dict[str, dict[str, object]] = {"export": {"rejected": "whole"}}
+
 GENERATION_COLUMNS = ["id", "input_id", "sample", "teacher", "model", "text", "finish_reason",
                       "prompt_tokens", "completion_tokens"]
 
@@ -77,8 +82,12 @@ class Pipeline:
         # budgets are not part of what a stage computes: raising one only lets an incomplete stage go on;
         # nor is a train stage's batch_size, which is how its model generates later, nor where a generate
         # stage's requests run (ray): the request ids, hence the cache, do not depend on it
-        parts = {"config": content_hash(stage.model_dump(mode="json", exclude={"description", "max_cost",
-                                                                                "max_tokens_total", "batch_size", "ray"}))}
+        config = stage.model_dump(mode="json", exclude={"description", "max_cost", "max_tokens_total", "batch_size",
+                                                         "ray"})
+        for key, default in LATER_KEYS.get(stage.kind, {}).items():
+            if config.get(key) == default:
+                del config[key]
+        parts = {"config": content_hash(config)}
         if isinstance(stage, LoadStage):
             parts["file"] = self.seeds[name].file_hash
         if isinstance(stage, ExportStage) and stage.prompt:

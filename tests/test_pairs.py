@@ -240,3 +240,25 @@ def test_rejected_on_an_sft_export_is_one_line(workspace):
     proc = synth("run", workspace / "pipeline.yaml")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "key 'rejected' cuts the rejected answers of DPO pairs; it needs format: dpo" in proc.stderr
+
+
+def test_a_later_key_at_its_default_leaves_the_fingerprint_alone(workspace):
+    """`rejected` came after export stages had run: at its default it is not in the fingerprint (an
+    upgrade must not retrain what follows every export), and set to anything else it is."""
+    from synth.ids import content_hash
+
+    write(workspace / "samples.jsonl", json.dumps({"id": "x", "input_id": "a", "text": "t"}) + "\n")
+    base = "store: out/run.duckdb\nstages:\n  samples: {kind: load, path: samples.jsonl}\n"
+    fingerprints = {}
+    for value in (None, "whole", "first_difference"):
+        key = "" if value is None else f", rejected: {value}"
+        write(workspace / "pipeline.yaml", base + "  f: {kind: verify, input: samples, method: exact, answer: text, "
+              "reference: input_id}\n  p: {kind: pairs, input: samples, by: f}\n"
+              f"  out: {{kind: export, input: p, format: dpo, path: out/x.parquet{key}}}\n")
+        pipeline = load_pipeline(workspace / "pipeline.yaml")
+        fingerprints[value] = pipeline.fingerprint_parts("out")["config"]
+        if value is None:
+            dump = pipeline.stage("out").model_dump(mode="json", exclude={"description", "max_cost", "max_tokens_total",
+                                                                           "batch_size", "ray", "rejected"})
+            assert fingerprints[None] == content_hash(dump)  # what synth before `rejected` computed
+    assert fingerprints[None] == fingerprints["whole"] != fingerprints["first_difference"]
