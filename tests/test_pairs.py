@@ -102,16 +102,22 @@ def test_teacher_beats_student(workspace):
     assert {rule for _, _, rule, _ in got} == {"teacher_student"}
 
 
+def run_on_one_row(workspace, row: dict, stages: str):
+    """`synth run` of a pipeline whose stage `samples` loads the one row, followed by `stages` (YAML lines)."""
+    write(workspace / "samples.jsonl", json.dumps(row) + "\n")
+    write(workspace / "pipeline.yaml", "store: out/run.duckdb\nstages:\n  samples: {kind: load, path: samples.jsonl}\n"
+          + stages)
+    return synth("run", workspace / "pipeline.yaml")
+
+
 @pytest.mark.parametrize("stage,must", [
     ("by: samples", "'samples' is a load stage; use a verify or vote or judge stage"),
     ("by: nope", "no stage named 'nope'"),
     ("max_per_input: 2", "exactly one of 'by'"),
 ])
 def test_pairs_config_errors(workspace, stage, must):
-    write(workspace / "samples.jsonl", json.dumps({"id": "x", "input_id": "a", "text": "t"}) + "\n")
-    write(workspace / "pipeline.yaml", f"store: out/run.duckdb\nstages:\n  samples: {{kind: load, path: samples.jsonl}}\n"
-                                       f"  p: {{kind: pairs, input: samples, {stage}}}\n")
-    proc = synth("run", workspace / "pipeline.yaml")
+    proc = run_on_one_row(workspace, {"id": "x", "input_id": "a", "text": "t"},
+                          f"  p: {{kind: pairs, input: samples, {stage}}}\n")
     assert proc.returncode == 2 and must in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
@@ -208,11 +214,9 @@ def test_pairs_are_distinct_by_text(workspace):
 
 
 def test_pairs_of_rows_without_text_is_one_line(workspace):
-    write(workspace / "samples.jsonl", json.dumps({"id": "x", "input_id": "a", "answer": "t"}) + "\n")
-    write(workspace / "pipeline.yaml", "store: out/run.duckdb\nstages:\n  samples: {kind: load, path: samples.jsonl}\n"
-                                       "  f: {kind: verify, input: samples, method: exact, answer: answer, "
-                                       "reference: input_id}\n  p: {kind: pairs, input: samples, by: f}\n")
-    proc = synth("run", workspace / "pipeline.yaml")
+    proc = run_on_one_row(workspace, {"id": "x", "input_id": "a", "answer": "t"},
+                          "  f: {kind: verify, input: samples, method: exact, answer: answer, reference: input_id}\n"
+                          "  p: {kind: pairs, input: samples, by: f}\n")
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr
     assert errors[0] == ("synth: error: stage 'p': its samples 'samples' have no 'text' column; pair the samples of "
@@ -233,11 +237,9 @@ def test_rejected_first_difference(chosen, rejected, cut):
 
 
 def test_rejected_on_an_sft_export_is_one_line(workspace):
-    write(workspace / "samples.jsonl", json.dumps({"id": "x", "input_id": "a", "text": "t"}) + "\n")
-    write(workspace / "pipeline.yaml", "store: out/run.duckdb\nstages:\n  samples: {kind: load, path: samples.jsonl}\n"
-                                       "  out: {kind: export, input: samples, prompt: p, response: text, "
-                                       "rejected: first_difference, path: out/x.jsonl}\n")
-    proc = synth("run", workspace / "pipeline.yaml")
+    proc = run_on_one_row(workspace, {"id": "x", "input_id": "a", "text": "t"},
+                          "  out: {kind: export, input: samples, prompt: p, response: text, "
+                          "rejected: first_difference, path: out/x.jsonl}\n")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "key 'rejected' cuts the rejected answers of DPO pairs; it needs format: dpo" in proc.stderr
 
