@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -28,18 +29,44 @@ def _err_console():
 
 
 class SynthGroup(click.Group):
-    """Turns SynthError into one line and exit code 2 for every command."""
+    """Turns SynthError into one line and exit code 2 for every command; any other exception (a bug in
+    synth) is its traceback and exit code 1, as Python would print it, but with API keys scrubbed."""
 
     def invoke(self, ctx):
         from synth.errors import SynthError
+        from synth.secrets import scrub
+        threading.excepthook = _thread_excepthook
         try:
             return super().invoke(ctx)
         except SynthError as exc:
-            click.echo(f"synth: error: {exc}", err=True)
+            click.echo(f"synth: error: {scrub(str(exc))}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("synth: interrupted; everything received so far is saved, re-run to continue", err=True)
             sys.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own: usage errors, --help, --version
+        except Exception:  # noqa: BLE001 - a bug: its traceback, which may quote a key from a server's answer
+            import traceback
+
+            sys.stderr.write(scrub(traceback.format_exc()))
+            sys.stderr.flush()
+            sys.exit(1)
+
+
+def _thread_excepthook(args) -> None:
+    """An exception that ends a background thread: its traceback on stderr, as Python prints it, with API
+    keys scrubbed."""
+    import traceback
+
+    from synth.secrets import scrub
+
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "a thread"
+    sys.stderr.write(scrub(f"Exception in thread {name}:\n"
+                           + "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))))
+    sys.stderr.flush()
 
 
 def _show_progress_logs() -> None:
@@ -54,6 +81,30 @@ def _show_progress_logs() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    for handler in logger.handlers:
+        if not any(isinstance(f, _ScrubSecrets) for f in handler.filters):
+            handler.addFilter(_ScrubSecrets())
+
+
+class _ScrubSecrets:
+    """A logging filter: a record's message (with its arguments) and exception text, API keys scrubbed."""
+
+    def filter(self, record) -> bool:
+        from synth.secrets import scrub
+
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - arguments that do not fit the format: show both, scrubbed
+            message = f"{record.msg} {record.args}"
+        record.msg, record.args = scrub(message), None
+        if record.exc_info:
+            import logging
+
+            record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info)
+        return True
 
 
 @click.group(cls=SynthGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,6 +8,7 @@ checked by synth/pipeline.py once the file's shape is valid.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -21,6 +22,16 @@ from synth.teachers import SamplingParams, TeacherConfig
 STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_NAMES = {"synth", "main", "information_schema", "pg_catalog"}
 
+# Bounds on what a pipeline file may ask for. Each is far beyond any real use and far below what
+# would exhaust this machine: `samples` is requests per input row (self-consistency papers use up to
+# ~100; every request is held in memory while a stage is planned), max_tokens the longest output any
+# model writes today (2**20 tokens).
+MAX_SAMPLES = 10_000
+MAX_OUTPUT_TOKENS = 2 ** 20
+INT64 = (-(2 ** 63), 2 ** 63 - 1)  # any integer in a YAML file (DuckDB BIGINT, OpenAI's seed)
+MAX_YAML_BYTES = 10 * 2 ** 20  # a pipeline file or template larger than this is not one
+MAX_YAML_NODES = 1_000_000  # after expanding anchors/aliases (a "billion laughs" file is refused)
+
 
 class _Stage(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -30,8 +41,22 @@ class _Stage(BaseModel):
 class LoadStage(_Stage):
     """Seed rows from a file: .jsonl .json .csv .parquet or a saved HF dataset directory."""
     kind: Literal["load"]
-    path: str
+    path: str = Field(min_length=1)
     limit: int | None = Field(None, ge=1)
+
+
+class StageParams(SamplingParams):
+    """A stage's sampling parameters as a pipeline file may give them: the fields of SamplingParams
+    (what is hashed into request ids: the dump is the same), with the ranges every backend accepts."""
+    temperature: float = Field(1.0, ge=0, le=2, description="0 (greedy) to 2, as OpenAI and vLLM accept")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, le=1_000_000, description="-1 or 0: off (vLLM / transformers)")
+    max_tokens: int = Field(256, ge=1, le=MAX_OUTPUT_TOKENS)
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1], description="a 64-bit integer; each sample is sent "
+                             "a 31-bit seed derived from it and the sample index")
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=16)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
 
 
 class RayOptions(BaseModel):
@@ -52,8 +77,9 @@ class GenerateStage(_Stage):
     input: str
     teacher: str
     prompt: str
-    samples: int = Field(1, ge=1)
-    params: SamplingParams = Field(default_factory=SamplingParams)
+    samples: int = Field(1, ge=1, le=MAX_SAMPLES, description=f"independent samples per input row (at most "
+                                                                 f"{MAX_SAMPLES})")
+    params: StageParams = Field(default_factory=StageParams)
     max_cost: float | None = Field(None, gt=0, description="USD; stop (resumably) once the stage has cost this")
     max_tokens_total: int | None = Field(None, gt=0, description="stop once the stage's prompt + completion "
                                                                  "tokens reach this")
@@ -107,7 +133,7 @@ class VerifyStage(_Stage):
     tests: str | None = Field(None, description="method code: column with asserts or stdin/stdout cases")
     tolerance: float = Field(1e-6, ge=0)
     timeout_s: float = Field(10.0, gt=0)
-    memory_mb: int = Field(512, ge=16)
+    memory_mb: int = Field(512, ge=16, le=2 ** 20)
     workers: int | None = Field(None, ge=1)
 
 
@@ -131,7 +157,7 @@ class JudgeStage(_Stage):
     min_score: float | None = Field(None, description="pass at this score (pointwise, default 7) or win rate "
                                                        "(pairwise, default 0.5)")
     group_by: str = "input_id"
-    params: SamplingParams = Field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=256))
+    params: StageParams = Field(default_factory=lambda: StageParams(temperature=0.0, max_tokens=256))
     _name: str = PrivateAttr("")  # the stage's own name, set when the pipeline is loaded
 
 
@@ -141,8 +167,8 @@ class DedupStage(_Stage):
     input: str
     column: str = "text"
     near: float | None = Field(None, gt=0, le=1, description="Jaccard threshold for near-duplicates")
-    num_perm: int = Field(128, ge=16)
-    shingle: int = Field(5, ge=1, description="words per shingle")
+    num_perm: int = Field(128, ge=16, le=8192)
+    shingle: int = Field(5, ge=1, le=1000, description="words per shingle")
     order_by: str | None = Field(None, description="SQL order that decides which copy is first")
 
 
@@ -152,7 +178,7 @@ class DecontaminateStage(_Stage):
     input: str
     against: list[str] = Field(min_length=1)
     columns: list[str] = Field(default_factory=lambda: ["text"])
-    ngram: int = Field(13, ge=1)
+    ngram: int = Field(13, ge=1, le=1000)
     eval_columns: list[str] | None = Field(None, description="columns of the eval files to read")
 
 
@@ -205,8 +231,8 @@ class EvaluateStage(_Stage):
     input: str
     models: list[str] = Field(min_length=1)
     prompt: str
-    samples: int = Field(1, ge=1)
-    params: SamplingParams = Field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=256))
+    samples: int = Field(1, ge=1, le=MAX_SAMPLES)
+    params: StageParams = Field(default_factory=lambda: StageParams(temperature=0.0, max_tokens=256))
     verify: EvalVerify
     _name: str = PrivateAttr("")
 
@@ -239,35 +265,148 @@ class PipelineFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     store: str | None = None
     teachers: dict[str, TeacherConfig] = Field(default_factory=dict)
-    stages: dict[str, Stage]
+    stages: dict[str, Stage] = Field(min_length=1)
 
 
 def read_pipeline_file(path: Path) -> PipelineFile:
     """Parse and validate the shape of a pipeline file; raise SynthError with one line on any problem."""
+    if path.is_dir():
+        raise SynthError(f"{path}: is a directory; give the pipeline's YAML file")
     if not path.is_file():
         raise SynthError(f"{path}: no such pipeline file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
-        raise SynthError(f"{path}{at}: not valid YAML: {problem}") from None
+    text, data = load_yaml_file(path, "a pipeline file")
     if not isinstance(data, dict):
         raise SynthError(f"{path}: a pipeline file is a mapping with a `stages:` key")
     for name in (data.get("stages") or {}) if isinstance(data.get("stages"), dict) else {}:
+        line = line_of(text, ["stages", str(name)])
+        at = f"{path}:{line}" if line else str(path)
         if not isinstance(name, str) or not STAGE_NAME.match(name) or name.lower() in RESERVED_NAMES:
-            raise SynthError(f"{path}:{line_of(text, ['stages', name])}: stage name {name!r} is not allowed; "
-                             "use letters, digits and _ (it becomes a table name), and not "
-                             + ", ".join(sorted(RESERVED_NAMES)))
+            raise SynthError(f"{at}: stage name {name!r} is not allowed; use letters, digits and _ (it becomes a "
+                             "table name), and not " + ", ".join(sorted(RESERVED_NAMES)))
         if name.lower() in sql_keywords():
-            raise SynthError(f"{path}:{line_of(text, ['stages', name])}: stage name {name!r} is a reserved SQL "
-                             "keyword, so every query would have to quote it; pick another name")
+            raise SynthError(f"{at}: stage name {name!r} is a reserved SQL keyword, so every query would have to "
+                             "quote it; pick another name")
     try:
-        return PipelineFile.model_validate(data)
+        # strict: no coercion (true is not 1, "1e20" is not a number, "nan" is not a float), in the
+        # teachers' and the sampling parameters' models too
+        return PipelineFile.model_validate(data, strict=True)
     except ValidationError as exc:
-        raise SynthError(_describe(path, text, data, exc)) from None
+        raise SynthError(" ".join(_describe(path, text, data, exc).split())) from None
+
+
+# ---- YAML: one reader for pipeline files, templates and recipes ------------------------------------
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, plus: a key given twice in one mapping is an error (YAML keeps the last silently: a
+    second `stages:` would drop the first), and so are .nan / .inf and integers beyond 64 bits."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise _Refused(f"a mapping key must be a plain value, not a {type(key).__name__}",
+                           key_node.start_mark) from None
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise _Refused(f"key {key!r} is given twice, on lines {seen[key]} and {line}; YAML would keep only "
+                           "the last one silently: remove or rename one", key_node.start_mark)
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+def _construct_float(loader: _StrictLoader, node: yaml.ScalarNode) -> float:
+    value = yaml.SafeLoader.construct_yaml_float(loader, node)
+    if not math.isfinite(value):
+        raise _Refused(f"{node.value!r} is not a finite number; give a real value", node.start_mark)
+    return value
+
+
+def _construct_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
+    value = yaml.SafeLoader.construct_yaml_int(loader, node)
+    if not INT64[0] <= value <= INT64[1]:
+        raise _Refused(f"{node.value} does not fit in 64 bits", node.start_mark)
+    return value
+
+
+class _Refused(yaml.YAMLError):
+    """Valid YAML that synth refuses (a duplicate key, a NaN, a huge integer): reported without the
+    "not valid YAML" of a syntax error."""
+    def __init__(self, problem: str, mark):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def load_yaml_file(path: Path, what: str) -> tuple[str, Any]:
+    """(text, data) of a YAML file (a pipeline file, a template, a recipe), strictly: UTF-8, no key
+    given twice in a mapping, no .nan/.inf, no integer beyond 64 bits, no alias bomb. Any problem is
+    a SynthError of one line naming the file and the line."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise SynthError(f"{path}: {size:,} bytes is too large for {what} (at most {MAX_YAML_BYTES:,})")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SynthError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    return raw.decode("utf-8", "replace"), load_yaml(raw, path)
+
+
+def load_yaml(raw: bytes | str, path: Path) -> Any:
+    """See load_yaml_file; `raw` is the file's content."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[:exc.start].count(b"\n") + 1
+            raise SynthError(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as "
+                             "UTF-8") from None
+    else:
+        text = raw
+    try:
+        node = yaml.compose(text, Loader=_StrictLoader)
+        if node is not None and _expanded_size(node) > MAX_YAML_NODES:
+            raise SynthError(f"{path}: its anchors and aliases expand to more than {MAX_YAML_NODES:,} values; "
+                             "write the values out")
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _Refused as exc:
+        raise SynthError(f"{path}:{exc.problem_mark.line + 1}: {' '.join(exc.problem.split())}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SynthError(f"{path}{at}: not valid YAML: {' '.join(str(problem).split())}") from None
+    except RecursionError:
+        raise SynthError(f"{path}: nested too deeply to read; flatten it") from None
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes the document has with every alias expanded (memoised: an alias is a shared node)."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+            list(node.value) if isinstance(node, yaml.SequenceNode) else []
+        if done:
+            sizes[id(node)] = 1 + sum(sizes.get(id(c), 0) for c in children)
+            if sizes[id(node)] > MAX_YAML_NODES:
+                return sizes[id(node)]
+        else:
+            stack.append((node, True))
+            stack += [(c, False) for c in children if id(c) not in sizes]
+    return sizes[id(root)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -329,7 +468,7 @@ def _allowed(loc: list, data: Any) -> str:
             backend = data["teachers"][loc[1]]["backend"]
             model = {"hf": HFTeacherConfig, "openai": OpenAITeacherConfig, "vllm": VLLMTeacherConfig}[backend]
         elif loc[0] == "stages" and len(loc) == 4 and loc[2] == "params":
-            model = SamplingParams
+            model = StageParams
         elif len(loc) == 1:
             model = PipelineFile
         else:

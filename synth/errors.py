@@ -12,3 +12,13 @@ class SynthError(Exception):
 
 class StoreLocked(SynthError):
     """Another process held the store's write lock for longer than the lock timeout."""
+
+
+class MissingValue(SynthError):
+    """A template variable whose value is null (None, NaN) or absent in one input row. Not a mistake in
+    the pipeline: the generate stage records that row as an error row (cause `missing_value`) and goes
+    on; a template that declares a default (`{{ x | default('') }}`) renders it."""
+
+    def __init__(self, message: str, column: str | None):
+        super().__init__(message)
+        self.column = column

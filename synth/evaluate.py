@@ -75,8 +75,9 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         ("sample", pa.int32()), ("passed", pa.bool_()), ("reason", pa.string()), ("answer", pa.string()),
         ("completion_tokens", pa.int32()), ("run_id", pa.string()), ("created_at", pa.timestamp("us"))]))
     with pipeline.store.write() as con:
-        con.execute("DELETE FROM synth.evaluations WHERE stage = ?", [name])
-        Store.insert_arrow(con, "synth.evaluations", table, mode="")
+        # history: earlier runs' results stay; synth.evaluations shows this run's once the stage is recorded
+        Store.insert_arrow(con, "synth.evaluation_history", table, mode="")
+        record_stage(con, pipeline, name, "running", table.num_rows, run_id)
         Store.replace_view(con, name, "SELECT model, id, input_id, sample, passed, reason, answer, completion_tokens "
                                       f"FROM synth.evaluations WHERE stage = '{name}'")
         result = summary(con, name, stage.models)

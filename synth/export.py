@@ -100,7 +100,7 @@ def run_stage(pipeline, name: str, run_id: str) -> dict:
         _write_dataset_dir(out, records, stage.format, dataset_card(pipeline, name, len(records)))
     else:
         _write_atomic(out, records, stage.format)
-    _write_atomic_text(_sidecar(out), json.dumps(provenance(pipeline, name, len(records)), indent=2, default=str))
+    _write_atomic_text(sidecar_path(out), json.dumps(provenance(pipeline, name, len(records)), indent=2, default=str))
     with pipeline.store.write() as con:
         if out.suffix == "":
             source = f"read_parquet('{_sql_path(out / 'data.parquet')}')"
@@ -161,7 +161,8 @@ def dataset_card(pipeline, name: str, rows: int) -> str:
     return "\n".join(lines)
 
 
-def _sidecar(out: Path) -> Path:
+def sidecar_path(out: Path) -> Path:
+    """Where an export's provenance goes: <file>.synth.json, or synth.json inside a directory export."""
     return out / "synth.json" if out.suffix == "" else out.with_name(out.name + ".synth.json")
 
 

@@ -165,13 +165,27 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
 
 
 def verdict_table(ids: list[str], verdicts: list[Verdict]) -> pa.Table:
+    from synth.secrets import scrub
+
+    def details(v: Verdict) -> str | None:
+        # a verifier's or critic's details (a program's output, a server's message) may hold an API key
+        if v.details is None:
+            return None
+        text = json.dumps(v.details, ensure_ascii=False, default=str)
+        clean = scrub(text)
+        if clean != text:
+            try:
+                json.loads(clean)
+            except ValueError:  # a key with quotes or backslashes in it: keep the scrubbed text as a JSON string
+                clean = json.dumps(clean, ensure_ascii=False)
+        return clean
+
     return pa.table({
         "row_id": pa.array(ids, pa.string()),
         "passed": pa.array([v.passed for v in verdicts], pa.bool_()),
         "score": pa.array([None if v.score is None else float(v.score) for v in verdicts], pa.float64()),
-        "reason": pa.array([v.reason for v in verdicts], pa.string()),
-        "details": pa.array([None if v.details is None else json.dumps(v.details, ensure_ascii=False, default=str)
-                             for v in verdicts], pa.string())})
+        "reason": pa.array([scrub(v.reason) for v in verdicts], pa.string()),
+        "details": pa.array([details(v) for v in verdicts], pa.string())})
 
 
 def write_verdicts(pipeline, name: str, table: pa.Table, run_id: str, console: Console) -> dict:
@@ -185,8 +199,8 @@ def write_verdicts(pipeline, name: str, table: pa.Table, run_id: str, console: C
                  .append_column("created_at", pa.array([now()] * n, pa.timestamp("us")))
     passed = int(pc.sum(table["passed"]).as_py() or 0)
     with pipeline.store.write() as con:
-        con.execute("DELETE FROM synth.verdicts WHERE stage = ?", [name])
-        Store.insert_arrow(con, "synth.verdicts", table, mode="")
+        # history: earlier runs' verdicts stay; synth.verdicts shows this run's once the stage is recorded
+        Store.insert_arrow(con, "synth.verdict_history", table, mode="")
         create_view(con, pipeline, name)
         record_stage(con, pipeline, name, "done", n, run_id, judged=n, passed=passed, version=version)
     console.print(f"  {name}: {n} rows judged · {passed} passed · {n - passed} rejected")

@@ -21,15 +21,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from synth.config import GenerateStage, LoadStage
-from synth.errors import SynthError
+from synth.errors import MissingValue, StoreLocked, SynthError
 from synth.ids import prompt_id, request_id
+from synth.journal import Journal, leftover_segments, remove_segments, replay
 from synth.parsers import PARSER_COLUMNS, PARSERS
 from synth.store import fetch_one, Store, now, quote_ident, sql_str
 from synth.teachers import Completion, Request, content_filtered, load_teacher, prompt_token_counter
@@ -57,6 +58,7 @@ class Planned:
     prompt_of: dict[str, str]  # request id -> prompt id
     collapsed: int  # requests dropped because another input row rendered the same messages
     by_input: dict[str, list[str]]  # input row id -> its request ids, collapsed ones included
+    unrendered: list[tuple[str, MissingValue]] = field(default_factory=list)  # (input row id, why): never sent
 
 
 def build_requests(pipeline, name: str, rows: list[dict]) -> Planned:
@@ -66,7 +68,11 @@ def build_requests(pipeline, name: str, rows: list[dict]) -> Planned:
     params = stage.params.model_dump(exclude_none=True)
     planned = Planned([], {}, {}, {}, 0, {})
     for row in rows:
-        messages = template.render(row, where=f"{pipeline.where(name)}: input row id {row.get('id')!r}")
+        try:
+            messages = template.render(row, where=f"{pipeline.where(name)}: input row id {row.get('id')!r}")
+        except MissingValue as exc:  # a null value: this row fails closed, the others go on
+            planned.unrendered.append((str(row["id"]), exc))
+            continue
         pid = prompt_id(messages)
         planned.prompts[pid] = messages
         for k in range(stage.samples):
@@ -173,6 +179,11 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                                                                  planned.input_ids, cached, parse))
         _create_view(con, pipeline, name)
         record_stage(con, pipeline, name, "running", len(cached), run_id, total=len(ids))
+        bad = planned.unrendered
+        Store.insert_arrow(con, "synth.errors", pa.table({  # no request exists for them: request_id NULL
+            "request_id": pa.array([None] * len(bad), pa.string()), "stage": [name] * len(bad),
+            "cause": ["missing_value"] * len(bad), "message": [f"input row id {rid!r}: {exc}"[:2000] for rid, exc in bad],
+            "run_id": [run_id] * len(bad), "created_at": [now()] * len(bad)}), mode="")
         # what the stage has spent: its answers, and the answers it rejected by a policy (paid for too)
         spent_in, spent_out = fetch_one(con, "SELECT coalesce(sum(p), 0), coalesce(sum(c), 0) FROM ("
                                         "SELECT c.prompt_tokens AS p, c.completion_tokens AS c FROM synth.generations g "
@@ -182,32 +193,49 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
 
     budget = Budget(stage, pipeline.prices(name), spent_in, spent_out, pipeline.run_budget)
     pending = [r for r in planned.requests if r.id not in cached]
+    # answers an earlier run received but never committed (it was killed, or could not write): recorded
+    # now, through the same policies, and never sent again (synth/journal.py)
+    leftover = leftover_segments(store.path, name, exclude_run=run_id)
+    recovered = replay(leftover, {r.id for r in pending})
+    recovered_ids = {c.request_id for c in recovered}
     if pending and budget.reached():
         console.print(f"  {name}: at its budget before sending anything ({budget.describe()})")
-        pending = []
+        pending = [r for r in pending if r.id in recovered_ids]
+    to_send = [r for r in pending if r.id not in recovered_ids]
     sent, errors, tokens, answered = 0, 0, 0, 0  # sent counts an on_length retry as a request of its own
     buffer: list[Completion] = []
     by_id = {r.id: r for r in pending}
     policies = Policies(pipeline, name, by_id)
+    journal = Journal(store.path, name, run_id)
+    unwritten: list[str] = []  # why the last commit failed, while answers wait in the journal
 
-    def flush() -> None:
+    def flush() -> bool:
+        """Commit what arrived; False when the store could not be written (the answers stay in the buffer
+        and in the journal, and the next flush tries again)."""
         if not buffer:
-            return
+            return True
         good = [c for c in buffer if c.ok]
         bad = [c for c in buffer if not c.ok]
-        with store.write(threads=1) as con:
-            Store.insert_arrow(con, "synth.completions", _completion_rows(good, stage.teacher, run_id))
-            Store.insert_arrow(con, "synth.logprobs", _logprob_rows(good, pipeline.teacher(stage.teacher).model))
-            Store.insert_arrow(con, "synth.generations", _membership(
-                name, stage.teacher, [by_id[c.request_id] for c in good], planned.input_ids,
-                {c.request_id: c.text for c in good}, parse), mode="OR REPLACE")
-            Store.insert_arrow(con, "synth.errors", pa.table({
-                "request_id": [c.request_id for c in bad], "stage": [name] * len(bad),
-                "cause": [c.error for c in bad], "message": [(c.error_message or "")[:2000] for c in bad],
-                "prompt_tokens": pa.array([c.prompt_tokens for c in bad], pa.int32()),
-                "completion_tokens": pa.array([c.completion_tokens for c in bad], pa.int32()),
-                "run_id": [run_id] * len(bad), "created_at": [now()] * len(bad)}), mode="")
+        try:
+            with store.write(threads=1) as con:
+                Store.insert_arrow(con, "synth.completions", _completion_rows(good, stage.teacher, run_id))
+                Store.insert_arrow(con, "synth.logprobs", _logprob_rows(good, pipeline.teacher(stage.teacher).model))
+                Store.insert_arrow(con, "synth.generations", _membership(
+                    name, stage.teacher, [by_id[c.request_id] for c in good], planned.input_ids,
+                    {c.request_id: c.text for c in good}, parse), mode="OR REPLACE")
+                Store.insert_arrow(con, "synth.errors", pa.table({
+                    "request_id": [c.request_id for c in bad], "stage": [name] * len(bad),
+                    "cause": [c.error for c in bad], "message": [(c.error_message or "")[:2000] for c in bad],
+                    "prompt_tokens": pa.array([c.prompt_tokens for c in bad], pa.int32()),
+                    "completion_tokens": pa.array([c.completion_tokens for c in bad], pa.int32()),
+                    "run_id": [run_id] * len(bad), "created_at": [now()] * len(bad)}), mode="")
+        except StoreLocked as exc:  # a reader held the store too long: keep going, the answers are journaled
+            unwritten[:] = [str(exc)]
+            return False
+        unwritten.clear()
+        journal.rotate({c.request_id for c in buffer})
         buffer.clear()
+        return True
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("cached {task.fields[cached]} · sent {task.fields[sent]} · "
@@ -218,59 +246,82 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
     last_flush = last_log = last_update = started
     flush_rows, flush_every, log_every = flush_batch_rows(), flush_seconds(), log_seconds()
     teacher = None
+
+    def account(c: Completion) -> None:
+        if c.ok:
+            budget.add(c.prompt_tokens, c.completion_tokens)
+            if budget.reached() and not budget.stopped:
+                budget.stopped = True
+                teacher.stop()  # no new requests; those in flight still arrive and are kept
+
+    def receive(c: Completion) -> None:
+        """Every answer from the teacher, in the thread that receives it: durable first, then counted."""
+        journal.append(c)
+        account(c)
+
+    def get_teacher():
+        nonlocal teacher
+        if teacher is None:
+            teacher = stage_teacher(pipeline, name, run_id)
+            # A teacher with concurrent workers (openai) hands each answer to `receive` in its worker, before
+            # the next request is taken and before the answer waits in a queue for this loop: the budget is
+            # then overshot by at most the requests in flight, and a kill loses only those.
+            if hasattr(teacher, "on_result"):
+                teacher.on_result = receive
+            if hasattr(teacher, "on_idle"):  # a teacher that waits long between answers (the Batch API):
+                teacher.on_idle = flush      # what arrived is committed before each wait
+        return teacher
+
     try:
         with progress:
             task = progress.add_task(name, total=len(ids), completed=len(cached), cached=len(cached), sent=0,
                                      errors=0, tps=0)
-            if pending:
-                teacher = stage_teacher(pipeline, name, run_id)
-
-                def account(c: Completion) -> None:
-                    if c.ok:
-                        budget.add(c.prompt_tokens, c.completion_tokens)
-                        if budget.reached() and not budget.stopped:
-                            budget.stopped = True
-                            teacher.stop()  # no new requests; those in flight still arrive and are kept
-
-                # A teacher with concurrent workers (openai) accounts each answer in its worker, before the
-                # next request is taken: the budget is then overshot by at most the requests in flight,
-                # not by what arrived while this loop was busy.
-                in_worker = hasattr(teacher, "on_result")
-                if in_worker:
-                    teacher.on_result = account
-                if hasattr(teacher, "on_idle"):  # a teacher that waits long between answers (the Batch API):
-                    teacher.on_idle = flush      # what arrived is committed before each wait
-                for completion in _with_retries(teacher, pending, policies, lambda: budget.stopped):
+            answers = _with_retries(get_teacher, to_send, policies, lambda: budget.stopped)
+            for completion, fresh in _recovered_then(recovered, answers):
+                if fresh:
                     sent += 1
-                    if not in_worker:
-                        account(completion)
-                    completion = policies(completion)
-                    if completion is None:  # cut at max_tokens: queued for its retry, nothing to record yet
-                        continue
-                    if completion.ok:
-                        answered += 1
-                        tokens += completion.completion_tokens or 0
-                    else:
-                        errors += 1
-                    buffer.append(completion)
-                    t = time.monotonic()
-                    if t - last_update < 0.1:  # the bar refreshes 10x/s; updating it per row costs the client CPU
-                        continue
-                    last_update, elapsed = t, max(t - started, 1e-6)
-                    progress.update(task, completed=len(cached) + answered, sent=sent, errors=errors,
-                                    tps=f"{tokens / elapsed:,.0f}")
-                    if len(buffer) >= flush_rows or t - last_flush >= flush_every:
-                        flush()
-                        last_flush = time.monotonic()
-                    if not console.is_terminal and t - last_log >= log_every:
-                        last_log = t
-                        console.print(f"  {name}: {len(cached) + answered}/{len(ids)} · sent {sent} · "
-                                      f"errors {errors} · {tokens / elapsed:,.0f} tok/s", highlight=False)
-                progress.update(task, completed=len(cached) + answered, sent=sent, errors=errors)
+                    if not hasattr(teacher, "on_result"):
+                        receive(completion)
+                else:
+                    budget.add(completion.prompt_tokens, completion.completion_tokens)
+                completion = policies(completion)
+                if completion is None:  # cut at max_tokens: queued for its retry, nothing to record yet
+                    continue
+                if completion.ok:
+                    answered += 1
+                    tokens += completion.completion_tokens or 0
+                else:
+                    errors += 1
+                buffer.append(completion)
+                t = time.monotonic()
+                if len(buffer) >= flush_rows or t - last_flush >= flush_every:
+                    flush()
+                    last_flush = time.monotonic()
+                    if leftover and not buffer:  # the recovered answers are committed: their segments can go
+                        remove_segments(leftover)
+                        leftover = []
+                if t - last_update < 0.1:  # the bar refreshes 10x/s; updating it per row costs the client CPU
+                    continue
+                last_update, elapsed = t, max(t - started, 1e-6)
+                progress.update(task, completed=len(cached) + answered, sent=sent, errors=errors,
+                                tps=f"{tokens / elapsed:,.0f}")
+                if not console.is_terminal and t - last_log >= log_every:
+                    last_log = t
+                    console.print(f"  {name}: {len(cached) + answered}/{len(ids)} · sent {sent} · "
+                                  f"errors {errors} · {tokens / elapsed:,.0f} tok/s", highlight=False)
+            progress.update(task, completed=len(cached) + answered, sent=sent, errors=errors)
     finally:
-        flush()  # an exception or Ctrl-C keeps everything that had arrived
-        if teacher is not None:
-            teacher.close()
+        try:
+            flushed = flush()  # an exception, Ctrl-C or a lock keeps everything that had arrived
+            if flushed and leftover:
+                remove_segments(leftover)
+        finally:
+            journal.close()
+            if teacher is not None:
+                teacher.close()
+    if not flushed:
+        raise SynthError(f"{pipeline.where(name)}: could not record {len(buffer)} answers: {unwritten[0]}; they are "
+                         f"saved in {journal.dir} and the next run records them without asking the teacher again")
 
     with store.write() as con:
         done = fetch_one(con, "SELECT count(*) FROM synth.generations g JOIN synth.completions c USING (id) "
@@ -280,14 +331,23 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         stopped = {"stopped": "budget", "budget": budget.describe()} if missing and budget.reached() else {}
         record_stage(con, pipeline, name, "done" if missing == 0 else "incomplete", done, run_id,
                      total=len(ids), errors=missing, sent=sent, cached=len(cached), collapsed=planned.collapsed,
+                     recovered=len(recovered), unrendered=len(planned.unrendered),
                      cost=budget.cost(), **stopped)
     elapsed = time.monotonic() - started
-    console.print(f"  {name}: {done}/{len(ids)} rows · {len(cached)} cached · {sent} sent · {errors} errors · "
+    console.print(f"  {name}: {done}/{len(ids)} rows · {len(cached)} cached · "
+                  + (f"{len(recovered)} recovered from the journal · " if recovered else "")
+                  + f"{sent} sent · {errors} errors · "
                   f"{tokens:,} tokens in {elapsed:.1f}s" + (f" · cost ${budget.cost():,.4f}" if budget.prices else ""))
+    if planned.unrendered:
+        rid, exc = planned.unrendered[0]
+        console.print(f"  [yellow]{name}: {len(planned.unrendered)} input rows not sent: a template variable is null "
+                      f"or missing (first: row {rid!r}, column {exc.column!r}); fix those rows or give the variable a "
+                      "default in the template; they are in synth.errors with cause missing_value[/yellow]")
     if stopped:
         console.print(f"  {name}: stopped at its budget ({budget.describe()}); {missing} requests unsent — raise "
                       "the budget and re-run to continue")
     return {"rows": done, "total": len(ids), "cached": len(cached), "sent": sent, "errors": errors,
+            "recovered": len(recovered), "unrendered": len(planned.unrendered),
             "completion_tokens": tokens, "unsent": missing if stopped else 0, **stopped}
 
 
@@ -306,14 +366,25 @@ def stage_teacher(pipeline, name: str, run_id: str):
     return teacher
 
 
-def _with_retries(teacher, pending: list[Request], policies: "Policies", stopped):
+def _with_retries(get_teacher, pending: list[Request], policies: "Policies", stopped):
     """The teacher's completions of `pending`, then those of the on_length retries queued meanwhile
     (the same request ids, with retry_max_tokens): one pass of retries, so each is asked once more.
-    Not after a budget stop: an unanswered retry stays unsent, and a re-run asks it again."""
-    yield from teacher.generate(pending)
+    Not after a budget stop: an unanswered retry stays unsent, and a re-run asks it again. The teacher
+    is only made (a model loaded, a client started) when there is something to send."""
+    if pending:
+        yield from get_teacher().generate(pending)
     if policies.queue and not stopped():
         queued, policies.queue = policies.queue, []
-        yield from teacher.generate(queued)
+        yield from get_teacher().generate(queued)
+
+
+def _recovered_then(recovered: list[Completion], answers):
+    """(completion, fresh) pairs: the journal's recovered answers first (fresh False: not sent in this run),
+    then the teacher's."""
+    for c in recovered:
+        yield c, False
+    for c in answers:
+        yield c, True
 
 
 class Policies:

@@ -23,13 +23,13 @@ from synth.store import fetch_one, Store, quote_ident
 def store_for(path: Path) -> Store:
     """A .duckdb file is the store itself; a pipeline file names its store."""
     from synth.config import read_pipeline_file
-    from synth.pipeline import default_store_path
+    from synth.pipeline import store_path_of
 
     path = Path(path).resolve()
     if path.suffix in (".duckdb", ".db"):
         return Store(path)
     spec = read_pipeline_file(path)
-    return Store(path.parent / spec.store) if spec.store else Store(default_store_path(path))
+    return Store(store_path_of(path, spec))
 
 
 def run_query(store: Store, query: str):
@@ -191,8 +191,10 @@ def why(store: Store, row_id: str, console: Console) -> None:
                 return why(store, matches[0][0], console)
             verdicts = con.execute("SELECT stage, passed, score, reason, details FROM synth.verdicts "
                                    "WHERE row_id = ? ORDER BY stage", [row_id]).fetchall()
-            if verdicts and not matches:  # a row that is not a generation (a seed row): its verdicts
-                console.print(Group(Text.assemble(("row ", "bold"), row_id), *_verdict_lines(verdicts)))
+            earlier = _earlier_verdicts(con, row_id)
+            if (verdicts or earlier) and not matches:  # a row that is not a generation (a seed row): its verdicts
+                console.print(Group(Text.assemble(("row ", "bold"), row_id), *_verdict_lines(verdicts),
+                                    *_earlier_lines(earlier)))
                 return
             raise SynthError(f"{store.path}: no request with id {row_id!r}" +
                              (" (the prefix is ambiguous)" if matches else ""))
@@ -205,6 +207,7 @@ def why(store: Store, row_id: str, console: Console) -> None:
                              "WHERE request_id = ? ORDER BY created_at", [rid]).fetchall()
         verdicts = con.execute("SELECT stage, passed, score, reason, details FROM synth.verdicts WHERE row_id = ? "
                                "ORDER BY stage", [rid]).fetchall()
+        earlier = _earlier_verdicts(con, rid)
         run = fetch_one(con, "SELECT id, command, argv, started_at, status FROM synth.runs WHERE id = ?",
                           [comp[5]]) if comp else None
         inputs = []
@@ -237,6 +240,7 @@ def why(store: Store, row_id: str, console: Console) -> None:
     for e in errors:
         parts.append(Text(f"error in {e[0]}: {e[1]}: {e[2]} (run {e[3]})", style="red"))
     parts += _verdict_lines(verdicts)
+    parts += _earlier_lines(earlier)
     if run:
         parts.append(Text(f"written by run {run[0]} ({run[1]} {' '.join(json.loads(run[2]))}, "
                           f"started {run[3]:%Y-%m-%d %H:%M:%S}, {run[4]})"))
@@ -249,6 +253,30 @@ def _verdict_lines(verdicts: list[tuple]) -> list[Text]:
         mark = ("passed", "green") if passed else ("failed", "red")
         lines.append(Text.assemble(("verdict ", "bold"), f"{stage}: ", mark, "" if score is None else f" · score {score:g}",
                                    f" · {reason}" if reason else "", f" · {_short_details(details)}" if details else ""))
+    return lines
+
+
+def _earlier_verdicts(con, row_id: str) -> list[tuple]:
+    """The row's verdicts from earlier runs of its filter stages (another filter version, or before a
+    re-run): nothing is deleted, the current ones are in synth.verdicts."""
+    import duckdb
+
+    try:
+        return con.execute("SELECT h.stage, h.passed, h.score, h.reason, h.details, h.version, h.run_id "
+                           "FROM synth.verdict_history h LEFT JOIN synth.stages s ON s.name = h.stage AND "
+                           "s.run_id = h.run_id WHERE h.row_id = ? AND s.name IS NULL ORDER BY h.stage, h.created_at",
+                           [row_id]).fetchall()
+    except duckdb.CatalogException:  # a store from before migration 10 that no run has opened for writing yet
+        return []
+
+
+def _earlier_lines(earlier: list[tuple]) -> list[Text]:
+    lines = []
+    for stage, passed, score, reason, details, version, run_id in earlier:
+        mark = ("passed", "green") if passed else ("failed", "red")
+        lines.append(Text.assemble(("earlier ", "dim bold"), f"{stage} (run {run_id}, version {version[:12]}): ", mark,
+                                   "" if score is None else f" · score {score:g}", f" · {reason}" if reason else "",
+                                   f" · {_short_details(details)}" if details else "", style="dim"))
     return lines
 
 

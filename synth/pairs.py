@@ -74,9 +74,10 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             if "text" not in cols:
                 raise SynthError(f"stage '{name}': its samples '{source}' have no 'text' column; pair the samples "
                                  "of a generate stage (or a keep stage of one)")
-        con.execute("DELETE FROM synth.pairs WHERE stage = ?", [name])
-        con.execute(f"INSERT INTO synth.pairs BY NAME {select}", [run_id, now()])
-        n, groups = fetch_one(con, "SELECT count(*), count(DISTINCT input_id) FROM synth.pairs WHERE stage = ?", [name])
+        # history: earlier runs' pairs stay; synth.pairs shows this run's once the stage is recorded
+        con.execute(f"INSERT INTO synth.pair_history BY NAME {select}", [run_id, now()])
+        n, groups = fetch_one(con, "SELECT count(*), count(DISTINCT input_id) FROM synth.pair_history "
+                                   "WHERE stage = ? AND run_id = ?", [name, run_id])
         create_view(con, pipeline, name)
         record_stage(con, pipeline, name, "done", n, run_id, rule=rule, inputs=groups)
     console.print(f"  {name}: {n} pairs ({rule}) over {groups} inputs")

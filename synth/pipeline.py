@@ -22,7 +22,8 @@ from rich.console import Console
 from synth.config import (FILTER_KINDS, EvaluateStage, ExportStage, GenerateStage, JudgeStage, KeepStage, LoadStage,
                           PairsStage, PipelineFile, TrainStage, line_of, read_pipeline_file)
 from synth.errors import SynthError
-from synth.references import add_companion_stages, add_student_teachers, check_references
+from synth.references import (add_companion_stages, add_student_teachers, check_before_writing, check_filter,
+                              check_references)
 from synth.ids import content_hash
 from synth.load import Seeds, read_seeds
 from synth.parsers import PARSER_COLUMNS
@@ -154,7 +155,49 @@ def _inputs(stage) -> list[str]:
 
 
 def default_store_path(pipeline_path: Path) -> Path:
-    return pipeline_path.parent / "data" / "synth.duckdb"
+    return pipeline_path.parent / "data" / "store.duckdb"
+
+
+# DuckDB names a database's catalog after its file's stem; a stem equal to a schema synth uses (`synth`,
+# `main`) or to a built-in catalog makes every `synth.<table>` reference ambiguous.
+RESERVED_STORE_STEMS = frozenset({"synth", "main", "system", "temp", "memory", "information_schema", "pg_catalog"})
+DUCKDB_MAGIC = b"DUCK"  # bytes 8..12 of every DuckDB database file
+
+
+def store_path_of(path: Path, spec) -> Path:
+    """The store a pipeline file names (`store:`, relative to the file), else the default; checked before
+    anything is written: not empty, not a name DuckDB would confuse with synth's schema, not a
+    directory, and not an existing file that is not a DuckDB database (a seed file, the pipeline)."""
+    from synth.config import line_of
+
+    if spec.store is None:
+        store = default_store_path(path)
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        line = line_of(text, ["store"])
+        at = f"{path}{f':{line}' if line else ''}: key 'store'"
+        if not spec.store.strip():
+            raise SynthError(f"{at}: the store path is empty; remove the key for the default "
+                             f"({default_store_path(path).relative_to(path.parent)}) or name a .duckdb file")
+        store = path.parent / spec.store
+        if store.stem.lower() in RESERVED_STORE_STEMS:
+            raise SynthError(f"{at}: a store file named {store.name!r} clashes with DuckDB's catalog naming (the "
+                             f"catalog would be called {store.stem!r}, like synth's own schema); "
+                             f"name it e.g. {store.with_name('run' + store.suffix).name!r}")
+        if store.is_dir():
+            raise SynthError(f"{at}: {store} is a directory; name a .duckdb file")
+        if store.resolve() == path.resolve():
+            raise SynthError(f"{at}: the store cannot be the pipeline file itself")
+        if store.is_file() and store.stat().st_size > 0:
+            with open(store, "rb") as f:
+                head = f.read(12)
+            if head[8:12] != DUCKDB_MAGIC:
+                raise SynthError(f"{at}: {store} exists and is not a DuckDB database (a seed file?); synth would "
+                                 "overwrite it — name a new .duckdb file")
+    return store
 
 
 def load_pipeline(path: Path) -> Pipeline:
@@ -164,7 +207,7 @@ def load_pipeline(path: Path) -> Pipeline:
     spec = read_pipeline_file(path)
     add_student_teachers(path, spec)
     add_companion_stages(path, spec)
-    store_path = (path.parent / spec.store) if spec.store else default_store_path(path)
+    store_path = store_path_of(path, spec)
     text = path.read_text(encoding="utf-8")
 
     def where(name: str, key: str | None = None) -> str:
@@ -192,6 +235,7 @@ def load_pipeline(path: Path) -> Pipeline:
         elif stage.kind in FILTER_KINDS:
             from synth.filters import VERDICT_COLUMNS, validate
             validate(pipeline, name, pipeline.columns[stage.input])
+            check_filter(pipeline, name)
             pipeline.columns[name] = pipeline.columns[stage.input] + VERDICT_COLUMNS
         elif isinstance(stage, KeepStage):
             pipeline.columns[name] = pipeline.columns[stage.input]
@@ -237,10 +281,66 @@ def load_pipeline(path: Path) -> Pipeline:
             if stage.target != "text" and stage.answer not in pipeline.columns[stage.input]:
                 raise SynthError(f"{where(name, 'answer')}: key 'answer': target {stage.target} needs the answer "
                                  f"column; the input has no column {stage.answer!r}")
+        elif isinstance(stage, TrainStage):
+            from synth.train_stage import check_recipe
+            check_recipe(pipeline, name, where(name, "recipe"))
+    check_outputs(pipeline, where)
     if any(isinstance(st, TrainStage) for st in spec.stages.values()) and pipeline.store.exists():
         pipeline.trained = {n: st["detail"]["model_dir"] for n, st in pipeline.store.stage_states().items()
                             if st["kind"] == "train" and st["status"] == "done" and st["detail"].get("model_dir")}
     return pipeline
+
+
+def check_outputs(pipeline: Pipeline, where) -> None:
+    """No export may write over a file the pipeline reads (a seed file, an evaluation file, a template,
+    a filter, a recipe, the pipeline itself), over the store and its companions, or over another export
+    (its file or its sidecar): an export replaces its path, so any of these would be lost or, worse, read
+    back as input by the next run."""
+    from synth.export import sidecar_path
+    from synth.filters import filter_path
+
+    def key(p: Path) -> Path:
+        return Path(p).resolve()
+
+    store = pipeline.store.path
+    inputs: dict[Path, str] = {key(pipeline.path): "the pipeline file"}
+    for p in (store, store.with_name(store.name + ".wal"), store.with_name(store.name + ".lock"),
+              store.with_name(store.name + ".journal")):
+        inputs[key(p)] = "the store"
+    for name in pipeline.order:
+        stage = pipeline.stage(name)
+        if isinstance(stage, LoadStage):
+            inputs[key(pipeline.resolve(stage.path))] = f"the seed file of stage '{name}'"
+        for f in getattr(stage, "against", None) or []:
+            inputs[key(pipeline.resolve(f))] = f"an evaluation file of stage '{name}'"
+        if isinstance(stage, TrainStage):
+            inputs[key(pipeline.resolve(stage.recipe))] = f"the recipe of stage '{name}'"
+        if stage.kind in FILTER_KINDS and getattr(stage, "use", None):
+            try:
+                inputs[key(filter_path(pipeline, name))] = f"the filter file of stage '{name}'"
+            except SynthError:
+                pass
+    for name, template in pipeline.templates.items():
+        inputs[key(template.path)] = f"the template of stage '{name}'"
+    written: dict[Path, str] = {}  # every path an export writes (its file or directory, its sidecar) -> export
+    for name in pipeline.order:
+        stage = pipeline.stage(name)
+        if not isinstance(stage, ExportStage):
+            continue
+        out = key(pipeline.resolve(stage.path))
+        for target in (out, key(sidecar_path(out))):
+            clash = inputs.get(target) or (f"the output of export '{written[target]}'" if target in written else None)
+            if clash is None and out.suffix == "":  # a directory export replaces the whole directory
+                clash = next((what for p, what in inputs.items() if out in p.parents), None) or \
+                    next((f"the output of export '{n}'" for p, n in written.items() if out in p.parents
+                          and n != name), None)
+            if clash is None:  # inside an earlier directory export
+                clash = next((f"the output of export '{n}'" for p, n in written.items()
+                              if p.suffix == "" and p in target.parents and n != name), None)
+            if clash:
+                raise SynthError(f"{where(name, 'path')}: key 'path': {stage.path} would overwrite {clash}; an "
+                                 "export replaces its path, so write it somewhere new")
+            written[target] = name
 
 
 def _check_export_source(pipeline: Pipeline, name: str, where) -> None:
@@ -387,15 +487,15 @@ def plan(pipeline: Pipeline, targets: list[str] | None = None) -> list[dict]:
 def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = False, argv: list[str] | None = None,
         console: Console | None = None, max_cost: float | None = None) -> dict:
     """Run every stale stage among the targets (default: all) and their upstream, in DAG order.
-    Records one run row. Returns the run's counts."""
-    from synth import evaluate, export, filters, generate, pairs
-
+    Records one run row. Returns the run's counts. Holds the store's writer lock throughout (one run per
+    store at a time)."""
     console = console or Console(stderr=True)
     for t in targets or []:
         if t not in pipeline.spec.stages:
             raise SynthError(f"{pipeline.path}: no stage named {t!r} (stages: {', '.join(pipeline.order)})")
     names = pipeline.upstream(targets) if targets else pipeline.order
     check_teachers(pipeline, names)
+    check_before_writing(pipeline, names, console, force)  # every prompt known now renders; filter files load
     if max_cost is not None:
         from synth.generate import RunBudget
         unpriced = sorted({pipeline.stage(n).teacher for n in names if isinstance(pipeline.stage(n), GenerateStage)
@@ -405,9 +505,18 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
                              "tokens, output: USD per 1M tokens}} to it, or run without --max-cost")
         pipeline.run_budget = RunBudget(max_cost)
     store = pipeline.store
+    with store.writer(f"synth run {pipeline.path}"):
+        return _run_locked(pipeline, names, targets, force, argv, console)
+
+
+def _run_locked(pipeline: Pipeline, names: list[str], targets: list[str] | None, force: bool,
+                argv: list[str] | None, console: Console) -> dict:
+    from synth import evaluate, export, filters, generate, pairs
+
+    store = pipeline.store
     run_id = store.start_run("run", argv or sys.argv[1:], str(pipeline.path),
                              pipeline.spec.model_dump(mode="json"))
-    counts: dict = {"stages_run": [], "sent": 0, "cached": 0, "errors": 0, "unsent": 0}
+    counts: dict = {"stages_run": [], "sent": 0, "cached": 0, "errors": 0, "unsent": 0, "recovered": 0}
     try:
         for name in names:
             statuses = staleness(pipeline)
@@ -439,12 +548,15 @@ def run(pipeline: Pipeline, targets: list[str] | None = None, *, force: bool = F
             counts["stages_run"].append(name)
             if result.get("stopped") == "budget":
                 counts.setdefault("stopped_at_budget", []).append(name)
-            for key in ("sent", "cached", "errors", "unsent"):
+            for key in ("sent", "cached", "errors", "unsent", "recovered"):
                 counts[key] += result.get(key, 0)
             counts.setdefault("stages", {})[name] = result
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        store.finish_run(run_id, status, counts, error=" ".join(str(exc).split())[:2000])
+        try:
+            store.finish_run(run_id, status, counts, error=" ".join(str(exc).split())[:2000])
+        except SynthError:  # the store itself failed (a full disk, a lock): the first error is the one to show
+            pass
         raise
     store.finish_run(run_id, "incomplete" if counts["errors"] or counts["unsent"] else "ok", counts)
     counts["run_id"] = run_id
@@ -488,5 +600,5 @@ def _run_load(pipeline: Pipeline, name: str, run_id: str) -> dict:
     seeds = pipeline.seeds[name]
     with pipeline.store.write() as con:
         Store.replace_table(con, name, seeds.table)
-        record_stage(con, pipeline, name, "done", seeds.table.num_rows, run_id)
+        record_stage(con, pipeline, name, "done", seeds.table.num_rows, run_id, collapsed=seeds.collapsed)
     return {"rows": seeds.table.num_rows}

@@ -106,6 +106,32 @@ def check_references(path: Path, spec: PipelineFile, where) -> None:
             if t not in spec.teachers:
                 raise SynthError(f"{where(name, key)}: key '{key}': no teacher named {t!r} "
                                  f"(teachers: {', '.join(spec.teachers) or 'none defined'})")
+    for name, stage in spec.stages.items():  # once every reference is known to exist
+        if isinstance(stage, KeepStage):
+            _check_keep(spec, name, stage, where)
+
+
+def rows_of(spec: PipelineFile, name: str) -> str:
+    """The stage whose rows `name` carries: a filter's or keep's rows are its input's (followed down)."""
+    seen = set()
+    while spec.stages[name].kind in (*FILTER_KINDS, "keep") and name not in seen:
+        seen.add(name)
+        name = spec.stages[name].input
+        if name not in spec.stages:
+            break
+    return name
+
+
+def _check_keep(spec: PipelineFile, name: str, stage: KeepStage, where) -> None:
+    """A keep selects its input's rows by the verdicts of its filters, matched on row id: a filter that
+    judges other rows (another stage's) would match none, and the keep would silently keep nothing."""
+    rows = rows_of(spec, stage.input)
+    for f in stage.pass_:
+        judged = rows_of(spec, spec.stages[f].input)
+        if judged != rows:
+            raise SynthError(f"{where(name, 'pass')}: key 'pass': filter {f!r} judges the rows of {judged!r}, but "
+                             f"this keep selects rows of {rows!r} (input {stage.input!r}); a keep's filters must "
+                             f"judge its input's rows: point {f!r}'s input at {rows!r} or drop it from 'pass'")
 
 
 def _check_train(spec: PipelineFile, name: str, stage: TrainStage, where, path: Path) -> None:
@@ -121,3 +147,104 @@ def _check_train(spec: PipelineFile, name: str, stage: TrainStage, where, path: 
     recipe = path.parent / stage.recipe
     if not recipe.is_file():
         raise SynthError(f"{where(name, 'recipe')}: key 'recipe': no such file {recipe}")
+
+
+# ---- checks that read more than the pipeline file, made before anything is written -----------------
+
+def check_filter_sql(pipeline, name: str, expr: str, key: str) -> None:
+    """A filter's SQL expression (`where:`, or a filters/NAME.sql file) parses and names only columns the
+    input has. Bound against an empty in-memory table of the input's columns, so that a typo is one
+    line now rather than a failed run after earlier stages wrote. Type errors are left to the run (the
+    columns' types are not all known yet)."""
+    import duckdb
+
+    from synth.store import quote_ident
+
+    columns = pipeline.columns[pipeline.stage(name).input]
+    root = pipeline.root(pipeline.stage(name).input)
+    template = pipeline.templates.get(root)
+    open_columns = template is not None and template.spec.parse == "json"  # columns named by the answers
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(f"CREATE TABLE t ({', '.join(quote_ident(c) + ' VARCHAR' for c in columns)})")
+        con.execute(f"SELECT CAST((\n{expr.strip().rstrip(';')}\n) AS BOOLEAN) FROM t LIMIT 0")
+    except duckdb.ParserException as exc:
+        raise SynthError(f"{pipeline.where(name)}: key '{key}': not a valid SQL expression: "
+                         f"{' '.join(str(exc).split())[:300]}") from None
+    except duckdb.BinderException as exc:
+        if "Referenced column" in str(exc) and not open_columns:
+            raise SynthError(f"{pipeline.where(name)}: key '{key}': {' '.join(str(exc).split())[:300]} (the input's "
+                             f"columns: {', '.join(columns)})") from None
+    except duckdb.Error:
+        pass  # a type the run will know: checked then
+    finally:
+        con.close()
+
+
+def check_before_writing(pipeline, names: list[str], console, force: bool = False) -> None:
+    """What `synth run` checks once it knows which stages it runs, before it writes anything: every row
+    whose prompt is known now (a generate stage or a dataset export reading a load stage) renders
+    within the limits, and every Python filter file loads and defines judge. Warns (one line each)
+    about load stages whose identical rows collapse into one."""
+    from synth.config import ExportStage, FilterStage, GenerateStage, LoadStage
+    from synth.pipeline import staleness
+
+    stale = None
+    for name in names:
+        stage = pipeline.stage(name)
+        if isinstance(stage, LoadStage) and pipeline.seeds[name].collapsed:
+            stale = staleness(pipeline) if stale is None else stale
+            if force or stale[name].stale:
+                n = pipeline.seeds[name].collapsed
+                console.print(f"warning: {pipeline.resolve(stage.path)}: {n} row{'s are' if n > 1 else ' is'} "
+                              f"identical to an earlier row and collapsed into it (stage '{name}' keeps one row "
+                              "per distinct content); give each row an `id` to keep them apart", markup=False,
+                              highlight=False, soft_wrap=True)
+        template = pipeline.templates.get(name)
+        if template is not None and isinstance(stage, (GenerateStage, ExportStage)) and \
+                isinstance(pipeline.stage(stage.input), LoadStage) and not getattr(stage, "_pairs_for", ""):
+            from synth.errors import MissingValue
+
+            for row in pipeline.seeds[stage.input].table.to_pylist():
+                try:
+                    template.render(row, where=f"{pipeline.where(name)}: input row id {row.get('id')!r}")
+                except MissingValue:
+                    if isinstance(stage, ExportStage):
+                        raise
+                    # a generate stage sends the other rows and records this one as an error row
+        if isinstance(stage, FilterStage) and stage.use:
+            from synth.filters import filter_path, load_filter_module
+
+            path = filter_path(pipeline, name)
+            if path.suffix == ".py":
+                load_filter_module(path)
+
+
+def check_filter(pipeline, name: str) -> None:
+    """A filter stage's code, as far as it can be checked without running it: its file is UTF-8, its SQL
+    (`where:` or a .sql file) parses and names existing columns (the .py file is imported by `synth run`
+    before it writes: check_before_writing)."""
+    from synth.config import FilterStage
+
+    stage = pipeline.stage(name)
+    if not isinstance(stage, FilterStage):
+        return
+    if stage.where is not None:
+        if not stage.where.strip():
+            raise SynthError(f"{pipeline.where(name)}: key 'where': the SQL expression is empty")
+        check_filter_sql(pipeline, name, stage.where, "where")
+        return
+    from synth.filters import filter_path
+
+    path = filter_path(pipeline, name)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise SynthError(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
+    if path.suffix == ".sql":
+        expr = "\n".join(ln for ln in text.splitlines() if not ln.strip().startswith("--"))
+        if not expr.strip():
+            raise SynthError(f"{path}: holds no SQL expression (one boolean expression over the input's columns)")
+        check_filter_sql(pipeline, name, expr, "use")

@@ -16,6 +16,8 @@ for more than one batch write, and a reader never blocks the generation for more
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import random
@@ -113,6 +115,40 @@ MIGRATIONS: list[str] = [
     ALTER TABLE synth.errors ADD COLUMN prompt_tokens INTEGER;
     ALTER TABLE synth.errors ADD COLUMN completion_tokens INTEGER;
     """,
+    # 10: nothing is deleted — verdicts, pairs, evaluations and training logs keep every run's rows in
+    # *_history tables (keyed by the run that wrote them); synth.verdicts, synth.pairs, synth.evaluations
+    # and synth.train_logs become views of the current rows: those of the run each stage last finished in
+    # (synth.stages.run_id). `synth why` shows the earlier verdicts too.
+    """
+    CREATE TABLE synth.verdict_history (
+        stage VARCHAR, row_id VARCHAR, version VARCHAR, passed BOOLEAN, score DOUBLE, reason VARCHAR,
+        details JSON, run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (stage, run_id, row_id));
+    INSERT INTO synth.verdict_history BY NAME SELECT * FROM synth.verdicts;
+    DROP TABLE synth.verdicts;
+    CREATE VIEW synth.verdicts AS SELECT h.* FROM synth.verdict_history h
+        JOIN synth.stages s ON s.name = h.stage AND s.run_id = h.run_id;
+
+    CREATE TABLE synth.pair_history (
+        stage VARCHAR, chosen_id VARCHAR, rejected_id VARCHAR, input_id VARCHAR, rule VARCHAR,
+        margin DOUBLE, run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (stage, run_id, chosen_id, rejected_id));
+    INSERT INTO synth.pair_history BY NAME SELECT * FROM synth.pairs;
+    DROP TABLE synth.pairs;
+    CREATE VIEW synth.pairs AS SELECT h.* FROM synth.pair_history h
+        JOIN synth.stages s ON s.name = h.stage AND s.run_id = h.run_id;
+
+    CREATE TABLE synth.evaluation_history (
+        stage VARCHAR, model VARCHAR, id VARCHAR, input_id VARCHAR, sample INTEGER, passed BOOLEAN,
+        reason VARCHAR, answer VARCHAR, completion_tokens INTEGER, run_id VARCHAR, created_at TIMESTAMP,
+        PRIMARY KEY (stage, run_id, model, id));
+    INSERT INTO synth.evaluation_history BY NAME SELECT * FROM synth.evaluations;
+    DROP TABLE synth.evaluations;
+    CREATE VIEW synth.evaluations AS SELECT h.* FROM synth.evaluation_history h
+        JOIN synth.stages s ON s.name = h.stage AND s.run_id = h.run_id;
+
+    ALTER TABLE synth.train_logs RENAME TO train_log_history;
+    CREATE VIEW synth.train_logs AS SELECT h.* FROM synth.train_log_history h
+        JOIN synth.stages s ON s.name = h.stage AND s.run_id = h.run_id;
+    """,
 ]
 
 
@@ -199,11 +235,19 @@ class Store:
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                with contextlib.suppress(duckdb.Error):  # a failed commit or I/O error may have ended it
+                    con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
+        except (duckdb.Error, OSError) as exc:
+            if not _is_disk_full(exc):
+                raise
+            raise SynthError(f"{self.path}: no space left on the device while writing the store; free some space "
+                             "(or point `store:` at a bigger disk) and re-run: what was committed is kept, and "
+                             "answers received since are in the journal beside the store") from None
         finally:
-            con.close()
+            with contextlib.suppress(duckdb.Error):
+                con.close()
 
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
         con.execute("CREATE SCHEMA IF NOT EXISTS synth")
@@ -217,6 +261,35 @@ class Store:
             con.execute(sql)
             con.execute("INSERT INTO synth.migrations VALUES (?, ?)", [version, now()])
             con.execute("COMMIT")
+
+    # ---- the one-writer rule ---------------------------------------------------------------------
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    @contextlib.contextmanager
+    def writer(self, what: str) -> Iterator[None]:
+        """Hold the store's writer lock for a whole `synth run`: one writing run per store at a time, so that
+        two runs never send (and pay for) the same requests. An advisory flock on `<store>.lock`, which
+        the kernel releases when the process dies (kill -9 included), so a crashed run never leaves the
+        store locked. A second run refuses at once with one line naming the run that holds it. Readers
+        (status, sql, show, why) never take it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+                raise StoreLocked(f"{self.path}: another synth run is writing to this store ({holder}); one run "
+                                  "at a time per store — wait for it to finish (`synth status` shows its "
+                                  "progress), or stop it") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{what}, pid {os.getpid()}, since {now():%Y-%m-%d %H:%M:%S} UTC\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the flock; the file stays (its text names the last holder)
 
     # ---- reads for users (synth.open(...).table(...)) -----------------------------------------
 
@@ -248,6 +321,9 @@ class Store:
         return run_id
 
     def finish_run(self, run_id: str, status: str, counts: dict, error: str | None = None) -> None:
+        from synth.secrets import scrub
+
+        error = scrub(error)  # an exception's text may echo an API key (a server's error body)
         with self.write() as con:
             con.execute("UPDATE synth.runs SET ended_at = ?, status = ?, counts = ?, error = ? WHERE id = ?",
                         [now(), status, json.dumps(counts), error, run_id])
@@ -323,6 +399,10 @@ class Store:
 def _has_table(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
     return fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND "
                        "table_name = ?", [schema, table])[0] > 0
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return getattr(exc, "errno", None) == errno.ENOSPC or "no space left on device" in str(exc).lower()
 
 
 def _lock_holder(exc: Exception) -> str:

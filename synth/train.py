@@ -17,12 +17,16 @@ torch, transformers, trl and peft are imported inside the functions that need th
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import json
 import math
+import re
+import shutil
 import sys
 import time
 import types
@@ -39,7 +43,17 @@ DEFAULT_MAX_TRUNCATED_SHARE = 0.05
 LORA_KEYS = {"r": int, "alpha": float, "dropout": float, "target_modules": (str, list)}
 SYNTH_KEYS = ("lora", "max_truncated_share")
 # Fields synth sets itself: the recipe describes how to train, not where the files go.
-OWNED_KEYS = {"output_dir": "synth writes checkpoints to OUT/checkpoints and the model to OUT/model"}
+OWNED_KEYS = {"output_dir": "synth puts the checkpoints and the model under <store folder>/models/"}
+# Checkpoints, unless the recipe sets save_strategy/save_steps/save_total_limit: every tenth of the run
+# (transformers reads a save_steps below 1 as a share of max_steps). transformers' own default, every
+# 500 steps, never fires in most distillation runs (a few hundred steps), so a killed run would lose
+# everything; a tenth bounds both what a kill loses (at most 10% of the steps) and what saving costs
+# (10 saves a run, whatever its length: for a 7B model each is ~15 GB of weights plus ~60 GB of Adam
+# state, so saving every few steps would dominate). Two kept: the newest to resume from and one spare
+# (transformers deletes the older ones only once a new save is complete, so a run killed mid-save
+# still has a complete one); disk holds at most two checkpoints, and none once the run finishes.
+DEFAULT_SAVE_STEPS = 0.1
+DEFAULT_SAVE_TOTAL_LIMIT = 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,46 +71,14 @@ def _config_class(method: str):
 
 def load_recipe(path: Path, method: str) -> dict:
     """Read and validate a recipe: every key must be a field of TRL's config for `method` (or a synth
-    key), with a value of the field's type. Returns the recipe as a dict (numbers normalised)."""
+    key), with a value of the field's type. Returns the recipe as a dict (numbers normalised).
+    Imports TRL (the config class itself checks the values); check_recipe does the same without it."""
     path = Path(path)
     cls = _config_class(method)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SynthError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SynthError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise SynthError(f"{path}: a recipe must be a mapping of {cls.__name__} fields, got {type(data).__name__}")
-
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    data, lines = _read_recipe(path, cls.__name__)
     hints = typing.get_type_hints(cls)
-    recipe: dict[str, Any] = {}
-    for key, value in data.items():
-        key = str(key)
-        if key in OWNED_KEYS:
-            raise SynthError(f"{path}: key {key!r} cannot be set in a recipe: {OWNED_KEYS[key]}")
-        if key == "lora":
-            recipe[key] = _check_lora(path, value)
-        elif key == "max_truncated_share":
-            share = _coerce(value, float)
-            if share is _BAD or not 0 <= share <= 1:
-                raise SynthError(f"{path}: key 'max_truncated_share' must be a number between 0 and 1, got {value!r}")
-            recipe[key] = share
-        elif key not in fields:
-            close = difflib.get_close_matches(key, sorted(fields | set(SYNTH_KEYS)), n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
-                f"; a recipe takes {cls.__name__} fields (see TRL's docs) plus {', '.join(SYNTH_KEYS)}"
-            raise SynthError(f"{path}: unknown key {key!r} for a {method} recipe{hint}")
-        else:
-            coerced = _coerce(value, hints.get(key, Any))
-            if coerced is _BAD:
-                raise SynthError(f"{path}: key {key!r} must be {_type_name(hints.get(key, Any))}, got {value!r}")
-            recipe[key] = coerced
+    fields = {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+    recipe = _check_keys(path, method, data, lines, fields, cls.__name__)
     # Values TRL itself rejects (an unknown scheduler, loss_weights of the wrong length, ...).
     try:
         build_config(method, recipe, Path("/nonexistent/synth-recipe-check"))
@@ -107,23 +89,125 @@ def load_recipe(path: Path, method: str) -> dict:
     return recipe
 
 
-def _check_lora(path: Path, value: Any) -> dict:
+def check_recipe(path: Path, method: str, student: str | Path | None = None) -> dict:
+    """Validate a recipe before anything runs, without importing torch or TRL: the file reads as a
+    YAML mapping; every key is a field of TRL's config for `method` (read from TRL's source, see
+    config_fields) or a synth key, with a value of the field's type (an enum field: one of its
+    values); and `assistant_only_loss: true` has a chat template with {% generation %} markers to
+    work with (when `student` is a local model directory). Raises SynthError with one line:
+    `recipe:line: key 'k': what is wrong; what to do`. Returns the recipe (numbers normalised).
+    What only TRL's __post_init__ knows (combinations of values) is checked by load_recipe at training."""
+    if method not in METHODS:
+        raise SynthError(f"unknown training method {method!r}; expected one of: {', '.join(METHODS)}")
+    path = Path(path)
+    name = CONFIG_CLASSES[method][2]
+    data, lines = _read_recipe(path, name)
+    fields = config_fields(method)
+    recipe = _check_keys(path, method, data, lines, fields, name)
+    if recipe.get("assistant_only_loss") is True and not recipe.get("chat_template_path") and student:
+        problem = _template_problem(Path(student))
+        if problem:
+            raise SynthError(f"{_at(path, lines, 'assistant_only_loss')}: key 'assistant_only_loss': {problem}; "
+                             "put {% generation %}...{% endgeneration %} around the assistant turn in the student's "
+                             "chat template, point chat_template_path at a template that has them, or remove "
+                             "assistant_only_loss")
+    return recipe
+
+
+def _at(path: Path, lines: dict[str, int], key: str | None = None) -> str:
+    line = lines.get(key) if key else None
+    return f"{path}:{line}" if line else str(path)
+
+
+def _read_recipe(path: Path, class_name: str) -> tuple[dict, dict[str, int]]:
+    """The recipe's mapping and the line of each key (lora's keys as lora.<key>)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        what = "no such file" if isinstance(exc, FileNotFoundError) else (exc.strerror or str(exc))
+        raise SynthError(f"{path}: cannot read the recipe: {what}; create it (train/sft-tiny.yaml is an example) "
+                         "or fix the train stage's `recipe` path") from None
+    except UnicodeDecodeError:
+        raise SynthError(f"{path}: the recipe is not UTF-8 text; a recipe is a YAML file of {class_name} fields") \
+            from None
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SynthError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or _one_line(exc)}; fix the "
+                         "syntax (a recipe is a mapping of `key: value` lines)") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SynthError(f"{path}: a recipe must be a mapping of {class_name} fields, got {type(data).__name__}")
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key in lines:
+                raise SynthError(f"{path}:{key_node.start_mark.line + 1}: key {key!r} is set twice (also at line "
+                                 f"{lines[key]}); keep one")
+            lines[key] = key_node.start_mark.line + 1
+            if key == "lora" and isinstance(value_node, yaml.MappingNode):
+                for sub, _ in value_node.value:
+                    lines[f"lora.{sub.value}"] = sub.start_mark.line + 1
+    return data, lines
+
+
+def _check_keys(path: Path, method: str, data: dict, lines: dict[str, int], fields: dict[str, Any] | None,
+                class_name: str) -> dict:
+    """Each key a synth key or a field in `fields` (name -> type; None: unknown, only synth's own keys
+    are checked), with a value of its type. The recipe, values normalised."""
+    recipe: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key)
+        at = _at(path, lines, key)
+        if key in OWNED_KEYS:
+            raise SynthError(f"{at}: key {key!r} cannot be set in a recipe: {OWNED_KEYS[key]}; remove it")
+        if key == "lora":
+            recipe[key] = _check_lora(path, value, lines)
+        elif key == "max_truncated_share":
+            share = _coerce(value, float)
+            if share is _BAD or not 0 <= share <= 1:
+                raise SynthError(f"{at}: key 'max_truncated_share' must be a number between 0 and 1, got {value!r}")
+            recipe[key] = share
+        elif fields is None:
+            recipe[key] = value
+        elif key not in fields:
+            close = difflib.get_close_matches(key, sorted(set(fields) | set(SYNTH_KEYS)), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+                f"; a recipe takes {class_name} fields (see TRL's docs) plus {', '.join(SYNTH_KEYS)}"
+            raise SynthError(f"{at}: unknown key {key!r} for a {method} recipe{hint}")
+        else:
+            coerced = _coerce(value, fields[key])
+            if coerced is _BAD:
+                raise SynthError(f"{at}: key {key!r} must be {_type_name(fields[key])}, got {value!r}")
+            recipe[key] = coerced
+    return recipe
+
+
+def _check_lora(path: Path, value: Any, lines: dict[str, int] | None = None) -> dict:
+    lines = lines or {}
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise SynthError(f"{path}: key 'lora' must be a mapping with keys {', '.join(LORA_KEYS)}, got {value!r}")
+        raise SynthError(f"{_at(path, lines, 'lora')}: key 'lora' must be a mapping with keys "
+                         f"{', '.join(LORA_KEYS)}, got {value!r}")
     out = {}
     for key, v in value.items():
+        at = _at(path, lines, f"lora.{key}")
         if key not in LORA_KEYS:
             close = difflib.get_close_matches(str(key), list(LORA_KEYS), n=2, cutoff=0.5)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
                 f"; lora takes {', '.join(LORA_KEYS)}"
-            raise SynthError(f"{path}: unknown key 'lora.{key}'{hint}")
+            raise SynthError(f"{at}: unknown key 'lora.{key}'{hint}")
         want = LORA_KEYS[key]
         if key == "target_modules":
             ok = isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
             if not ok:
-                raise SynthError(f"{path}: key 'lora.target_modules' must be a module name pattern or a list of names "
+                raise SynthError(f"{at}: key 'lora.target_modules' must be a module name pattern or a list of names "
                                  f"(e.g. all-linear or [q_proj, v_proj]), got {v!r}")
             out[key] = v
             continue
@@ -131,9 +215,52 @@ def _check_lora(path: Path, value: Any) -> dict:
         ok = coerced is not _BAD and (0 <= coerced < 1 if key == "dropout" else coerced > 0)
         if not ok:
             rule = "a number in [0, 1)" if key == "dropout" else ("a positive integer" if want is int else "a positive number")
-            raise SynthError(f"{path}: key 'lora.{key}' must be {rule}, got {v!r}")
+            raise SynthError(f"{at}: key 'lora.{key}' must be {rule}, got {v!r}")
         out[key] = coerced
     return out
+
+
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")  # TRL's has_generation_markers
+
+
+def _chat_template(model_dir: Path) -> str | None:
+    """The chat template a local model directory ships (chat_template.jinja, or tokenizer_config.json's
+    chat_template: a string, or named variants whose `default` is the one used)."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8", errors="replace")
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        try:
+            template = json.loads((model_dir / name).read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(template, list):
+            template = next((t.get("template") for t in template if isinstance(t, dict)
+                             and t.get("name") == "default"), None)
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def _template_problem(model_dir: Path) -> str | None:
+    """Why assistant_only_loss cannot work with this student's chat template, or None (fine, or not
+    knowable here: a hub id, a directory without tokenizer files). TRL swaps in a training template
+    for the chat templates it ships (trl/chat_templates/*.jinja: Qwen, Llama 3, Gemma, ...), so those
+    pass without markers."""
+    if not model_dir.is_dir() or not (model_dir / "tokenizer_config.json").is_file():
+        return None
+    template = _chat_template(model_dir)
+    if template is None:
+        return f"the student ({model_dir}) has no chat template"
+    if GENERATION_MARKER.search(template):
+        return None
+    trl_dir = _Source.package_dir("trl")
+    known = trl_dir / "chat_templates" if trl_dir else None
+    if known and known.is_dir() and any(template == f.read_text(encoding="utf-8", errors="replace")
+                                        for f in known.glob("*.jinja")):
+        return None
+    return f"the student's chat template ({model_dir}) has no {{% generation %}} markers, so no token would count " \
+           "as the assistant's"
 
 
 _BAD = object()
@@ -189,6 +316,8 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
@@ -208,16 +337,23 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def build_config(method: str, recipe: dict, out_dir: Path):
-    """TRL's config from a recipe plus synth's defaults: checkpoints under out_dir, no reporting, no
-    saving unless asked, quiet progress; on CPU float32 without gradient checkpointing, on GPU bf16."""
+def build_config(method: str, recipe: dict, out_dir: Path, checkpoint_dir: Path | None = None):
+    """TRL's config from a recipe plus synth's defaults: checkpoints under checkpoint_dir (default
+    out_dir/checkpoints) every DEFAULT_SAVE_STEPS of the run, at most DEFAULT_SAVE_TOTAL_LIMIT kept,
+    no reporting, quiet progress; on CPU float32 without gradient checkpointing, on GPU bf16."""
     import torch
 
     cls = _config_class(method)
     kwargs = {k: v for k, v in recipe.items() if k not in SYNTH_KEYS}
-    kwargs["output_dir"] = str(Path(out_dir) / "checkpoints")
+    kwargs["output_dir"] = str(checkpoint_dir or Path(out_dir) / "checkpoints")
     kwargs.setdefault("report_to", [])
-    kwargs.setdefault("save_strategy", "no")
+    kwargs.setdefault("save_strategy", "steps")
+    if kwargs["save_strategy"] == "steps" and "save_steps" not in kwargs:
+        max_steps = kwargs.get("max_steps", -1)
+        # as a step count when the run's length is known: a resumed run then matches its checkpoint's
+        # trainer_state (transformers warns when save_steps differ, and it stores the count, not the share)
+        kwargs["save_steps"] = max(1, math.ceil(max_steps * DEFAULT_SAVE_STEPS)) if max_steps > 0 else DEFAULT_SAVE_STEPS
+    kwargs.setdefault("save_total_limit", DEFAULT_SAVE_TOTAL_LIMIT)
     kwargs.setdefault("disable_tqdm", True)
     kwargs.setdefault("seed", 0)
     if torch.cuda.is_available():
@@ -233,6 +369,194 @@ def build_config(method: str, recipe: dict, out_dir: Path):
     if kwargs.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
         kwargs["use_liger_kernel"] = False
     return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipe fields without importing TRL: TRL's config classes read from their source with `ast`
+#
+# Importing trl (and with it torch) takes ~10 s, too long for `synth plan`/`status`, which check a
+# pipeline completely before anything runs. The fields of SFTConfig/DPOConfig and of the
+# transformers.TrainingArguments they extend are read from the installed packages' source instead
+# (~0.1 s): each dataclass field's name and annotation, following the base classes through imports.
+# When the source is not laid out as expected, the check falls back to what needs no fields; the
+# real classes check the recipe again (load_recipe) before training.
+
+CONFIG_CLASSES = {"sft": ("trl", "trainer/sft_config.py", "SFTConfig"),
+                  "dpo": ("trl", "trainer/dpo_config.py", "DPOConfig")}
+
+
+class _Source:
+    """The module files of installed packages, parsed once, found without importing the packages."""
+
+    def __init__(self) -> None:
+        self.trees: dict[Path, ast.Module | None] = {}
+
+    def tree(self, path: Path) -> ast.Module | None:
+        if path not in self.trees:
+            try:
+                self.trees[path] = ast.parse(path.read_text(encoding="utf-8"))
+            except (OSError, SyntaxError, ValueError):
+                self.trees[path] = None
+        return self.trees[path]
+
+    @staticmethod
+    def package_dir(name: str) -> Path | None:
+        spec = importlib.util.find_spec(name)  # a top-level name: finds the package without importing it
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        return Path(locations[0]) if locations else None
+
+    def module_file(self, module: str, level: int, here: Path) -> Path | None:
+        """The file of `from <.. module> import ...` written in file `here`."""
+        if level:
+            base = here.parent
+            for _ in range(level - 1):
+                base = base.parent
+            parts = module.split(".") if module else []
+        else:
+            top, *parts = module.split(".")
+            base = self.package_dir(top)
+            if base is None:
+                return None
+        target = base.joinpath(*parts) if parts else base
+        for candidate in (target.with_suffix(".py") if parts else None, target / "__init__.py"):
+            if candidate is not None and candidate.is_file():
+                return candidate
+        return None
+
+    def find_class(self, name: str, path: Path, depth: int = 0) -> tuple[ast.ClassDef, Path] | None:
+        """Class `name` as defined in `path`, or where `path` imports it from."""
+        tree = self.tree(path)
+        if tree is None or depth > 4:
+            return None
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name == name:
+                return node, path
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                for alias in node.names:
+                    if (alias.asname or alias.name) == name:
+                        source = self.module_file(node.module or "", node.level, path)
+                        found = source and self.find_class(alias.name, source, depth + 1)
+                        if found:
+                            return found
+        return None
+
+
+_PLAIN_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict, "Dict": dict, "list": list,
+                "List": list, "tuple": list, "Tuple": list, "Any": Any, "object": Any}
+
+
+class _Annotations:
+    """A field's annotation (ast) -> a typing object _coerce understands. Classes it cannot read are
+    Any, so that nothing it does not know is refused. An enum of transformers' (SchedulerType, ...)
+    becomes a Literal of its values: `SchedulerType | str` takes only those strings (__post_init__
+    converts the string with SchedulerType(value), which refuses any other)."""
+
+    def __init__(self, source: _Source, path: Path) -> None:
+        self.source, self.path = source, path
+        self.enums: list = []  # the Literals made from enums
+
+    def enum_values(self, name: str) -> tuple | None:
+        found = self.source.find_class(name, self.path)
+        if not found:
+            return None
+        node, _ = found
+        bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
+        if not bases & {"Enum", "ExplicitEnum", "StrEnum"}:
+            return None
+        values = tuple(s.value.value for s in node.body if isinstance(s, ast.Assign)
+                       and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str))
+        return values or None
+
+    def type_of(self, node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant):
+            if node.value is None:
+                return type(None)
+            if isinstance(node.value, str):  # a forward reference
+                try:
+                    return self.type_of(ast.parse(node.value, mode="eval").body)
+                except SyntaxError:
+                    return Any
+            return Any
+        if isinstance(node, (ast.Name, ast.Attribute)):
+            name = node.id if isinstance(node, ast.Name) else node.attr
+            if name in _PLAIN_TYPES:
+                return _PLAIN_TYPES[name]
+            values = self.enum_values(name)
+            if not values:
+                return Any
+            self.enums.append(typing.Literal[values])
+            return self.enums[-1]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+            return self.union([self.type_of(node.left), self.type_of(node.right)])
+        if isinstance(node, ast.Subscript):
+            head = node.value.id if isinstance(node.value, ast.Name) else getattr(node.value, "attr", "")
+            args = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            if head == "Literal":
+                values = tuple(a.value for a in args if isinstance(a, ast.Constant))
+                return typing.Literal[values] if len(values) == len(args) else Any
+            if head == "Optional":
+                return self.union([self.type_of(args[0]), type(None)])
+            if head == "Union":
+                return self.union([self.type_of(a) for a in args])
+            if head in ("list", "List", "tuple", "Tuple"):
+                return list[self.type_of(args[0])] if head in ("list", "List") else list
+            if head in ("dict", "Dict"):
+                return dict
+            return Any
+        return Any
+
+    def union(self, members: list) -> Any:
+        flat = []
+        for m in members:
+            flat += typing.get_args(m) if typing.get_origin(m) in (typing.Union, types.UnionType) else [m]
+        if any(m in self.enums for m in flat):
+            flat = [m for m in flat if m is not str]  # Enum | str: one of the enum's values
+        if Any in flat:
+            return Any
+        unique = list(dict.fromkeys(flat))
+        return unique[0] if len(unique) == 1 else typing.Union[tuple(unique)]
+
+
+@functools.lru_cache(maxsize=None)
+def config_fields(method: str) -> dict[str, Any] | None:
+    """The init fields of TRL's config class for `method` with their types, read from the installed
+    source without importing it; None when TRL is not installed or its source cannot be read."""
+    if method not in CONFIG_CLASSES:
+        return None
+    package, relative, name = CONFIG_CLASSES[method]
+    source = _Source()
+    root = source.package_dir(package)
+    if root is None or not (root / relative).is_file():
+        return None
+    found = source.find_class(name, root / relative)
+    chain: list[tuple[ast.ClassDef, Path]] = []
+    while found:
+        chain.append(found)
+        node, path = found
+        bases = [b for b in node.bases if isinstance(b, ast.Name)]
+        found = source.find_class(bases[0].id, path) if bases else None
+        if len(chain) > 8:
+            return None
+    if not chain or chain[-1][0].name != "TrainingArguments":
+        return None  # a layout this reader does not know
+    fields: dict[str, Any] = {}
+    for node, path in reversed(chain):  # base first: a subclass's field replaces its base's
+        annotations = _Annotations(source, path)
+        for stmt in node.body:
+            if not isinstance(stmt, ast.AnnAssign) or not isinstance(stmt.target, ast.Name):
+                continue
+            if "ClassVar" in ast.dump(stmt.annotation):
+                continue
+            value = stmt.value
+            init = not (isinstance(value, ast.Call) and any(
+                k.arg == "init" and isinstance(k.value, ast.Constant) and k.value.value is False
+                for k in value.keywords))
+            if init:
+                fields[stmt.target.id] = annotations.type_of(stmt.annotation)
+            else:
+                fields.pop(stmt.target.id, None)
+    return fields or None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,6 +653,51 @@ def _readiness(rows: list[dict], tokenizer, method: str, max_length: int | None)
 
 
 # --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR-<global step>
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """Whether transformers finished writing checkpoint dir `path`. Its _save_checkpoint writes the
+    weights, then optimizer.pt, scheduler.pt and the RNG state, and trainer_state.json last; so a
+    checkpoint is complete when trainer_state.json parses and names the directory's step, and the
+    weights, optimizer and scheduler files it needs to resume are there. (transformers itself only
+    looks for the highest checkpoint-N directory, complete or not: get_last_checkpoint.)"""
+    match = CHECKPOINT_DIR.match(path.name)
+    if not match or not path.is_dir():
+        return False
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(state, dict) or state.get("global_step") != int(match.group(1)):
+        return False
+    has = {p.name for p in path.iterdir()}
+    weights = any(n.startswith(("model", "adapter_model", "pytorch_model")) for n in has)
+    deepspeed = any(n.startswith("global_step") for n in has)  # DeepSpeed keeps optimizer and scheduler there
+    optimizer = deepspeed or any(n.startswith("optimizer") or "-optimizer" in n for n in has)
+    return weights and optimizer and (deepspeed or "scheduler.pt" in has)
+
+def latest_checkpoint(checkpoint_dir: Path, *, prune: bool = True) -> Path | None:
+    """The complete checkpoint of the highest step under checkpoint_dir, or None; prune: remove the
+    incomplete ones (a save the run died in)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return None
+    found = []
+    for path in checkpoint_dir.iterdir():
+        match = CHECKPOINT_DIR.match(path.name)
+        if not match:
+            continue
+        if checkpoint_complete(path):
+            found.append((int(match.group(1)), path))
+        elif prune:
+            shutil.rmtree(path, ignore_errors=True)
+    return max(found)[1] if found else None
+
+
+# --------------------------------------------------------------------------------------------------
 # Training
 
 @contextlib.contextmanager
@@ -350,13 +719,22 @@ def _quiet():
 
 
 def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path, init: str | None = None,
-          on_log: Callable[[int, dict], None] | None = None) -> dict:
+          on_log: Callable[[int, dict], None] | None = None, *, checkpoint_dir: Path | None = None,
+          resume: bool = False, on_resume: Callable[[int, Path], None] | None = None) -> dict:
     """Train `init` (or else `model`) on `data_path` with TRL and save the result to out_dir/model.
     DPO's reference model is the starting model, frozen (TRL's default). on_log(step, logs) is called
-    at every logging event."""
+    at every logging event.
+
+    Checkpoints go to checkpoint_dir (default out_dir/checkpoints). resume: continue from the newest
+    complete checkpoint there (the caller vouches that it was written by this same training: same
+    recipe, data and model); incomplete ones are removed, and on_resume(step, checkpoint) is called.
+    Without resume, checkpoints already there are removed and training starts at step 0. After the
+    model is saved the checkpoints are deleted. result["resumed_from"] is the step resumed from or None;
+    result["log"] holds every logging step of the whole training, the resumed-from run's included."""
     cls = _config_class(method)
     start = str(init or model)
     out_dir = Path(out_dir)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
     if not Path(start).exists():
         raise SynthError(f"no student model at {start}: build one (python -m synth.tiny DIR) or pass a model directory")
 
@@ -385,7 +763,10 @@ def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path,
               "training without it (pip install liger-kernel)", file=sys.stderr)
     seed = recipe.get("seed", 0)
     transformers.set_seed(seed)
-    config = build_config(method, recipe, out_dir)
+    config = build_config(method, recipe, out_dir, checkpoint_dir)
+    checkpoint = latest_checkpoint(checkpoint_dir) if resume else None
+    if checkpoint is None and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
 
     peft_config = None
     if lora is not None:
@@ -397,6 +778,15 @@ def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path,
                                  target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM")
 
     log: list[dict] = []
+    resumed_from = None
+    if checkpoint is not None:
+        # the logging steps up to the checkpoint, from its trainer state: the run goes on after them
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        resumed_from = int(state["global_step"])
+        log += [{"step": e["step"], **{k: v for k, v in e.items() if k != "step"}}
+                for e in state.get("log_history", []) if isinstance(e, dict) and e.get("step", 0) <= resumed_from]
+        if on_resume is not None:
+            on_resume(resumed_from, checkpoint)
 
     class _Log(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -426,7 +816,7 @@ def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path,
             raise SynthError(f"{Trainer.__name__} rejects the recipe: {_one_line(exc)}") from None
         # With disable_tqdm, transformers prints every log dict to stdout; on_log is the channel.
         trainer.remove_callback(PrinterCallback)
-        output = trainer.train()
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         seconds = time.perf_counter() - began
 
         final = trainer.model
@@ -434,6 +824,7 @@ def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path,
             final = final.merge_and_unload()
         final.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model is saved: the checkpoints are spent
 
     # TRL logs num_tokens (non-padding tokens so far) at each logging step
     tokens = next((e["num_tokens"] for e in reversed(log) if "num_tokens" in e), None)
@@ -441,6 +832,7 @@ def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path,
     return {
         "model_dir": str(model_dir),
         "steps": int(output.global_step),
+        "resumed_from": resumed_from,
         "train_loss": float(output.training_loss),
         "log": log,
         "readiness": ready,

@@ -7,26 +7,121 @@ synth.train.train (TRL), and record the result in the store.
   (pipeline.trained_model_dir), so that a retrained model is a new model id for request hashing;
 - the training log (one row per logging step) goes to synth.train_logs, the summary to the stage's
   state; the model is then a teacher named after the stage.
+
+Checkpoints go to the stage's attempt directory, <store folder>/models/<stage>-attempt/ (one per stage:
+stage names have no '-', so it cannot be another stage's), whose attempt.json holds the key of the
+training it belongs to: the stage's fingerprint (config, recipe, student, inputs) plus the content hash
+of the data file and the base model's path. A run that finds an attempt with its own key (a run that
+was killed) resumes from its newest complete checkpoint; any other attempt is stale and is removed
+before training starts over. A finished run removes the attempt, so only the model stays on disk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import json
+import os
+import re
 import shutil
+from pathlib import Path
 
-import pyarrow as pa
 from rich.console import Console
 
 from synth.config import TrainStage
 from synth.errors import SynthError
+from synth.ids import content_hash
 from synth.store import Store, now
 from synth.teachers import resolve_model_path
 
+RUN_DIR = re.compile(r"^(?P<stage>[A-Za-z_][A-Za-z0-9_]*)-\d{8}-\d{6}-[0-9a-f]{6}$")  # <stage>-<run id>
+
+
+def base_model(pipeline, name: str, *, trained: bool = True) -> str | None:
+    """The model train stage `name` starts from: `init`'s trained model, else `student` (a teacher's
+    model or a path/hub id). trained=False: for an `init` stage, the student at the root of the init
+    chain (same tokenizer and chat template; its trained model need not exist yet)."""
+    stage: TrainStage = pipeline.stage(name)
+    if stage.init:
+        if not trained:
+            return base_model(pipeline, stage.init, trained=False)
+        from synth.pipeline import trained_model_dir
+        base = trained_model_dir(pipeline, stage.init)
+        if base is None:
+            raise SynthError(f"{pipeline.where(name)}: key 'init': stage '{stage.init}' has no trained model yet")
+        return base
+    if not stage.student:
+        return None
+    if stage.student in pipeline.spec.teachers:
+        return resolve_model_path(pipeline.spec.teachers[stage.student].model, pipeline.base_dir)
+    return resolve_model_path(stage.student, pipeline.base_dir)
+
+
+def check_recipe(pipeline, name: str, where: str | None = None) -> None:
+    """Validate train stage `name`'s recipe when the pipeline is loaded, before anything runs or is
+    written, without importing TRL (synth.train.check_recipe); one SynthError line naming the stage."""
+    from synth import train
+
+    stage: TrainStage = pipeline.stage(name)
+    student = base_model(pipeline, name, trained=False)
+    try:
+        train.check_recipe(pipeline.resolve(stage.recipe), stage.method, student)
+    except SynthError as exc:
+        raise SynthError(f"{where or pipeline.where(name)}: key 'recipe': {exc}") from None
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return "missing"
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _attempt_lock(attempt: Path, where: str):
+    """Holds attempt/lock for the duration of a training (flock: the kernel releases it when the
+    process dies, kill -9 included), so two runs of one stage never share an attempt."""
+    import fcntl
+
+    attempt.mkdir(parents=True, exist_ok=True)
+    fh = open(attempt / "lock", "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SynthError(f"{where}: another process is training this stage now ({attempt} is locked); "
+                             "wait for it to finish") from None
+        yield
+    finally:
+        fh.close()
+
+
+def _remove_leftovers(models: Path, name: str, keep: Path) -> None:
+    """What earlier runs of this stage left that no model needs: checkpoints inside run directories
+    (synth before attempt directories) and run directories without a finished model (a run killed
+    while saving it). Finished models stay: cached completions name them."""
+    if not models.is_dir():
+        return
+    for d in models.iterdir():
+        match = RUN_DIR.match(d.name)
+        if not match or match.group("stage") != name or d == keep or not d.is_dir():
+            continue
+        if not (d / "model" / "config.json").is_file():
+            shutil.rmtree(d, ignore_errors=True)
+        elif (d / "checkpoints").exists():
+            shutil.rmtree(d / "checkpoints", ignore_errors=True)
+
 
 def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
+    import pyarrow as pa
+
     from synth import train
-    from synth.pipeline import record_stage, trained_model_dir
+    from synth.pipeline import record_stage
 
     stage: TrainStage = pipeline.stage(name)
     if importlib.util.find_spec("trl") is None:
@@ -35,18 +130,13 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
     data = pipeline.resolve(pipeline.stage(stage.data).path)
     if data.suffix == "":  # a saved HF dataset directory: its data.parquet holds the same rows
         data = data / "data.parquet"
-    if stage.init:
-        base = trained_model_dir(pipeline, stage.init)
-        if base is None:
-            raise SynthError(f"{pipeline.where(name)}: key 'init': stage '{stage.init}' has no trained model yet")
-    elif stage.student in pipeline.spec.teachers:
-        base = resolve_model_path(pipeline.spec.teachers[stage.student].model, pipeline.base_dir)
-    else:
-        base = resolve_model_path(stage.student, pipeline.base_dir)
-    out = pipeline.store.path.parent / "models" / f"{name}-{run_id}"  # a new model id for every training run
+    base = base_model(pipeline, name)
+    models = pipeline.store.path.parent / "models"
+    out = models / f"{name}-{run_id}"  # a new model id for every training run
     model_dir = out / "model"
-    if out.exists():
-        shutil.rmtree(out)  # a half-written attempt of this very run
+    attempt = models / f"{name}-attempt"
+    key = content_hash({"fingerprint": pipeline.fingerprint(name), "data": _file_hash(data), "base": str(base),
+                        "method": stage.method})
     log: list[dict] = []
 
     def on_log(step: int, logs: dict) -> None:
@@ -54,22 +144,46 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         if "loss" in logs:
             console.print(f"  {name}: step {step} loss {logs['loss']:.4f}", highlight=False)
 
-    console.print(f"  {name}: {stage.method} on {data.name} from {base}")
-    result = train.train(stage.method, data, base, recipe, out, init=None, on_log=on_log)
-    rows = [r for r in (result.get("log") or log) if "step" in r]
-    table = pa.table({
-        "stage": [name] * len(rows), "run_id": [run_id] * len(rows),
-        "step": pa.array([int(r["step"]) for r in rows], pa.int32()),
-        "loss": pa.array([r.get("loss") for r in rows], pa.float64()),
-        "logs": [json.dumps(r, default=str) for r in rows], "created_at": [now()] * len(rows)})
-    summary = {k: result.get(k) for k in ("steps", "train_loss", "seconds", "tokens_per_s", "peak_memory_mb",
-                                          "readiness")}
-    with pipeline.store.write() as con:
-        con.execute("DELETE FROM synth.train_logs WHERE stage = ?", [name])
-        Store.insert_arrow(con, "synth.train_logs", table, mode="")
-        Store.replace_view(con, name, f"SELECT step, loss, logs FROM synth.train_logs WHERE stage = '{name}' "
-                                      "ORDER BY step")
-        pipeline.trained[name] = str(model_dir)  # before record_stage: the fingerprint names this model
-        record_stage(con, pipeline, name, "done", len(rows), run_id, model_dir=str(model_dir), **summary)
-    console.print(f"  {name}: {result.get('steps')} steps · train loss {result.get('train_loss')} · model {model_dir}")
+    def on_resume(step: int, checkpoint: Path) -> None:
+        console.print(f"  {name}: resuming from step {step} ({checkpoint}), left by run {previous.get('run_id')}",
+                      highlight=False)
+
+    with _attempt_lock(attempt, pipeline.where(name)):
+        try:
+            previous = json.loads((attempt / "attempt.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = {}
+        resume = previous.get("key") == key
+        if not resume:
+            if (attempt / "checkpoints").exists():
+                console.print(f"  {name}: removing the checkpoints of run {previous.get('run_id', '?')}, which "
+                              "trained on another recipe, data or model", highlight=False)
+            shutil.rmtree(attempt / "checkpoints", ignore_errors=True)
+            (attempt / "attempt.json").write_text(json.dumps({"key": key, "run_id": run_id, "started_at": str(now()),
+                                                              "pid": os.getpid()}))
+        if out.exists():
+            shutil.rmtree(out)  # a half-written attempt of this very run
+        _remove_leftovers(models, name, out)
+        console.print(f"  {name}: {stage.method} on {data.name} from {base}")
+        result = train.train(stage.method, data, base, recipe, out, init=None, on_log=on_log,
+                             checkpoint_dir=attempt / "checkpoints", resume=resume, on_resume=on_resume)
+        rows = [r for r in (result.get("log") or log) if "step" in r]
+        table = pa.table({
+            "stage": [name] * len(rows), "run_id": [run_id] * len(rows),
+            "step": pa.array([int(r["step"]) for r in rows], pa.int32()),
+            "loss": pa.array([r.get("loss") for r in rows], pa.float64()),
+            "logs": [json.dumps(r, default=str) for r in rows], "created_at": [now()] * len(rows)})
+        summary = {k: result.get(k) for k in ("steps", "resumed_from", "train_loss", "seconds", "tokens_per_s",
+                                              "peak_memory_mb", "readiness")}
+        with pipeline.store.write() as con:
+            # history: earlier runs' logs stay; synth.train_logs shows this run's once the stage is recorded
+            Store.insert_arrow(con, "synth.train_log_history", table, mode="")
+            Store.replace_view(con, name, f"SELECT step, loss, logs FROM synth.train_logs WHERE stage = '{name}' "
+                                          "ORDER BY step")
+            pipeline.trained[name] = str(model_dir)  # before record_stage: the fingerprint names this model
+            record_stage(con, pipeline, name, "done", len(rows), run_id, model_dir=str(model_dir), **summary)
+        shutil.rmtree(attempt, ignore_errors=True)  # the model is recorded: nothing left to resume
+    resumed = f" (resumed from step {result['resumed_from']})" if result.get("resumed_from") is not None else ""
+    console.print(f"  {name}: {result.get('steps')} steps{resumed} · train loss {result.get('train_loss')} · "
+                  f"model {model_dir}")
     return {"rows": len(rows), "model_dir": str(model_dir), **summary}

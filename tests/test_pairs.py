@@ -1,10 +1,11 @@
 """Preference pair rules on literal rows and literal verdicts: the samples are a load stage, the
-verdicts are written straight into synth.verdicts, and the pairs stage runs through the library API,
+verdicts are written straight into synth.verdict_history (as the current run of stage f), and the pairs stage runs through the library API,
 so each rule's output is known exactly."""
 
 from __future__ import annotations
 
 import json
+import uuid
 
 import pyarrow as pa
 import pytest
@@ -45,13 +46,14 @@ stages:
     with pipeline.store.write() as con:
         for name in ("samples", "student"):
             Store.replace_table(con, name, pipeline.seeds[name].table)
-        con.execute("DELETE FROM synth.verdicts")
+        run_id = f"test-run-{uuid.uuid4().hex[:8]}"  # each call a run of its own: history keeps the earlier ones
         if verdicts:
-            Store.insert_arrow(con, "synth.verdicts", pa.table({
-                "stage": ["f"] * len(verdicts), "row_id": list(verdicts),
+            Store.insert_arrow(con, "synth.verdict_history", pa.table({
+                "stage": ["f"] * len(verdicts), "row_id": list(verdicts), "run_id": [run_id] * len(verdicts),
                 "passed": [v[0] for v in verdicts.values()], "score": [v[1] for v in verdicts.values()],
                 "reason": [v[2] for v in verdicts.values()]}), mode="")
-    result = pairs.run_stage(pipeline, "p", "test-run", Console(quiet=True))
+        Store.set_stage(con, "f", by_kind or "verify", None, "done", len(verdicts or {}), run_id)  # current: these
+    result = pairs.run_stage(pipeline, "p", run_id, Console(quiet=True))
     with pipeline.store.read() as con:
         got = con.execute("SELECT chosen_id, rejected_id, rule, margin FROM p ORDER BY 1, 2").fetchall()
     return result, got

@@ -17,6 +17,7 @@ from typing import Annotated, Iterator, Literal, Protocol, Sequence, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from synth.ids import sample_seed
+from synth.secrets import register_env, scrub
 
 
 class SamplingParams(BaseModel):
@@ -63,6 +64,11 @@ class Completion:
     # {"token": str, "token_id": int | None, "logprob": float, "top": [{"token", "token_id", "logprob"}, ...]}
     logprobs: list[dict] | None = None
     retry_max_tokens: int | None = None  # generated with this max_tokens, not the request's (on_length retry)
+
+    def __post_init__(self) -> None:
+        # a server's or an exception's text may echo the API key (an Authorization header): never stored
+        if self.error_message:
+            self.error_message = scrub(self.error_message)
 
     @property
     def ok(self) -> bool:
@@ -205,6 +211,9 @@ class OpenAITeacherConfig(_TeacherConfig):
     batch_max_requests: int = Field(50_000, ge=1, le=50_000, description="mode batch: most requests in one batch "
                                                                          "(the Batch API's limit is 50,000)")
     poll_interval_s: float = Field(30.0, gt=0, description="mode batch: seconds between status checks")
+
+    def model_post_init(self, __context) -> None:
+        register_env(self.api_key_env)  # its value is scrubbed from every message, log and stored string
 
     def capabilities(self) -> Capabilities:
         return Capabilities(n_samples=True, logprobs=self.logprobs)

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from synth.errors import SynthError
+from synth.secrets import scrub
 from synth.teachers import POLICY_CAUSES, Completion, OpenAITeacherConfig, Request
 from synth.teachers.http import http_cause, parse_logprobs, request_body
 from synth.teachers.openai import _short, error_cause, resolve_api_key
@@ -527,7 +528,8 @@ class BatchTeacher:
         body = response.get("body")
         if line.get("error") or status != 200:
             error = line.get("error") or (body.get("error") if isinstance(body, dict) else None) or {}
-            message = error.get("message") or (json.dumps(body)[:300] if body else "no response")
+            message = (scrub(str(error["message"])) if error.get("message")
+                       else scrub(json.dumps(body))[:300] if body else "no response")
             cause = _line_cause(status, error.get("code"), message)
             return Completion(rid, error=cause, error_message=(f"HTTP {status}: " if status else "") + message[:500])
         try:
@@ -538,7 +540,7 @@ class BatchTeacher:
                               completion_tokens=usage.get("completion_tokens"),
                               logprobs=parse_logprobs(self.name, request, choice))
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
-            return Completion(rid, error="malformed_response", error_message=f"{type(exc).__name__}: {exc}")
+            return Completion(rid, error="malformed_response", error_message=scrub(f"{type(exc).__name__}: {exc}"))
 
     # ---- the store ---------------------------------------------------------------------------------
 
@@ -586,7 +588,7 @@ def _lines(path: Path) -> Iterator[dict]:
                     line = json.loads(text)
                 except ValueError:
                     log.warning("batch result file line %d is not JSON (%r...); its request counts as unanswered",
-                                number, text[:80])
+                                number, scrub(text)[:80])
                     continue
                 if isinstance(line, dict):
                     yield line
@@ -609,8 +611,8 @@ def _batch_error(b: _Batch, server) -> tuple[str, str]:
     """(cause, message) for a request an ended batch returned no line for."""
     status = server.status if server is not None else b.status
     errors = getattr(getattr(server, "errors", None), "data", None) or []
-    detail = "; ".join(f"{e.code or 'error'}: {e.message}" + (f" (line {e.line})" if e.line else "")
-                       for e in errors[:3])
+    detail = scrub("; ".join(f"{e.code or 'error'}: {e.message}" + (f" (line {e.line})" if e.line else "")
+                             for e in errors[:3]))
     if status == "completed":
         return "missing_result", f"batch {b.label} completed without a line for this request"
     return f"batch_{status}", f"batch {b.label} {status}" + (f": {detail}" if detail else " before answering it")
@@ -630,7 +632,7 @@ def _counts(server) -> dict:
 def _detail(server) -> dict:
     errors = (server.errors.data or []) if server.errors else []
     return {"request_counts": _counts(server), "created_at": server.created_at, "expires_at": server.expires_at,
-            "errors": [{"code": e.code, "message": e.message, "line": e.line} for e in errors[:20]]}
+            "errors": [{"code": e.code, "message": scrub(e.message), "line": e.line} for e in errors[:20]]}
 
 
 def _now() -> datetime:

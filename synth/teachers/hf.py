@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from synth.errors import SynthError
+from synth.secrets import scrub
 from synth.teachers import Completion, HFTeacherConfig, Request, resolve_model_path
 
 
@@ -32,7 +33,8 @@ class HFTeacher:
                                                                      else getattr(torch, config.dtype))
             self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(config.device).eval()
         except (OSError, ValueError) as exc:
-            raise SynthError(f"teacher '{name}': cannot load model {config.model!r}: {' '.join(str(exc).split())[:300]}") from None
+            raise SynthError(f"teacher '{name}': cannot load model {config.model!r}: "
+                             f"{scrub(' '.join(str(exc).split()))[:300]}") from None
         if not self.tokenizer.chat_template:
             raise SynthError(f"teacher '{name}': the tokenizer of {config.model!r} has no chat template")
         self.tokenizer.padding_side = "left"
@@ -94,7 +96,7 @@ class HFTeacher:
                                    **sampling)
         except (RuntimeError, ValueError) as exc:  # e.g. out of memory: the batch fails, a re-run retries it
             for r in batch:
-                yield Completion(r.id, error="backend_error", error_message=" ".join(str(exc).split())[:500])
+                yield Completion(r.id, error="backend_error", error_message=scrub(" ".join(str(exc).split()))[:500])
             return
         latency = time.monotonic() - started
         sequences = out.sequences if top_k is not None else out

@@ -18,6 +18,7 @@ import random
 import time
 
 from synth.errors import SynthError
+from synth.secrets import scrub
 from synth.teachers import Completion, Request, estimated_tokens
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -120,7 +121,7 @@ class HTTPClient:
                     with attempt:
                         data = await self._post(body, tokens)
         except (_Retryable, _Final) as exc:
-            return Completion(request.id, error=exc.cause, error_message=str(exc)[:500],
+            return Completion(request.id, error=exc.cause, error_message=scrub(str(exc))[:500],
                               latency_s=time.monotonic() - started)
         latency = time.monotonic() - started
         try:
@@ -131,7 +132,8 @@ class HTTPClient:
                               completion_tokens=usage.get("completion_tokens"), latency_s=latency,
                               logprobs=parse_logprobs(self.name, request, choice))
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
-            return Completion(request.id, error="malformed_response", error_message=f"{type(exc).__name__}: {exc}",
+            return Completion(request.id, error="malformed_response",
+                              error_message=scrub(f"{type(exc).__name__}: {exc}")[:500],
                               latency_s=latency)
 
     async def _post(self, body: bytes, tokens: int) -> dict:
@@ -160,19 +162,22 @@ class HTTPClient:
         except asyncio.TimeoutError:
             raise _Retryable("timeout", f"no response within {self.config.timeout_s:g}s") from None
         except aiohttp.ClientError as exc:
-            raise _Retryable("connection", f"{type(exc).__name__}: {exc}") from None
+            raise _Retryable("connection", scrub(f"{type(exc).__name__}: {exc}")) from None
         text = raw.decode("utf-8", "replace")
+        if status != 200:  # an error body may echo the request's Authorization header: scrubbed before any cut
+            text = scrub(text)
         if status == 200:
             try:
                 return json.loads(text), headers
             except json.JSONDecodeError:
-                raise _Retryable("malformed_response", f"invalid JSON: {text[:200]!r}") from None
+                raise _Retryable("malformed_response", f"invalid JSON: {scrub(text)[:200]!r}") from None
         message = f"HTTP {status}: {' '.join(text.split())[:300]}"
         if status in (401, 403):
             raise SynthError(f"teacher '{self.name}': the server refused the API key ({message}); check "
                              f"{self.config.api_key_env or 'the key'}")
         if status == 404:
-            raise SynthError(f"teacher '{self.name}': {self.url} answered 404 ({message}); check base_url and model")
+            raise SynthError(scrub(f"teacher '{self.name}': {self.url} answered 404 ({message}); check base_url "
+                                   "and model"))
         if status in RETRY_STATUS:
             exc = _Retryable("server_error" if status == 409 else http_cause(status, text), message, retry_after)
             exc.headers = headers  # a 429's x-ratelimit-* tell the limiter when the budget resets

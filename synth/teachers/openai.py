@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from synth.errors import SynthError
+from synth.secrets import key_problem, register_secret, scrub
 from synth.teachers import Completion, OpenAITeacherConfig, Request, estimated_tokens
 from synth.teachers.http import is_context_length, parse_logprobs
 
@@ -109,9 +110,15 @@ class OpenAITeacher:
                     self.on_result(completion)
                 results.put(completion)
 
+        tasks = [asyncio.ensure_future(worker()) for _ in range(min(self.config.max_concurrency, len(requests) or 1))]
         try:
-            await asyncio.gather(*(worker() for _ in range(min(self.config.max_concurrency, len(requests) or 1))))
+            await asyncio.gather(*tasks)
         finally:
+            # a condition no request survives (a refused key) ends the stage: the requests still in flight
+            # are cancelled, not failed by the client's close into `connection` error rows
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await client.close()
 
     @property
@@ -159,18 +166,29 @@ class OpenAITeacher:
 
 
 def resolve_api_key(name: str, config: OpenAITeacherConfig) -> str:
+    """The teacher's API key, from the environment only. Every key resolved is registered with
+    synth.secrets, so that it is scrubbed from every message, log and stored string; a key that cannot
+    be sent in a header (a line break, a NUL, surrounding whitespace, non-ASCII: a copy-paste accident)
+    is refused with one line that names the variable, never the key."""
     if config.api_key_env:
-        key = os.environ.get(config.api_key_env)
+        variable = config.api_key_env
+        key = os.environ.get(variable)
         if not key:
             raise SynthError(f"teacher '{name}': key 'api_key_env': the environment variable "
-                             f"{config.api_key_env} is not set; export it with the API key")
-        return key
-    if config.base_url:
-        return os.environ.get("OPENAI_API_KEY", "EMPTY")  # local servers ignore it
-    key = os.environ.get("OPENAI_API_KEY")
-    if not key:
-        raise SynthError(f"teacher '{name}': no API key: set api_key_env to the name of the variable that "
-                         "holds it, or export OPENAI_API_KEY")
+                             f"{variable} is not set; export it with the API key")
+    else:
+        variable = "OPENAI_API_KEY"
+        key = os.environ.get(variable)
+        if not key:
+            if config.base_url:
+                return "EMPTY"  # local servers ignore it
+            raise SynthError(f"teacher '{name}': no API key: set api_key_env to the name of the variable that "
+                             "holds it, or export OPENAI_API_KEY")
+    register_secret(key)
+    problem = key_problem(key)
+    if problem:
+        raise SynthError(f"teacher '{name}': the API key in the environment variable {variable} contains "
+                         f"{problem}; set it again to the key alone, on one line")
     return key
 
 
@@ -194,4 +212,5 @@ def error_cause(exc: Exception) -> str:
 
 
 def _short(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:500]
+    """An exception's text on one line, API keys scrubbed (before the cut, so no fragment survives)."""
+    return scrub(" ".join(str(exc).split()))[:500]

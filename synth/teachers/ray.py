@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from synth.errors import SynthError
+from synth.secrets import scrub
 from synth.teachers import Capabilities, Completion, Request, load_teacher, resolve_model_path
 
 IN_FLIGHT_PER_WORKER = 2  # chunks queued on each actor: the next one starts the moment one finishes
@@ -177,7 +178,7 @@ class RayTeacher:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"the Ray cluster at {o.address!r}" if o.address else "a local Ray cluster"
             raise SynthError(f"teacher '{self.name}': cannot start or reach {where}: "
-                             f"{' '.join(str(exc).split())[:300]}") from None
+                             f"{scrub(' '.join(str(exc).split()))[:300]}") from None
         self._started_ray = True
         gpus = ray.cluster_resources().get("GPU", 0)
         if o.num_gpus > 0 and o.address is None and o.workers * o.num_gpus > gpus:
@@ -248,10 +249,10 @@ class RayTeacher:
         except ray.exceptions.RayTaskError as exc:  # load_teacher raised in the worker
             cause = exc.cause if exc.cause is not None else exc
             if isinstance(cause, SynthError):  # bad key, model not found: what it says, and where
-                raise SynthError(f"{cause} (on Ray worker {slot.index}: workers read the model, files and "
-                                 "environment variables of their own node)") from None
+                raise SynthError(scrub(f"{cause} (on Ray worker {slot.index}: workers read the model, files and "
+                                       "environment variables of their own node)")) from None
             raise SynthError(f"teacher '{self.name}': a Ray worker could not build the {self.config.backend} "
-                             f"backend: {type(cause).__name__}: {' '.join(str(cause).split())[:300]}") from None
+                             f"backend: {type(cause).__name__}: {scrub(' '.join(str(cause).split()))[:300]}") from None
         except ray.exceptions.RayError as exc:  # the worker process died while starting
             self._lose(slot, exc)
 
@@ -262,8 +263,8 @@ class RayTeacher:
         except ray.exceptions.RayTaskError as exc:  # the backend raised inside the worker; the worker lives
             cause = exc.cause if exc.cause is not None else exc
             if isinstance(cause, SynthError):  # a condition no request survives (bad key, model not found)
-                raise SynthError(str(cause)) from None
-            message = f"{type(cause).__name__}: {' '.join(str(cause).split())}"[:500]
+                raise SynthError(scrub(str(cause))) from None
+            message = scrub(f"{type(cause).__name__}: {' '.join(str(cause).split())}")[:500]
             for r in chunk.requests:
                 yield Completion(r.id, error="worker_error", error_message=f"Ray worker {slot.index}: {message}")
             return
@@ -291,7 +292,7 @@ class RayTeacher:
                      f"{len(self._slots)} of {self.options.workers} workers left")
 
     def _notice(self, text: str) -> None:
-        print(f"  teacher '{self.name}': {text}", file=sys.stderr, flush=True)
+        print(scrub(f"  teacher '{self.name}': {text}"), file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         self._stopped = True  # checked before each dispatch; chunks in flight still come back
@@ -334,6 +335,8 @@ def _exactly_once(requests: list[Request], got: list[Completion]) -> Iterator[Co
     for c in got:
         if c.request_id in wanted:
             wanted.discard(c.request_id)
+            if c.error_message:  # unpickled: scrubbed in the worker with its keys, here with the driver's
+                c.error_message = scrub(c.error_message)
             yield c
     for r in requests:
         if r.id in wanted:

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from synth.errors import SynthError
+from synth.secrets import scrub
 from synth.teachers import Completion, Request, VLLMTeacherConfig, resolve_model_path
 
 
@@ -83,7 +84,7 @@ class VLLMTeacher:
             self.llm = vllm.LLM(model=path, **kwargs)
         except (OSError, ValueError, TypeError) as exc:
             raise SynthError(f"teacher '{name}': vLLM cannot load {config.model!r}: "
-                             f"{' '.join(str(exc).split())[:300]}") from None
+                             f"{scrub(' '.join(str(exc).split()))[:300]}") from None
         self.tokenizer = self.llm.get_tokenizer()
         if not getattr(self.tokenizer, "chat_template", None):
             self.close()
@@ -124,7 +125,7 @@ class VLLMTeacher:
                     outputs = engine.step()  # the outputs of the engine's next iteration (blocks until then)
                 except Exception as exc:  # the engine itself failed, not one request that can be blamed
                     raise SynthError(f"teacher '{self.name}': the vLLM engine failed: "
-                                     f"{' '.join(str(exc).split())[:300]}") from exc
+                                     f"{scrub(' '.join(str(exc).split()))[:300]}") from exc
                 for out in outputs:
                     if out.finished and (entry := in_flight.pop(out.request_id, None)) is not None:
                         yield self._completion(entry, out)
@@ -141,7 +142,7 @@ class VLLMTeacher:
             ids = self._prompt_ids(r.messages)
         except Exception as exc:  # a conversation the chat template rejects (e.g. a role it does not know)
             return Completion(r.id, error="bad_request",
-                              error_message="chat template: " + " ".join(str(exc).split())[:480])
+                              error_message="chat template: " + scrub(" ".join(str(exc).split()))[:480])
         if len(ids) >= self.max_model_len:
             return Completion(r.id, error="context_length", prompt_tokens=len(ids),
                               error_message=f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
@@ -153,9 +154,9 @@ class VLLMTeacher:
 
             if isinstance(exc, EngineDeadError):
                 raise SynthError(f"teacher '{self.name}': the vLLM engine died: "
-                                 f"{' '.join(str(exc).split())[:300]}") from exc
+                                 f"{scrub(' '.join(str(exc).split()))[:300]}") from exc
             return Completion(r.id, error=_cause(exc), prompt_tokens=len(ids),
-                              error_message=" ".join(str(exc).split())[:500])
+                              error_message=scrub(" ".join(str(exc).split()))[:500])
         in_flight[key] = (r, time.monotonic(), engine_id)
         self.stats["submitted"] += 1
         self.stats["prompt_tokens"] += len(ids)
