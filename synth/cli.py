@@ -107,6 +107,17 @@ class _ScrubSecrets:
         return True
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (`kill`, `timeout`, a scheduler ending a job) stops a run the way Ctrl-C does: what arrived is
+    committed, the run row says interrupted. (The journal keeps answers even without this: kill -9.)"""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 @click.group(cls=SynthGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="synth-distill")
 def main() -> None:
@@ -132,6 +143,7 @@ def run(pipeline: Path, stages: tuple[str, ...], force: bool, max_cost: float | 
 
     p = load_pipeline(pipeline)
     _show_progress_logs()
+    _sigterm_as_interrupt()
     counts = run_pipeline(p, list(stages) or None, force=force, argv=sys.argv[1:], console=_err_console(),
                           max_cost=max_cost)
     click.echo(f"run {counts['run_id']}: {len(counts['stages_run'])} stages run, {counts['sent']} requests sent, "

@@ -64,7 +64,8 @@ class Journal:
         transport error) are not journaled: a re-run sends them again anyway."""
         if not completion.ok:
             return
-        line = (json.dumps(dataclasses.asdict(completion), ensure_ascii=False) + "\n").encode("utf-8")
+        # vars(), not dataclasses.asdict: no deep copy (this runs in the client's event loop, per answer)
+        line = (json.dumps(vars(completion), ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
             if self._fd is None:
                 self._open()

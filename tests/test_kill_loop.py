@@ -116,8 +116,9 @@ def outcome(root: Path) -> dict:
     }
 
 
-def test_random_kills_lose_duplicate_and_resend_nothing(tmp_path, tiny_model):
-    rng = random.Random(13)
+@pytest.mark.parametrize("seed", [13, 29])
+def test_random_kills_lose_duplicate_and_resend_nothing(tmp_path, tiny_model, seed):
+    rng = random.Random(seed)
     with SlowTeacher(delay=0.03, p=0.6) as teacher:
         reference = make_workspace(tmp_path / "reference", teacher.base_url, tiny_model)
         started = time.monotonic()
@@ -133,7 +134,8 @@ def test_random_kills_lose_duplicate_and_resend_nothing(tmp_path, tiny_model):
         for attempt in range(12):
             proc = subprocess.Popen([sys.executable, "-m", "synth.cli", "run", str(pipeline)], env=cli_env(),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            delay = rng.uniform(0.5, duration)
+            # short and long lives in turn: short ones land in the first stages, long ones in training
+            delay = rng.uniform(0.5, duration / 3 if attempt % 2 == 0 else duration)
             try:
                 proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:

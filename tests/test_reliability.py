@@ -276,3 +276,50 @@ def test_verdicts_keep_their_history(workspace):
     synth("run", pipeline("numeric", ", limit: 2"), check=True)  # fewer rows: the dropped rows' verdicts stay
     assert query(store, "SELECT count(*) FROM synth.verdicts")[0][0] == 2
     assert query(store, "SELECT count(DISTINCT row_id) FROM synth.verdict_history")[0][0] == 4
+
+
+def test_kill_9_buys_nothing_twice_but_what_was_in_flight(workspace):
+    """The review's measurement: 80 requests at concurrency 8 against a local server, kill -9 after 30
+    answers, re-run. Before the journal the re-run bought up to 2 s of answers again (110 sent in all);
+    now at most the requests in flight at the kill are sent twice."""
+    seeds(workspace, QUESTIONS)
+    store = workspace / "out" / "run.duckdb"
+    with SlowTeacher(delay=0.05) as teacher:
+        text = generate_pipeline(teacher.base_url, samples=4).replace("max_concurrency: 4", "max_concurrency: 8")
+        pipeline = write(workspace / "pipeline.yaml", text)
+        env = cli_env(SYNTH_FLUSH_SECONDS="100000", SYNTH_FLUSH_ROWS="100000")  # nothing committed before the kill
+        proc = subprocess.Popen([sys.executable, "-m", "synth.cli", "run", str(pipeline)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while teacher.requests < 30:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.005)
+        finally:
+            proc.kill()
+            proc.wait()
+        synth("run", pipeline, env=env, check=True)
+        assert query(store, "SELECT count(*), count(DISTINCT id) FROM solutions")[0] == (80, 80)
+        assert 80 <= teacher.requests <= 80 + 8, teacher.requests
+
+
+def test_sigterm_stops_like_ctrl_c(workspace):
+    """`kill` (SIGTERM: a scheduler, `timeout`) commits what arrived and marks the run interrupted."""
+    seeds(workspace, QUESTIONS)
+    store = workspace / "out" / "run.duckdb"
+    with SlowTeacher(delay=0.05) as teacher:
+        pipeline = write(workspace / "pipeline.yaml", generate_pipeline(teacher.base_url, samples=4))
+        env = cli_env(SYNTH_FLUSH_SECONDS="100000", SYNTH_FLUSH_ROWS="100000")
+        proc = subprocess.Popen([sys.executable, "-m", "synth.cli", "run", str(pipeline)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while teacher.requests < 10:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.terminate()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+        saved = query(store, "SELECT count(*) FROM synth.completions")[0][0]
+        assert saved >= 10 and query(store, "SELECT status FROM synth.runs")[0][0] == "interrupted"
+        synth("run", pipeline, env=env, check=True)
+        assert teacher.requests <= 80 + 8
