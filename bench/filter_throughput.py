@@ -25,11 +25,11 @@ Section "near-dedup": synth.dedup.near_duplicates against a plain datasketch loo
   estimate's noise for any threshold that low (`--subst 0.03 --threshold 0.7`: recall about 0.89).
   Planted sources are distinct, and no copy is a source.
 - candidate, synth: `near_duplicates(ids, texts, threshold=--threshold)` on the whole corpus
-  (normalise, bulk shingle hashing, MinHash via update_batch, LSH tuned for recall, greedy keep).
+  (`dedup_form`, bulk shingle hashing, MinHash via update_batch, LSH tuned for recall, greedy keep).
 - baseline, "reference loop", written inline below: the datasketch README way, for each document a
   MinHash with per-shingle `update(shingle.encode())` (default SHA1 hash), `MinHashLSH.query`, a
   Jaccard check of the candidates, `insert` when kept; default MinHashLSH parameters for the
-  threshold. It uses the same normalised words and shingles (synth.dedup.normalize), so the two
+  threshold. It uses the same normalised words and shingles (synth.dedup.dedup_form), so the two
   differ only in how sketches are made and indexed. It is too slow for the whole corpus in a short
   run, so it runs on a second corpus of the same kind with `--ref-docs` documents (seed 1, its own
   5 % planted copies); synth runs on that one too, so the same-docs ratio is printed beside the
@@ -66,7 +66,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from synth.dedup import near_duplicates, normalize  # noqa: E402
+from synth.dedup import dedup_form, near_duplicates  # noqa: E402
 
 GOAL_DOCS_PER_S = 1000.0
 GOAL_RECALL = 0.95
@@ -151,7 +151,7 @@ def _cumulative(xs):
 
 
 def shingle_set(text: str, k: int) -> set[tuple[str, ...]]:
-    w = normalize(text).split()
+    w = dedup_form(text).split()
     return {tuple(w[i:i + k]) for i in range(max(1, len(w) - k + 1))}
 
 
@@ -166,7 +166,7 @@ def reference_loop(ids: list[str], texts: list[str], threshold: float, num_perm:
     kept: dict[str, MinHash] = {}
     flagged: dict[str, str] = {}
     for rid, text in zip(ids, texts):
-        words = normalize(text).split()
+        words = dedup_form(text).split()
         if not words:
             continue
         m = MinHash(num_perm=num_perm, seed=seed)

@@ -1,6 +1,8 @@
 """synth: black-box distillation of LLMs through data.
 
     import synth
+    counts = synth.run("pipeline.yaml")    # `synth run pipeline.yaml`, in this process
+    pipeline = synth.load("pipeline.yaml") # the validated pipeline (every check that needs no teacher)
     store = synth.open("out/run.duckdb")
     df = store.table("solutions")          # a stage's output as a pandas DataFrame
     df = store.sql("select * from synth.runs")
@@ -10,6 +12,8 @@ Importing synth is cheap: heavy libraries load only where they are used.
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -17,6 +21,46 @@ __version__ = "0.1.0"
 
 def open(path: str | Path):  # noqa: A001 - `synth.open(...)` reads like `duckdb.connect(...)`
     """Open a store (a .duckdb file, or the store named by a pipeline file) for reading."""
-    from synth.inspect import store_for
+    from synth.inspection import store_for
 
     return store_for(Path(path))
+
+
+def load(path: str | Path):
+    """The pipeline file at `path`, loaded and validated (synth.pipeline.load_pipeline): a Pipeline.
+    A mistake in it raises SynthError with the one line `synth run` would print."""
+    from synth.pipeline import load_pipeline
+
+    return load_pipeline(Path(path))
+
+
+def run(pipeline, targets: list[str] | None = None, force: bool = False, max_cost: float | None = None,
+        console=None) -> dict:
+    """`synth run` in this process: run the stale stages of `pipeline` (a path, or a Pipeline from
+    synth.load) or of `targets` and what they read, in DAG order; returns the run's counts (`run_id`,
+    `stages_run`, `sent`, `cached`, `errors`, `unsent`, `stages`: each stage's own counts). A user's
+    mistake raises SynthError (the CLI's one line); failed requests do not raise: they are in
+    counts["errors"] (the CLI's exit code 1). `console`: a rich Console for the progress (default: stderr).
+    The run is recorded with the equivalent command line."""
+    from synth.pipeline import Pipeline, load_pipeline, run as run_pipeline
+
+    if not isinstance(pipeline, Pipeline):
+        pipeline = load_pipeline(Path(pipeline))
+    argv = ["run", str(pipeline.path), *(targets or []), *(["--force"] if force else []),
+            *(["--max-cost", str(max_cost)] if max_cost is not None else [])]
+    return run_pipeline(pipeline, list(targets) if targets else None, force=force, argv=argv, console=console,
+                        max_cost=max_cost)
+
+
+class _Package(types.ModuleType):
+    """`synth.load` stays the function above once the submodule synth/load.py (the seed readers) is
+    imported: the import system's setattr of that submodule on this package is ignored. The submodule is
+    still imported as usual (`from synth.load import read_seeds`; sys.modules["synth.load"])."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "load" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -223,7 +223,7 @@ def plan(pipeline: Path, stages: tuple[str, ...], fmt: str) -> None:
 def status(pipeline: Path) -> None:
     """Per-stage counts (rows, requests done / failed / pending, tokens) and the last runs.
     Answers while a run is writing."""
-    from synth.inspect import print_status
+    from synth.inspection import print_status
     from synth.pipeline import load_pipeline
 
     print_status(load_pipeline(pipeline), _console())
@@ -235,7 +235,7 @@ def status(pipeline: Path) -> None:
 def stats(pipeline: Path, fmt: str) -> None:
     """The filter funnel: per filter stage rows judged, passed, rejected and the top rejection reasons;
     per keep stage rows kept."""
-    from synth.inspect import print_stats, stats_rows
+    from synth.inspection import print_stats, stats_rows
     from synth.pipeline import load_pipeline
 
     loaded = load_pipeline(pipeline)
@@ -273,7 +273,7 @@ def report(pipeline: Path, png: Path | None, fmt: str) -> None:
 def sql(target: Path, query: str, fmt: str) -> None:
     """Run a SQL QUERY on the store of TARGET (a pipeline file or a .duckdb file). Stage outputs are
     tables named after their stages; internals live in the `synth` schema (synth.runs, ...)."""
-    from synth.inspect import format_rows, run_query, store_for
+    from synth.inspection import format_rows, run_query, store_for
 
     format_rows(run_query(store_for(target), query), fmt, _console())
 
@@ -284,7 +284,7 @@ def sql(target: Path, query: str, fmt: str) -> None:
 @click.option("-n", "n", default=5, show_default=True, help="How many rows.")
 def show(target: Path, stage: str, n: int) -> None:
     """Pretty-print the first N rows of STAGE's output."""
-    from synth.inspect import show as show_rows, store_for
+    from synth.inspection import show as show_rows, store_for
 
     show_rows(store_for(target), stage, n, _console())
 
@@ -295,7 +295,7 @@ def show(target: Path, stage: str, n: int) -> None:
 def why(target: Path, row_id: str) -> None:
     """The lineage of a row (a request id, or a unique prefix of one): input row, rendered messages,
     teacher, params, completion, errors and the run that wrote it."""
-    from synth.inspect import store_for, why as show_why
+    from synth.inspection import store_for, why as show_why
 
     show_why(store_for(target), row_id, _console())
 

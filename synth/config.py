@@ -11,12 +11,12 @@ import functools
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from synth.errors import SynthError
+from synth.errors import SynthError, decode_utf8, one_line
 from synth.teachers import SamplingParams, TeacherConfig
 
 STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -259,6 +259,10 @@ STAGE_MODELS = {"load": LoadStage, "generate": GenerateStage, "export": ExportSt
                 "vote": VoteStage, "judge": JudgeStage, "dedup": DedupStage, "decontaminate": DecontaminateStage,
                 "filter": FilterStage, "keep": KeepStage, "pairs": PairsStage, "evaluate": EvaluateStage,
                 "train": TrainStage}
+# backend -> its config model, read from the `TeacherConfig` union (Annotated[Union[...], Field]): a backend
+# added to the union shows up in error messages (`_describe`, `_allowed`) with nothing else to edit
+TEACHER_MODELS = {backend: model for model in get_args(get_args(TeacherConfig)[0])
+                  for backend in get_args(model.model_fields["backend"].annotation)}
 
 
 class PipelineFile(BaseModel):
@@ -291,7 +295,7 @@ def read_pipeline_file(path: Path) -> PipelineFile:
         # teachers' and the sampling parameters' models too
         return PipelineFile.model_validate(data, strict=True)
     except ValidationError as exc:
-        raise SynthError(" ".join(_describe(path, text, data, exc).split())) from None
+        raise SynthError(one_line(_describe(path, text, data, exc))) from None
 
 
 # ---- YAML: one reader for pipeline files, templates and recipes ------------------------------------
@@ -363,15 +367,7 @@ def load_yaml_file(path: Path, what: str) -> tuple[str, Any]:
 
 def load_yaml(raw: bytes | str, path: Path) -> Any:
     """See load_yaml_file; `raw` is the file's content."""
-    if isinstance(raw, bytes):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = raw[:exc.start].count(b"\n") + 1
-            raise SynthError(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as "
-                             "UTF-8") from None
-    else:
-        text = raw
+    text = decode_utf8(raw, path) if isinstance(raw, bytes) else raw
     try:
         node = yaml.compose(text, Loader=_StrictLoader)
         if node is not None and _expanded_size(node) > MAX_YAML_NODES:
@@ -379,12 +375,12 @@ def load_yaml(raw: bytes | str, path: Path) -> Any:
                              "write the values out")
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except _Refused as exc:
-        raise SynthError(f"{path}:{exc.problem_mark.line + 1}: {' '.join(exc.problem.split())}") from None
+        raise SynthError(f"{path}:{exc.problem_mark.line + 1}: {one_line(exc.problem)}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise SynthError(f"{path}{at}: not valid YAML: {' '.join(str(problem).split())}") from None
+        raise SynthError(f"{path}{at}: not valid YAML: {one_line(problem)}") from None
     except RecursionError:
         raise SynthError(f"{path}: nested too deeply to read; flatten it") from None
 
@@ -426,7 +422,7 @@ def _describe(path: Path, text: str, data: Any, exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = [p for p in err["loc"]]
     # Drop the union tags pydantic inserts into locations (stages.x.generate.key -> stages.x.key).
-    tags = (*STAGE_KINDS, "hf", "openai", "vllm")
+    tags = (*STAGE_KINDS, *TEACHER_MODELS)
     clean = [part for i, part in enumerate(loc)
              if not (i == 2 and loc[0] in ("stages", "teachers") and part in tags)]
     where = _where(clean)
@@ -459,14 +455,11 @@ def _where(loc: list) -> str:
 
 def _allowed(loc: list, data: Any) -> str:
     """List the keys allowed where an unknown key was found, for stages and teachers."""
-    from synth import config as me
     try:
         if loc[0] == "stages" and len(loc) == 3:
-            model = me.STAGE_MODELS[data["stages"][loc[1]]["kind"]]
+            model = STAGE_MODELS[data["stages"][loc[1]]["kind"]]
         elif loc[0] == "teachers" and len(loc) == 3:
-            from synth.teachers import HFTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig
-            backend = data["teachers"][loc[1]]["backend"]
-            model = {"hf": HFTeacherConfig, "openai": OpenAITeacherConfig, "vllm": VLLMTeacherConfig}[backend]
+            model = TEACHER_MODELS[data["teachers"][loc[1]]["backend"]]
         elif loc[0] == "stages" and len(loc) == 4 and loc[2] == "params":
             model = StageParams
         elif len(loc) == 1:

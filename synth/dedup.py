@@ -5,7 +5,7 @@ Every function takes `ids` and `texts` as two lists of the same length, in the o
 `Verdict` per row in that order. Nothing here knows about DuckDB, stages or pipelines; nothing is
 deleted; a row that loses is only marked.
 
-Text normalisation (`normalize`), used by everything below:
+Text normalisation (`dedup_form`), used by everything below:
 
 1. None becomes "".
 2. Unicode NFKC (full-width letters, ligatures, non-breaking spaces ... become their plain forms),
@@ -76,9 +76,9 @@ def _words(text: str | None) -> list[str]:
     return [t for t in (tok.strip(asc) if tok.isascii() else tok.strip(punct) for tok in text.split()) if t]
 
 
-def normalize(text: str | None) -> str:
-    """The normalised form of `text` (see the module docstring): NFKC, casefold, whitespace collapsed
-    to single spaces, punctuation stripped from the edges of each whitespace-separated token."""
+def dedup_form(text: str | None) -> str:
+    """`text` as dedup and decontamination compare it (see the module docstring): NFKC, casefold,
+    whitespace collapsed to single spaces, punctuation stripped from the edges of each token."""
     return " ".join(_words(text))
 
 
@@ -143,7 +143,7 @@ def exact_duplicates(ids: list[str], texts: list[str | None]) -> list[Verdict]:
     first: dict[str, str] = {}
     out = []
     for rid, text in zip(ids, texts):
-        key = normalize(text)
+        key = dedup_form(text)
         if not key:
             out.append(Verdict.ok())
         elif key in first:

@@ -22,3 +22,19 @@ class MissingValue(SynthError):
     def __init__(self, message: str, column: str | None):
         super().__init__(message)
         self.column = column
+
+
+def one_line(value: object) -> str:
+    """`str(value)` with each run of whitespace (newlines included) as one space: an exception's text
+    made fit for a one-line error message or a stored error column."""
+    return " ".join(str(value).split())
+
+
+def decode_utf8(raw: bytes, path: object, line: int | None = None) -> str:
+    """`raw` as UTF-8 text, or a SynthError naming the file, the line (`line`, else the one holding the
+    first bad byte) and that byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = line if line is not None else raw[:exc.start].count(b"\n") + 1
+        raise SynthError(f"{path}:{at}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None

@@ -18,7 +18,7 @@ import pyarrow as pa
 from rich.console import Console
 
 from synth.config import EvaluateStage, GenerateStage
-from synth.store import Store, now, quote_ident
+from synth.store import Store, now, quote_ident, sql_str
 from synth.verdicts import Verdict
 
 
@@ -54,7 +54,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             # so that models are compared on the same items.
             planned = build_requests(pipeline, gen_name, inputs)
             for request in planned.requests:
-                input_id = planned.input_ids[request.id]
+                input_id = planned.input_of[request.id]
                 reference = references.get(input_id)
                 reference = None if reference is None else str(reference)
                 if request.id not in outputs:
@@ -79,7 +79,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         Store.insert_arrow(con, "synth.evaluation_history", table, mode="")
         record_stage(con, pipeline, name, "running", table.num_rows, run_id)
         Store.replace_view(con, name, "SELECT model, id, input_id, sample, passed, reason, answer, completion_tokens "
-                                      f"FROM synth.evaluations WHERE stage = '{name}'")
+                                      f"FROM synth.evaluations WHERE stage = {sql_str(name)}")
         result = summary(con, name, stage.models)
         record_stage(con, pipeline, name, "done", table.num_rows, run_id, summary=result)
     for s in result:

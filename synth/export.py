@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from synth.config import ExportStage
 from synth.errors import SynthError
-from synth.store import Store, quote_ident
+from synth.store import Store, quote_ident, sql_str
 
 
 def sft_messages(prompt: list[dict], text: str, *, system: bool, few_shot: bool) -> list[dict]:
@@ -103,10 +103,10 @@ def run_stage(pipeline, name: str, run_id: str) -> dict:
     _write_atomic_text(sidecar_path(out), json.dumps(provenance(pipeline, name, len(records)), indent=2, default=str))
     with pipeline.store.write() as con:
         if out.suffix == "":
-            source = f"read_parquet('{_sql_path(out / 'data.parquet')}')"
+            source = f"read_parquet({sql_str(str(out / 'data.parquet'))})"
         else:
             reader = "read_parquet" if out.suffix == ".parquet" else "read_json_auto"
-            source = f"{reader}('{_sql_path(out)}')"
+            source = f"{reader}({sql_str(str(out))})"
         Store.replace_view(con, name, f"SELECT * FROM {source}")
         record_stage(con, pipeline, name, "done", len(records), run_id, path=str(out))
     return {"rows": len(records), "path": str(out)}
@@ -142,8 +142,8 @@ def provenance(pipeline, name: str, rows: int) -> dict:
     return {
         "pipeline": str(pipeline.path), "store": str(pipeline.store.path), "stage": name, "rows": rows,
         "format": pipeline.stage(name).format,
-        "teachers": {t: pipeline.teacher(t).model for t in sorted({getattr(s, "teacher", None)
-                                                                          for s in stages.values()} - {None})},
+        "teachers": {t: pipeline.teacher_config(t).model for t in sorted({getattr(s, "teacher", None)
+                                                                                 for s in stages.values()} - {None})},
         "templates": sorted({s.prompt for s in stages.values() if getattr(s, "prompt", None)}),
         "filters": [n for n, s in stages.items() if s.kind in ("verify", "vote", "judge", "dedup",
                                                                 "decontaminate", "filter", "keep")],
@@ -164,10 +164,6 @@ def dataset_card(pipeline, name: str, rows: int) -> str:
 def sidecar_path(out: Path) -> Path:
     """Where an export's provenance goes: <file>.synth.json, or synth.json inside a directory export."""
     return out / "synth.json" if out.suffix == "" else out.with_name(out.name + ".synth.json")
-
-
-def _sql_path(path: Path) -> str:
-    return str(path).replace("'", "''")
 
 
 def _write_atomic_text(path: Path, text: str) -> None:

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from rich.console import Console
 
 from synth.config import DecontaminateStage, DedupStage, FilterStage, JudgeStage, KeepStage, VerifyStage, VoteStage
-from synth.errors import SynthError
+from synth.errors import SynthError, one_line
 from synth.ids import content_hash
 from synth.paths import builtin_dir
 from synth.load import file_fingerprint
@@ -244,7 +244,7 @@ def _rows(store: Store, source: str, order_by: str) -> list[dict]:
         try:
             return con.sql(f"SELECT * FROM {source} ORDER BY {order_by}").to_arrow_table().to_pylist()
         except Exception as exc:  # noqa: BLE001 - duckdb raises several types for a bad ORDER BY
-            raise SynthError(f"reading {source} ordered by {order_by!r}: {' '.join(str(exc).split())[:300]}") from None
+            raise SynthError(f"reading {source} ordered by {order_by!r}: {one_line(exc)[:300]}") from None
 
 
 def _default_order(pipeline, input_name: str) -> str:
@@ -308,7 +308,7 @@ def _sql_filter(pipeline, name: str, source: str, expr: str, label: str) -> pa.T
         except Exception as exc:  # noqa: BLE001 - any DuckDB error here is the user's expression
             key = "where" if label == "where" else "use"
             raise SynthError(f"{pipeline.where(name)}: key '{key}': the SQL expression failed: "
-                             f"{' '.join(str(exc).split())[:300]}") from None
+                             f"{one_line(exc)[:300]}") from None
 
 
 def _python_filter(pipeline, name: str, rows: list[dict]) -> list[Verdict]:

@@ -53,7 +53,7 @@ def log_seconds() -> float:
 @dataclass
 class Planned:
     requests: list[Request]  # unique by id, in input order
-    input_ids: dict[str, str]  # request id -> input row id
+    input_of: dict[str, str]  # request id -> input row id
     prompts: dict[str, list[dict]]  # prompt id -> messages
     prompt_of: dict[str, str]  # request id -> prompt id
     collapsed: int  # requests dropped because another input row rendered the same messages
@@ -64,7 +64,7 @@ class Planned:
 def build_requests(pipeline, name: str, rows: list[dict]) -> Planned:
     stage: GenerateStage = pipeline.stage(name)
     template = pipeline.templates[name]
-    model = pipeline.teacher(stage.teacher).model
+    model = pipeline.teacher_config(stage.teacher).model
     params = stage.params.model_dump(exclude_none=True)
     planned = Planned([], {}, {}, {}, 0, {})
     for row in rows:
@@ -78,10 +78,10 @@ def build_requests(pipeline, name: str, rows: list[dict]) -> Planned:
         for k in range(stage.samples):
             rid = request_id(model, messages, params, k)
             planned.by_input.setdefault(str(row["id"]), []).append(rid)
-            if rid in planned.input_ids:
+            if rid in planned.input_of:
                 planned.collapsed += 1
                 continue
-            planned.input_ids[rid] = str(row["id"])
+            planned.input_of[rid] = str(row["id"])
             planned.prompt_of[rid] = pid
             planned.requests.append(Request(id=rid, messages=messages, params=params, sample=k))
     return planned
@@ -132,7 +132,7 @@ def estimate(pipeline, name: str, statuses) -> dict:
     planned = build_requests(pipeline, name, rows)
     cached = cached_ids(pipeline.store, [r.id for r in planned.requests])
     to_send = [r for r in planned.requests if r.id not in cached]
-    count, counted_by = prompt_token_counter(pipeline.teacher(stage.teacher), pipeline.base_dir)
+    count, counted_by = prompt_token_counter(pipeline.teacher_config(stage.teacher), pipeline.base_dir)
     per_prompt: dict[str, int] = {}  # the samples of one prompt share its count
     est_prompt = 0
     for r in to_send:
@@ -169,14 +169,14 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             "id": list(planned.prompts), "messages": [json.dumps(m, ensure_ascii=False) for m in planned.prompts.values()]}))
         Store.insert_arrow(con, "synth.requests", pa.table({
             "id": ids, "prompt_id": [planned.prompt_of[i] for i in ids],
-            "model": [pipeline.teacher(stage.teacher).model] * len(ids),
+            "model": [pipeline.teacher_config(stage.teacher).model] * len(ids),
             "params": [json.dumps(r.params) for r in planned.requests], "sample": [r.sample for r in planned.requests]}))
         con.execute("DELETE FROM synth.generations WHERE stage = ?", [name])
         con.register("_ids", pa.table({"id": ids}))
         cached = dict(con.execute("SELECT c.id, c.text FROM synth.completions c JOIN _ids USING (id)").fetchall())
         con.unregister("_ids")
         Store.insert_arrow(con, "synth.generations", _membership(name, stage.teacher, planned.requests,
-                                                                 planned.input_ids, cached, parse))
+                                                                 planned.input_of, cached, parse))
         _create_view(con, pipeline, name)
         record_stage(con, pipeline, name, "running", len(cached), run_id, total=len(ids))
         bad = planned.unrendered
@@ -219,9 +219,9 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         try:
             with store.write(threads=1) as con:
                 Store.insert_arrow(con, "synth.completions", _completion_rows(good, stage.teacher, run_id))
-                Store.insert_arrow(con, "synth.logprobs", _logprob_rows(good, pipeline.teacher(stage.teacher).model))
+                Store.insert_arrow(con, "synth.logprobs", _logprob_rows(good, pipeline.teacher_config(stage.teacher).model))
                 Store.insert_arrow(con, "synth.generations", _membership(
-                    name, stage.teacher, [by_id[c.request_id] for c in good], planned.input_ids,
+                    name, stage.teacher, [by_id[c.request_id] for c in good], planned.input_of,
                     {c.request_id: c.text for c in good}, parse), mode="OR REPLACE")
                 Store.insert_arrow(con, "synth.errors", pa.table({
                     "request_id": [c.request_id for c in bad], "stage": [name] * len(bad),
@@ -263,13 +263,12 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         nonlocal teacher
         if teacher is None:
             teacher = stage_teacher(pipeline, name, run_id)
-            # A teacher with concurrent workers (openai) hands each answer to `receive` in its worker, before
-            # the next request is taken and before the answer waits in a queue for this loop: the budget is
-            # then overshot by at most the requests in flight, and a kill loses only those.
-            if hasattr(teacher, "on_result"):
-                teacher.on_result = receive
-            if hasattr(teacher, "on_idle"):  # a teacher that waits long between answers (the Batch API):
-                teacher.on_idle = flush      # what arrived is committed before each wait
+            # A teacher with concurrent workers (openai: calls_on_result_in_worker) hands each answer to
+            # `receive` in its worker, before the next request is taken and before the answer waits in a queue
+            # for this loop: the budget is then overshot by at most the requests in flight, and a kill loses
+            # only those. Every other teacher's answers are received below, as this loop gets them.
+            teacher.on_result = receive
+            teacher.on_idle = flush  # a teacher that waits long between answers (the Batch API) calls it first
         return teacher
 
     try:
@@ -280,7 +279,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             for completion, fresh in _recovered_then(recovered, answers):
                 if fresh:
                     sent += 1
-                    if not hasattr(teacher, "on_result"):
+                    if not teacher.calls_on_result_in_worker:
                         receive(completion)
                 else:
                     budget.add(completion.prompt_tokens, completion.completion_tokens)
@@ -355,14 +354,13 @@ def stage_teacher(pipeline, name: str, run_id: str):
     """The teacher a generate stage sends its requests to: its backend, on Ray workers when the stage
     says `ray:`. A backend that keeps state in the store (the Batch API's batch ids) is bound to it."""
     stage: GenerateStage = pipeline.stage(name)
-    config = pipeline.teacher(stage.teacher)
+    config = pipeline.teacher_config(stage.teacher)
     if stage.ray is not None:
         from synth.teachers.ray import RayTeacher
         teacher = RayTeacher(stage.teacher, config, pipeline.base_dir, stage.ray)
     else:
         teacher = load_teacher(stage.teacher, config, pipeline.base_dir)
-    if hasattr(teacher, "bind"):
-        teacher.bind(pipeline.store, name, run_id)
+    teacher.bind(pipeline.store, name, run_id)
     return teacher
 
 
@@ -491,12 +489,12 @@ class RunBudget:
     spent: float = 0.0
 
 
-def _membership(stage: str, teacher: str, requests: list[Request], input_ids: dict[str, str],
+def _membership(stage: str, teacher: str, requests: list[Request], input_of: dict[str, str],
                 texts: dict[str, str], parse) -> pa.Table:
     return pa.table({
         "stage": [stage] * len(requests),
         "id": [r.id for r in requests],
-        "input_id": [input_ids[r.id] for r in requests],
+        "input_id": [input_of[r.id] for r in requests],
         "sample": [r.sample for r in requests],
         "teacher": [teacher] * len(requests),
         "parsed": [json.dumps(parse(texts[r.id]), ensure_ascii=False) if r.id in texts else None for r in requests],

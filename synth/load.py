@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from synth.errors import SynthError
+from synth.errors import SynthError, decode_utf8, one_line
 from synth.ids import content_hash
 
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
@@ -65,7 +65,7 @@ def read_seeds(path: Path, where: str, limit: int | None = None) -> Seeds:
         table = pa.Table.from_pylist(rows)
     except (pa.ArrowException, OverflowError, TypeError, ValueError) as exc:
         raise SynthError(f"{path}: a column mixes incompatible types or holds a value Arrow cannot store "
-                         f"({' '.join(str(exc).split())[:300]}); make each column one type") from None
+                         f"({one_line(exc)[:300]}); make each column one type") from None
     _check_types(table.schema, path)
     return Seeds(table=table, file_hash=file_fingerprint(path), collapsed=n - len(rows))
 
@@ -122,7 +122,7 @@ def read_rows(path: Path) -> list[dict]:
                 lineno += 1
                 if len(raw.rstrip(b"\r\n")) > MAX_ROW_BYTES:
                     raise SynthError(_too_long(path, f"line {lineno}", None))
-                line = _decode(raw, path, lineno)
+                line = decode_utf8(raw, path, lineno)
                 if not line.strip():
                     continue
                 try:
@@ -140,7 +140,7 @@ def read_rows(path: Path) -> list[dict]:
         return rows
     if suffix == ".json":
         raw = path.read_bytes()
-        text = _decode(raw, path, None)
+        text = decode_utf8(raw, path)
         try:
             data = _json_loads(text)
         except json.JSONDecodeError as exc:
@@ -155,7 +155,7 @@ def read_rows(path: Path) -> list[dict]:
     if suffix == ".csv":
         import csv
         import io
-        text = _decode(path.read_bytes(), path, None)
+        text = decode_utf8(path.read_bytes(), path)
         csv.field_size_limit(MAX_ROW_BYTES + 1)  # a longer field is refused below, with its line
         reader = csv.DictReader(io.StringIO(text, newline=""))
         rows = []
@@ -180,7 +180,7 @@ def read_rows(path: Path) -> list[dict]:
         try:
             return pq.read_table(path).to_pylist()
         except (pa.ArrowException, OSError, ValueError) as exc:
-            raise SynthError(f"{path}: not a readable Parquet file ({' '.join(str(exc).split())[:300]})") from None
+            raise SynthError(f"{path}: not a readable Parquet file ({one_line(exc)[:300]})") from None
     raise SynthError(f"{path}: cannot read {path.suffix or 'extension-less'} files; use one of "
                      f"{', '.join(FORMATS)} or a saved Hugging Face dataset directory")
 
@@ -202,15 +202,6 @@ def _json_loads(text: str):
     return json.loads(text, object_pairs_hook=_no_duplicates)
 
 
-def _decode(raw: bytes, path: Path, lineno: int | None) -> str:
-    """UTF-8 text, or one line naming the file, the line and the byte."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = lineno if lineno is not None else raw[:exc.start].count(b"\n") + 1
-        raise SynthError(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
-
-
 def _read_hf_dataset(path: Path) -> list[dict]:
     if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
         raise SynthError(f"{path}: a directory seed must be written by datasets' save_to_disk "
@@ -221,7 +212,7 @@ def _read_hf_dataset(path: Path) -> list[dict]:
         ds = load_from_disk(str(path))
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for a damaged directory
         raise SynthError(f"{path}: not a readable saved dataset ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:300]})") from None
+                         f"{one_line(exc)[:300]})") from None
     if hasattr(ds, "keys"):  # a DatasetDict: take its only split, or insist on one
         splits = list(ds.keys())
         if len(splits) != 1:

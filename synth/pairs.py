@@ -21,7 +21,7 @@ from rich.console import Console
 
 from synth.config import PairsStage
 from synth.errors import SynthError
-from synth.store import Store, fetch_one, now, quote_ident
+from synth.store import Store, fetch_one, now, quote_ident, sql_str
 
 RULES = {"verify": "verified", "vote": "plurality", "judge": "judge"}
 
@@ -43,7 +43,7 @@ def candidates_sql(pipeline, name: str) -> str:
                 f"t.text AS chosen_text, s.text AS rejected_text FROM {src} t JOIN {other} s ON s.{g} = t.{g}")
     by = stage.by
     rows = (f"SELECT i.id, i.{g} AS grp, i.text, v.passed, v.score, v.reason FROM {src} i JOIN synth.verdicts v "
-            f"ON v.row_id = CAST(i.id AS VARCHAR) AND v.stage = '{by}'")
+            f"ON v.row_id = CAST(i.id AS VARCHAR) AND v.stage = {sql_str(by)}")
     if rule == "verified":
         cond, margin = "c.passed AND NOT r.passed", "NULL::DOUBLE"
     elif rule == "plurality":
@@ -64,8 +64,8 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
     order = f"md5(concat_ws('|', {int(stage.seed)}, chosen_id, rejected_id))"
     distinct = (f"SELECT * FROM ({candidates_sql(pipeline, name)}) WHERE chosen_text IS DISTINCT FROM rejected_text "
                 f"QUALIFY row_number() OVER (PARTITION BY grp, chosen_text, rejected_text ORDER BY {order}) = 1")
-    select = (f"SELECT '{name}' AS stage, CAST(chosen_id AS VARCHAR) AS chosen_id, "
-              f"CAST(rejected_id AS VARCHAR) AS rejected_id, CAST(grp AS VARCHAR) AS input_id, '{rule}' AS rule, "
+    select = (f"SELECT {sql_str(name)} AS stage, CAST(chosen_id AS VARCHAR) AS chosen_id, "
+              f"CAST(rejected_id AS VARCHAR) AS rejected_id, CAST(grp AS VARCHAR) AS input_id, {sql_str(rule)} AS rule, "
               f"margin, ? AS run_id, ? AS created_at FROM (SELECT *, row_number() OVER (PARTITION BY grp ORDER BY "
               f"{order}) AS k FROM ({distinct})) WHERE k <= {int(stage.max_per_input)}")
     with pipeline.store.write() as con:
@@ -89,4 +89,4 @@ def create_view(con, pipeline, name: str) -> None:
         "SELECT p.chosen_id || ':' || p.rejected_id AS id, p.input_id, p.rule, p.margin, p.chosen_id, "
         "p.rejected_id, c.text AS chosen_text, r.text AS rejected_text "
         "FROM synth.pairs p LEFT JOIN synth.completions c ON c.id = p.chosen_id "
-        f"LEFT JOIN synth.completions r ON r.id = p.rejected_id WHERE p.stage = '{name}'"))
+        f"LEFT JOIN synth.completions r ON r.id = p.rejected_id WHERE p.stage = {sql_str(name)}"))

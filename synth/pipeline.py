@@ -21,7 +21,7 @@ from rich.console import Console
 
 from synth.config import (FILTER_KINDS, EvaluateStage, ExportStage, GenerateStage, JudgeStage, KeepStage, LoadStage,
                           PairsStage, PipelineFile, TrainStage, line_of, read_pipeline_file)
-from synth.errors import SynthError
+from synth.errors import SynthError, one_line
 from synth.references import (add_companion_stages, add_student_teachers, check_before_writing, check_filter,
                               check_references)
 from synth.ids import content_hash
@@ -95,7 +95,7 @@ class Pipeline:
             parts["prompt"] = self.templates[name].file_hash
         if isinstance(stage, GenerateStage):
             parts["prompt"] = self.templates[name].file_hash
-            teacher = self.teacher(stage.teacher)
+            teacher = self.teacher_config(stage.teacher)
             parts["teacher"] = content_hash({"backend": teacher.backend, "model": teacher.model})
         if stage.kind in FILTER_KINDS:
             from synth.filters import filter_version
@@ -126,7 +126,7 @@ class Pipeline:
         teacher = getattr(self.spec.stages.get(stage_name), "teacher", None)
         return self.spec.teachers[teacher].prices if teacher in self.spec.teachers else None
 
-    def teacher(self, name: str):
+    def teacher_config(self, name: str):
         """A teacher's config; for a train stage's model, with the directory its last finished run wrote
         (read from the store when the pipeline is loaded, updated when a train stage finishes)."""
         config = self.spec.teachers[name]
@@ -554,7 +554,7 @@ def _run_locked(pipeline: Pipeline, names: list[str], targets: list[str] | None,
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         try:
-            store.finish_run(run_id, status, counts, error=" ".join(str(exc).split())[:2000])
+            store.finish_run(run_id, status, counts, error=one_line(exc)[:2000])
         except SynthError:  # the store itself failed (a full disk, a lock): the first error is the one to show
             pass
         raise
@@ -572,12 +572,12 @@ def check_teachers(pipeline: Pipeline, names: list[str]) -> None:
     for name in names:
         stage = pipeline.stage(name)
         if isinstance(stage, GenerateStage):
-            config = pipeline.teacher(stage.teacher)
+            config = pipeline.teacher_config(stage.teacher)
             if stage.params.logprobs is not None and not config.capabilities().logprobs:
                 raise SynthError(f"{pipeline.where(name)}: key 'params.logprobs': teacher '{stage.teacher}' "
                                  f"(backend {config.backend}) cannot return logprobs"
                                  + (" (its config says logprobs: false)" if config.backend == "openai" else "")
-                                 + "; remove params.logprobs or use a backend that has them (hf, vllm, openai)")
+                                 + "; remove params.logprobs or use a backend that has them (hf, vllm, openai, echo)")
             if stage.ray is not None and getattr(config, "mode", "online") == "batch":
                 raise SynthError(f"{pipeline.where(name)}: key 'ray': teacher '{stage.teacher}' uses mode batch, which "
                                  "runs on the provider's side; remove `ray:` from the stage or use mode online")

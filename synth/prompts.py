@@ -34,7 +34,7 @@ from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from synth.errors import MissingValue, SynthError
+from synth.errors import MissingValue, SynthError, one_line
 from synth.ids import content_hash
 from synth.parsers import PARSERS
 from synth.paths import builtin_dir
@@ -240,7 +240,7 @@ class Template:
             try:
                 out.append((role, _ENV.from_string(source)))
             except TemplateError as exc:
-                raise SynthError(f"{self.path}: {role} template does not parse: {_one_line(exc)}") from None
+                raise SynthError(f"{self.path}: {role} template does not parse: {one_line(exc)}") from None
             except (RecursionError, MemoryError, RenderLimit):
                 raise SynthError(f"{self.path}: {role} template is nested too deeply or too large to "
                                  "compile") from None
@@ -258,7 +258,7 @@ class Template:
                 ast = _ENV.parse(source)
                 names |= meta.find_undeclared_variables(ast)
             except TemplateError as exc:
-                raise SynthError(f"{self.path}: template does not parse: {_one_line(exc)}") from None
+                raise SynthError(f"{self.path}: template does not parse: {one_line(exc)}") from None
             except RecursionError:
                 raise SynthError(f"{self.path}: template is nested too deeply to parse") from None
             for node in ast.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
@@ -284,7 +284,7 @@ class Template:
                 m = re.fullmatch(r"'([^']+)' is undefined", str(exc))
                 if m is None or m.group(1) in row:  # an attribute or key the template looks up: its own mistake
                     raise SynthError(f"{where or self.path}: rendering {self.path.name} failed: "
-                                     f"{_one_line(exc)[:500]}") from None
+                                     f"{one_line(exc)[:500]}") from None
                 column = m.group(1)  # a variable whose value is null or absent in this row: the row fails closed
                 raise MissingValue(f"{where or self.path}: {self.path.name} uses column {column!r}, which is null or "
                                    "missing in this row; fix the row, or give the variable a default in the template "
@@ -295,7 +295,7 @@ class Template:
             except Exception as exc:  # noqa: BLE001 - a template is the user's code: any error in it is theirs
                 kind = "" if isinstance(exc, TemplateError) else f"{type(exc).__name__}: "
                 raise SynthError(f"{where or self.path}: rendering {self.path.name} failed: "
-                                 f"{kind}{_one_line(exc)[:500]}") from None
+                                 f"{kind}{one_line(exc)[:500]}") from None
         if sum(len(m["content"]) for m in messages) > MAX_RENDER_CHARS:
             raise SynthError(f"{where or self.path}: rendering {self.path.name} went over a limit: the prompt is "
                              f"over {MAX_RENDER_CHARS:,} characters; simplify the template")
@@ -339,7 +339,7 @@ def load_template(name: str, workspace: Path, where: str) -> Template:
             raise SynthError(f"{at}: unknown key '{key}' ({allowed})") from None
         if err["type"] == "missing":
             raise SynthError(f"{at}: missing required key '{key}' ({allowed})") from None
-        raise SynthError(f"{at}: key '{key}': {_one_line(err['msg'].lower())}") from None
+        raise SynthError(f"{at}: key '{key}': {one_line(err['msg'].lower())}") from None
     if spec.parse not in PARSERS:
         raise SynthError(f"{path}: key 'parse': unknown parser {spec.parse!r} (choose from {', '.join(PARSERS)})")
     template = Template(name=name, path=path, spec=spec, file_hash=content_hash(raw.decode("utf-8", "replace")))
@@ -352,6 +352,3 @@ def builtin_names() -> list[str]:
     folder = builtin_dir("prompts")
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from synth.config import (FILTER_KINDS, EvaluateStage, ExportStage, GenerateStage, JudgeStage, KeepStage,
                           PairsStage, PipelineFile, TrainStage)
-from synth.errors import SynthError
+from synth.errors import SynthError, decode_utf8, one_line
 
 ROWS = ("load", "generate", "keep")  # stages whose output is rows with ids
 
@@ -170,10 +170,10 @@ def check_filter_sql(pipeline, name: str, expr: str, key: str) -> None:
         con.execute(f"SELECT CAST((\n{expr.strip().rstrip(';')}\n) AS BOOLEAN) FROM t LIMIT 0")
     except duckdb.ParserException as exc:
         raise SynthError(f"{pipeline.where(name)}: key '{key}': not a valid SQL expression: "
-                         f"{' '.join(str(exc).split())[:300]}") from None
+                         f"{one_line(exc)[:300]}") from None
     except duckdb.BinderException as exc:
         if "Referenced column" in str(exc) and not open_columns:
-            raise SynthError(f"{pipeline.where(name)}: key '{key}': {' '.join(str(exc).split())[:300]} (the input's "
+            raise SynthError(f"{pipeline.where(name)}: key '{key}': {one_line(exc)[:300]} (the input's "
                              f"columns: {', '.join(columns)})") from None
     except duckdb.Error:
         pass  # a type the run will know: checked then
@@ -237,12 +237,7 @@ def check_filter(pipeline, name: str) -> None:
     from synth.filters import filter_path
 
     path = filter_path(pipeline, name)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise SynthError(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
+    text = decode_utf8(path.read_bytes(), path)
     if path.suffix == ".sql":
         expr = "\n".join(ln for ln in text.splitlines() if not ln.strip().startswith("--"))
         if not expr.strip():

@@ -17,7 +17,7 @@ from synth.config import EvaluateStage
 
 def report_data(pipeline) -> dict:
     from synth.evaluate import summary
-    from synth.inspect import stats_rows
+    from synth.inspection import stats_rows
 
     evaluations = {}
     if pipeline.store.exists():

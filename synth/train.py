@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import yaml
 
-from synth.errors import SynthError
+from synth.errors import SynthError, one_line
 
 METHODS = ("sft", "dpo")
 DEFAULT_MAX_TRUNCATED_SHARE = 0.05
@@ -85,7 +85,7 @@ def load_recipe(path: Path, method: str) -> dict:
     except SynthError:
         raise
     except (ValueError, TypeError) as exc:
-        raise SynthError(f"{path}: {cls.__name__} rejects the recipe: {_one_line(exc)}") from None
+        raise SynthError(f"{path}: {cls.__name__} rejects the recipe: {_clipped_line(exc)}") from None
     return recipe
 
 
@@ -136,7 +136,7 @@ def _read_recipe(path: Path, class_name: str) -> tuple[dict, dict[str, int]]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise SynthError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or _one_line(exc)}; fix the "
+        raise SynthError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or _clipped_line(exc)}; fix the "
                          "syntax (a recipe is a mapping of `key: value` lines)") from None
     if data is None:
         data = {}
@@ -332,8 +332,8 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+def _clipped_line(exc: BaseException) -> str:
+    text = one_line(exc)
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -572,7 +572,7 @@ def load_rows(data_path: Path, method: str) -> list[dict]:
         try:
             rows = pq.read_table(data_path).to_pylist()
         except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise SynthError(f"{data_path}: cannot read Parquet: {_one_line(exc)}") from None
+            raise SynthError(f"{data_path}: cannot read Parquet: {_clipped_line(exc)}") from None
     elif data_path.suffix in (".jsonl", ".json"):
         rows = []
         with open(data_path, encoding="utf-8") as fh:
@@ -606,7 +606,7 @@ def _texts(rows: list[dict], method: str, tokenizer) -> list[str]:
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False)
         except Exception as exc:  # jinja2 errors, a message without role/content, ...
-            raise SynthError(f"row {n}: the student's chat template cannot render it: {_one_line(exc)}") from None
+            raise SynthError(f"row {n}: the student's chat template cannot render it: {_clipped_line(exc)}") from None
 
     out = []
     for n, row in enumerate(rows, 1):
@@ -813,7 +813,7 @@ def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path,
             trainer = Trainer(model=start, args=config, train_dataset=dataset, processing_class=tokenizer,
                               callbacks=[_Log()], peft_config=peft_config)
         except ValueError as exc:  # a combination of settings TRL refuses (padding_free without packing, ...)
-            raise SynthError(f"{Trainer.__name__} rejects the recipe: {_one_line(exc)}") from None
+            raise SynthError(f"{Trainer.__name__} rejects the recipe: {_clipped_line(exc)}") from None
         # With disable_tqdm, transformers prints every log dict to stdout; on_log is the channel.
         trainer.remove_callback(PrinterCallback)
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

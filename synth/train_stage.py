@@ -32,7 +32,7 @@ from rich.console import Console
 from synth.config import TrainStage
 from synth.errors import SynthError
 from synth.ids import content_hash
-from synth.store import Store, now
+from synth.store import Store, now, sql_str
 from synth.teachers import resolve_model_path
 
 RUN_DIR = re.compile(r"^(?P<stage>[A-Za-z_][A-Za-z0-9_]*)-\d{8}-\d{6}-[0-9a-f]{6}$")  # <stage>-<run id>
@@ -178,7 +178,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         with pipeline.store.write() as con:
             # history: earlier runs' logs stay; synth.train_logs shows this run's once the stage is recorded
             Store.insert_arrow(con, "synth.train_log_history", table, mode="")
-            Store.replace_view(con, name, f"SELECT step, loss, logs FROM synth.train_logs WHERE stage = '{name}' "
+            Store.replace_view(con, name, f"SELECT step, loss, logs FROM synth.train_logs WHERE stage = {sql_str(name)} "
                                           "ORDER BY step")
             pipeline.trained[name] = str(model_dir)  # before record_stage: the fingerprint names this model
             record_stage(con, pipeline, name, "done", len(rows), run_id, model_dir=str(model_dir), **summary)

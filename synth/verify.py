@@ -14,7 +14,7 @@ once scored unparseable gold answers as correct). Extraction never raises on a m
 fails at validation instead of silently rejecting every row.
 
 Methods, and the decisions behind them:
-- exact: strings equal after `normalise` (strip, drop surrounding $...$, drop one trailing period,
+- exact: strings equal after `exact_form` (strip, drop surrounding $...$, drop one trailing period,
   collapse whitespace, casefold).
 - numeric: both sides must be a *whole* number, `parse_number`: signs (+, -, U+2212), thousands
   separators "1,234", decimals, exponents "1e-3", simple fractions "3/4", and a trailing percent sign
@@ -46,7 +46,7 @@ from synth.verdicts import Verdict
 EXTRACTORS = ("none", "boxed", "final_number", "regex", "json")
 METHODS = ("exact", "numeric", "math")
 
-# After `normalise`, these mean "there is no answer" and never count as one.
+# After `exact_form`, these mean "there is no answer" and never count as one.
 NO_ANSWER = frozenset({"", "n/a", "na", "none", "null", "nan", "unknown", "?", "-", "--", "\u2013", "\u2014"})
 
 MATH_TIMEOUT_S = 5  # per math-verify parse / comparison, main thread only (SIGALRM)
@@ -113,7 +113,7 @@ def _json_field(text: str, field: str) -> str | None:
 
 # ---- normalisation and numbers -------------------------------------------------------------------------
 
-def normalise(text: str | None) -> str | None:
+def exact_form(text: str | None) -> str | None:
     """The `exact` form: stripped, surrounding $...$ (or $$...$$) removed, one trailing period removed,
     whitespace collapsed, casefolded. None for None."""
     if text is None:
@@ -127,7 +127,7 @@ def normalise(text: str | None) -> str | None:
 
 
 def _no_answer(text: str | None) -> bool:
-    n = normalise(text)
+    n = exact_form(text)
     return n is None or n in NO_ANSWER
 
 
@@ -265,7 +265,7 @@ def compare(answer: str | None, reference: str | None, method: str, tolerance: f
         raise ValueError(f"unknown verify method {method!r}; expected one of {', '.join(METHODS)}")
     details = {"answer": _clip(answer), "reference": _clip(reference)}
     if method == "exact":
-        ref, ans = normalise(reference), normalise(answer)
+        ref, ans = exact_form(reference), exact_form(answer)
         ok_ref, ok_ans = not _no_answer(reference), not _no_answer(answer)
         same = ok_ref and ok_ans and ref == ans
     elif method == "numeric":
@@ -295,7 +295,7 @@ def canonical(answer: str | None, method: str) -> str | None:
     if _no_answer(answer):
         return None
     if method == "exact":
-        return normalise(answer)
+        return exact_form(answer)
     if method == "numeric":
         value = parse_number(answer)
         return None if value is None else _number_key(value)

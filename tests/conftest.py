@@ -1,5 +1,10 @@
 """Shared fixtures: a tiny real transformers model, a workspace with seed data, and the CLI as a user
-runs it (a subprocess of `python -m synth.cli`, so exit codes and stderr are the real ones)."""
+runs it (a subprocess of `python -m synth.cli`, so exit codes and stderr are the real ones).
+
+The in-process seam, for tests of a stage's logic: `make_pipeline` writes a pipeline file from dicts,
+`echo_teacher` / `scripted_answers` give a teacher without a server (the echo backend), and
+`synth_run` runs it with `synth.run` in this process (a mistake raises SynthError: assert its message;
+the CLI prints it as its one line). Tests of the CLI itself, exit codes, kills and servers keep `synth`."""
 
 from __future__ import annotations
 
@@ -48,6 +53,70 @@ def workspace(tmp_path: Path) -> Path:
 def write(path: Path, text: str) -> Path:
     path.write_text(textwrap.dedent(text))
     return path
+
+
+def make_pipeline(workspace: Path, stages: dict[str, dict | str], teachers: dict[str, dict | str] | None = None,
+                  store: str | None = "out/run.duckdb", files: dict[str, str | list[dict]] | None = None,
+                  name: str = "pipeline.yaml") -> Path:
+    """Write `workspace/name` and return its path. Each stage and teacher is one line: a dict (written as
+    a JSON flow mapping, which is YAML) or the body of a YAML flow mapping as a string ("kind: load,
+    path: rows.jsonl"). `files` are written first, relative to the workspace: a list of dicts as JSON
+    lines, a string as text (dedented)."""
+    for rel, content in (files or {}).items():
+        target = workspace / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            write(target, content)
+        else:
+            target.write_text("".join(json.dumps(r) + "\n" for r in content))
+
+    def line(key: str, value: dict | str) -> str:
+        return f"  {key}: {json.dumps(value) if isinstance(value, dict) else '{' + value + '}'}\n"
+
+    text = f"store: {store}\n" if store else ""
+    if teachers:
+        text += "teachers:\n" + "".join(line(k, v) for k, v in teachers.items())
+    text += "stages:\n" + "".join(line(k, v) for k, v in stages.items())
+    path = workspace / name
+    path.write_text(text)
+    return path
+
+
+def echo_teacher(answers: list[dict] | None = None, **keys) -> dict:
+    """An echo teacher's config (synth/teachers/echo.py): no server, no model."""
+    return {"backend": "echo", **({"answers": answers} if answers else {}), **keys}
+
+
+def scripted_answers(p: float = 0.7, wrong: int = 2) -> list[dict]:
+    """tests/scripted_teacher.py's script as echo rules (without its HTTP server and its fixed usage):
+    solver requests "Q<i>: ..." answer \\boxed{i} with probability p, else i + 1..wrong, drawn from the
+    request's seed and question (the same draw as the server's); a pointwise critic ("grader") scores a
+    correct boxed answer 9 and a wrong one 2, and gives no score to a solution containing NOSCORE; a
+    pairwise critic ("compare two") picks the correct solution, else "Winner: A" (a pure position bias);
+    LONG gets a 12-word answer, REFUSE a refusal, FILTERME a content-filter stop."""
+    solve = "{% set q = match[1] | int %}{{ box(q if rng.random() < " + repr(p) + " else q + rng.randint(1, " + \
+        str(wrong) + ")) }}"
+    score = "{{ 'Checked.\\nScore: 9' if last_boxed(user) == match[1] else 'Wrong result.\\nScore: 2' }}"
+    winner = ("{% set parts = user.split('Solution B:') %}{{ 'Winner: B' if last_boxed(parts[1]) == match[1] "
+              "and last_boxed(parts[0]) != match[1] else 'Winner: A' }}")
+    return [
+        {"system": "compare two", "match": r"Q(\d+)", "reply": winner},
+        {"system": "grader", "match": "NOSCORE", "reply": "I cannot decide."},
+        {"system": "grader", "match": r"Q(\d+)", "reply": score},
+        {"match": "REFUSE", "reply": "I'm sorry, but I can't help with that."},
+        {"match": r"(?s)Q(\d+).*FILTERME", "reply": "Working it out. " + solve, "finish_reason": "content_filter"},
+        {"match": r"(?s)Q(\d+).*LONG", "reply": "Let me work through this one slowly, step by step: so " + solve},
+        {"match": r"Q(\d+)", "reply": "Working it out. " + solve},
+    ]
+
+
+def synth_run(pipeline: Path, targets: list[str] | None = None, **kwargs) -> dict:
+    """`synth run` in this process (synth.run), quiet unless a console is given: the run's counts."""
+    import synth as synth_api
+    from rich.console import Console
+
+    kwargs.setdefault("console", Console(quiet=True))
+    return synth_api.run(pipeline, targets, **kwargs)
 
 
 def cli_env(**extra: str) -> dict:

@@ -13,9 +13,9 @@ import pytest
 
 from synth.dedup import (
     decontaminate,
+    dedup_form,
     exact_duplicates,
     near_duplicates,
-    normalize,
     read_eval_texts,
 )
 from synth.errors import SynthError
@@ -40,7 +40,7 @@ def ids_for(texts: list) -> list[str]:
     return [chr(ord("a") + i) for i in range(len(texts))]
 
 
-# ---- normalize --------------------------------------------------------------------------------------
+# ---- dedup_form ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, expected", [
     (None, ""),
@@ -58,8 +58,8 @@ def ids_for(texts: list) -> list[str]:
     ("ﬁne", "fine"),                                # NFKC: ligature
     ("non\u00a0breaking", "non breaking"),          # NFKC: NBSP is a space
 ])
-def test_normalize(text, expected):
-    assert normalize(text) == expected
+def test_dedup_form(text, expected):
+    assert dedup_form(text) == expected
 
 
 # ---- exact duplicates -----------------------------------------------------------------------------

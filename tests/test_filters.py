@@ -1,6 +1,8 @@
-"""Filter stages through the CLI on literal rows: a load stage reads the rows below from a seed file,
-each filter judges them, and the test reads `passed` and `reason` back from the stage's view. No
-teacher is involved (filters read any load, generate or keep stage), so each verdict is exact."""
+"""Filter stages on literal rows, run in process (synth.run): a load stage reads the rows below from a
+seed file, each filter judges them, and the test reads `passed` and `reason` back from the stage's view.
+No teacher is involved (filters read any load, generate or keep stage), so each verdict is exact. A
+mistake raises SynthError, whose message is the CLI's one line (one test goes through the CLI, for its
+exit code)."""
 
 from __future__ import annotations
 
@@ -8,19 +10,17 @@ import json
 
 import pytest
 
-from conftest import query, synth, write
+from conftest import make_pipeline, query, synth, synth_run, write
+from synth.errors import SynthError
 
 
-def run_filter(workspace, rows: list[dict], stage: str, extra_files: dict | None = None, more: str = "") -> dict:
-    """Load `rows`, run one filter stage `f` configured by `stage` (YAML flow mapping body), return
-    {row id: (passed, reason, score)} from its view."""
-    write(workspace / "rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    for name, text in (extra_files or {}).items():
-        (workspace / name).parent.mkdir(parents=True, exist_ok=True)
-        write(workspace / name, text)
-    write(workspace / "pipeline.yaml", f"store: out/run.duckdb\nstages:\n  rows: {{kind: load, path: rows.jsonl}}\n"
-                                       f"  f: {{input: rows, {stage}}}\n{more}")
-    synth("run", workspace / "pipeline.yaml", check=True)
+def run_filter(workspace, rows: list[dict], stage: str, extra_files: dict | None = None,
+               more: dict | None = None) -> dict:
+    """Load `rows`, run one filter stage `f` configured by `stage` (YAML flow mapping body) and the stages
+    `more` (make_pipeline's form), return {row id: (passed, reason, score)} from its view."""
+    pipeline = make_pipeline(workspace, {"rows": "kind: load, path: rows.jsonl", "f": f"input: rows, {stage}",
+                                         **(more or {})}, files={"rows.jsonl": rows, **(extra_files or {})})
+    synth_run(pipeline)
     got = query(workspace / "out" / "run.duckdb", "SELECT id, passed, reason, score FROM f")
     assert len(got) == len(rows)
     return {r[0]: (r[1], r[2], r[3]) for r in got}
@@ -159,9 +159,9 @@ def test_keep_strict_and_lenient_and_funnel(workspace):
             {"id": "2", "text": "good answer", "finish_reason": "stop"},
             {"id": "3", "text": "cut off", "finish_reason": "length"},
             {"id": "4", "text": "another fine one", "finish_reason": "stop"}]
-    more = ("  uniq: {kind: dedup, input: rows, column: text}\n"
-            "  kept: {kind: keep, input: rows, pass: [f, uniq]}\n"
-            "  lenient: {kind: keep, input: rows, pass: [f, uniq], strict: false}\n")
+    more = {"uniq": "kind: dedup, input: rows, column: text",
+            "kept": "kind: keep, input: rows, pass: [f, uniq]",
+            "lenient": "kind: keep, input: rows, pass: [f, uniq], strict: false"}
     run_filter(workspace, rows, "kind: filter, use: finish_stop", more=more)
     store = workspace / "out" / "run.duckdb"
     assert sorted(r[0] for r in query(store, "SELECT id FROM kept")) == ["1", "4"]
@@ -179,17 +179,17 @@ def test_keep_strict_and_lenient_and_funnel(workspace):
     why = synth("why", workspace / "pipeline.yaml", "2", check=True).stdout  # a seed row: its verdicts
     assert "f: passed" in why and "uniq: failed" in why and "duplicate_of:1" in why
     # re-run: nothing stale, verdicts unchanged
-    synth("run", workspace / "pipeline.yaml", check=True)
+    assert synth_run(workspace / "pipeline.yaml")["stages_run"] == []
     assert query(store, "SELECT count(*) FROM synth.verdicts")[0][0] == 8
 
 
 def test_lenient_keep_counts_unjudged_rows_as_passed(workspace):
     rows = [{"id": "1", "text": "a", "finish_reason": "stop"}, {"id": "2", "text": "b", "finish_reason": "length"}]
     # `g` judges only the rows of a keep stage (row 1), so row 2 has no verdict from it
-    more = ("  firsts: {kind: keep, input: rows, pass: [f]}\n"
-            "  g: {kind: filter, input: firsts, where: 'true'}\n"
-            "  strict_keep: {kind: keep, input: rows, pass: [g]}\n"
-            "  lenient_keep: {kind: keep, input: rows, pass: [g], strict: false}\n")
+    more = {"firsts": "kind: keep, input: rows, pass: [f]",
+            "g": "kind: filter, input: firsts, where: 'true'",
+            "strict_keep": "kind: keep, input: rows, pass: [g]",
+            "lenient_keep": "kind: keep, input: rows, pass: [g], strict: false"}
     run_filter(workspace, rows, "kind: filter, use: finish_stop", more=more)
     store = workspace / "out" / "run.duckdb"
     assert [r[0] for r in query(store, "SELECT id FROM strict_keep")] == ["1"]
@@ -214,22 +214,33 @@ def test_filter_config_change_rejudges(workspace):
     ("kind: vote, answer: answer, group_by: nope", "no column 'nope'"),
 ])
 def test_filter_config_errors_are_one_line(workspace, stage, must):
-    write(workspace / "rows.jsonl", json.dumps({"id": "a", "text": "x", "gold": "1", "answer": "1"}) + "\n")
-    write(workspace / "pipeline.yaml", f"store: out/run.duckdb\nstages:\n  rows: {{kind: load, path: rows.jsonl}}\n"
-                                       f"  f: {{input: rows, {stage}}}\n")
-    proc = synth("run", workspace / "pipeline.yaml")
+    pipeline = make_pipeline(workspace, {"rows": "kind: load, path: rows.jsonl", "f": f"input: rows, {stage}"},
+                             files={"rows.jsonl": [{"id": "a", "text": "x", "gold": "1", "answer": "1"}]})
+    with pytest.raises(SynthError) as exc:
+        synth_run(pipeline)
+    assert must in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+    assert not (workspace / "out").exists()
+
+
+def test_a_filter_config_error_through_the_cli(workspace):
+    """The CLI prints a SynthError as one line and exits 2 (tests/test_bad_input_table.py has many more)."""
+    pipeline = make_pipeline(workspace, {"rows": "kind: load, path: rows.jsonl",
+                                         "f": "input: rows, kind: filter, use: no_such_filter"},
+                             files={"rows.jsonl": [{"id": "a", "text": "x"}]})
+    proc = synth("run", pipeline)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and must in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("synth: error: ") and "no filter 'no_such_filter'" in lines[0]
     assert not (workspace / "out").exists()
 
 
 def test_bad_sql_expression_is_one_line(workspace):
-    write(workspace / "rows.jsonl", json.dumps({"id": "a", "text": "x"}) + "\n")
-    write(workspace / "pipeline.yaml", "store: out/run.duckdb\nstages:\n  rows: {kind: load, path: rows.jsonl}\n"
-                                       "  f: {kind: filter, input: rows, where: 'lenght(text) > 1'}\n")
-    proc = synth("run", workspace / "pipeline.yaml")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "key 'where'" in proc.stderr and "lenght" in proc.stderr
+    pipeline = make_pipeline(workspace, {"rows": "kind: load, path: rows.jsonl",
+                                         "f": "kind: filter, input: rows, where: 'lenght(text) > 1'"},
+                             files={"rows.jsonl": [{"id": "a", "text": "x"}]})
+    with pytest.raises(SynthError) as exc:
+        synth_run(pipeline)
+    assert "key 'where'" in str(exc.value) and "lenght" in str(exc.value) and "\n" not in str(exc.value)
     assert query(workspace / "out" / "run.duckdb", "SELECT count(*) FROM synth.verdicts")[0][0] == 0
 
 
@@ -250,12 +261,13 @@ def test_verify_code_through_the_pipeline(workspace):
     ("def judge(row):\n    return (True, None, 'high')\n", "a score is a number"),
 ])
 def test_python_filter_mistakes_are_one_line(workspace, body, must):
-    write(workspace / "filters" / "bad.py", body) if (workspace / "filters").mkdir() is None else None
-    write(workspace / "rows.jsonl", json.dumps({"id": "a", "text": "x"}) + "\n" + json.dumps({"id": "b", "text": "y"}) + "\n")
-    write(workspace / "pipeline.yaml", "store: out/run.duckdb\nstages:\n  rows: {kind: load, path: rows.jsonl}\n"
-                                       "  f: {kind: filter, input: rows, use: bad}\n")
-    proc = synth("run", workspace / "pipeline.yaml")
-    assert proc.returncode == 2 and must in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    pipeline = make_pipeline(workspace, {"rows": "kind: load, path: rows.jsonl",
+                                         "f": "kind: filter, input: rows, use: bad"},
+                             files={"filters/bad.py": body,
+                                    "rows.jsonl": [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}]})
+    with pytest.raises(SynthError) as exc:
+        synth_run(pipeline)
+    assert must in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
     assert query(workspace / "out" / "run.duckdb", "SELECT count(*) FROM synth.verdicts")[0][0] == 0
 
 

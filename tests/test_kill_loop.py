@@ -134,8 +134,9 @@ def test_random_kills_lose_duplicate_and_resend_nothing(tmp_path, tiny_model, se
         for attempt in range(12):
             proc = subprocess.Popen([sys.executable, "-m", "synth.cli", "run", str(pipeline)], env=cli_env(),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            # short and long lives in turn: short ones land in the first stages, long ones in training
-            delay = rng.uniform(0.5, duration / 3 if attempt % 2 == 0 else duration)
+            # the first three lives are shorter than the training stage alone, so they always end in a kill
+            # (whatever the machine's load); then random lives up to a whole run's length
+            delay = rng.uniform(1.0, 3.0) if attempt < 3 else rng.uniform(0.5, duration)
             try:
                 proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:

@@ -1,6 +1,7 @@
 """Preference pair rules on literal rows and literal verdicts: the samples are a load stage, the
 verdicts are written straight into synth.verdict_history (as the current run of stage f), and the pairs stage runs through the library API,
-so each rule's output is known exactly."""
+so each rule's output is known exactly. Whole pipelines (samples -> verify -> pairs -> export) run in
+process (synth.run) with the echo teacher's scripted answers (conftest.scripted_answers)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pyarrow as pa
 import pytest
 from rich.console import Console
 
-from conftest import query, synth, write
+from conftest import echo_teacher, make_pipeline, query, scripted_answers, synth_run, write
 from synth import pairs
+from synth.errors import SynthError
 from synth.pipeline import load_pipeline
 from synth.store import Store
 
@@ -28,21 +30,13 @@ def project(workspace, stage: str, verdicts: dict[str, tuple] | None, by_kind: s
                                                for i, g in SAMPLES))
     write(workspace / "student.jsonl", "".join(json.dumps({"id": f"s_{g}{k}", "input_id": g, "text": f"student {g}{k}"}) + "\n"
                                                for g in "ab" for k in range(2)))
-    by = {"verify": "f: {kind: verify, input: samples, method: exact, answer: text, reference: input_id}",
-          "vote": "f: {kind: vote, input: samples, answer: text}",
-          "judge": "f: {kind: judge, input: samples, teacher: t, prompt: crit}"}.get(by_kind, "")
+    by = {"verify": "kind: verify, input: samples, method: exact, answer: text, reference: input_id",
+          "vote": "kind: vote, input: samples, answer: text",
+          "judge": "kind: judge, input: samples, teacher: t, prompt: crit"}.get(by_kind)
     write(workspace / "prompts" / "crit.yaml", 'user: "Grade: {{ text }}"\nparse: score\n')
-    write(workspace / "pipeline.yaml", f"""\
-store: out/run.duckdb
-teachers:
-  t: {{backend: openai, model: m, base_url: "http://127.0.0.1:9/v1"}}
-stages:
-  samples: {{kind: load, path: samples.jsonl}}
-  student: {{kind: load, path: student.jsonl}}
-  {by}
-  p: {{kind: pairs, input: samples, {stage}}}
-""")
-    pipeline = load_pipeline(workspace / "pipeline.yaml")
+    pipeline = load_pipeline(make_pipeline(workspace, teachers={"t": echo_teacher()}, stages={
+        "samples": "kind: load, path: samples.jsonl", "student": "kind: load, path: student.jsonl",
+        **({"f": by} if by else {}), "p": f"kind: pairs, input: samples, {stage}"}))
     with pipeline.store.write() as con:
         for name in ("samples", "student"):
             Store.replace_table(con, name, pipeline.seeds[name].table)
@@ -104,12 +98,15 @@ def test_teacher_beats_student(workspace):
     assert {rule for _, _, rule, _ in got} == {"teacher_student"}
 
 
-def run_on_one_row(workspace, row: dict, stages: str):
-    """`synth run` of a pipeline whose stage `samples` loads the one row, followed by `stages` (YAML lines)."""
-    write(workspace / "samples.jsonl", json.dumps(row) + "\n")
-    write(workspace / "pipeline.yaml", "store: out/run.duckdb\nstages:\n  samples: {kind: load, path: samples.jsonl}\n"
-          + stages)
-    return synth("run", workspace / "pipeline.yaml")
+def error_on_one_row(workspace, row: dict, stages: dict) -> str:
+    """The SynthError's message (the CLI's one line) of running a pipeline whose stage `samples` loads the
+    one row, followed by `stages` (make_pipeline's form)."""
+    pipeline = make_pipeline(workspace, {"samples": "kind: load, path: samples.jsonl", **stages},
+                             files={"samples.jsonl": [row]})
+    with pytest.raises(SynthError) as exc:
+        synth_run(pipeline)
+    assert "\n" not in str(exc.value), str(exc.value)
+    return str(exc.value)
 
 
 @pytest.mark.parametrize("stage,must", [
@@ -118,32 +115,23 @@ def run_on_one_row(workspace, row: dict, stages: str):
     ("max_per_input: 2", "exactly one of 'by'"),
 ])
 def test_pairs_config_errors(workspace, stage, must):
-    proc = run_on_one_row(workspace, {"id": "x", "input_id": "a", "text": "t"},
-                          f"  p: {{kind: pairs, input: samples, {stage}}}\n")
-    assert proc.returncode == 2 and must in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    message = error_on_one_row(workspace, {"id": "x", "input_id": "a", "text": "t"},
+                               {"p": f"kind: pairs, input: samples, {stage}"})
+    assert must in message, message
 
 
 def test_dpo_export_from_verified_pairs(workspace):
-    """Through the CLI: scripted teacher samples -> verify -> pairs -> export dpo in TRL's
-    conversational preference format; the chosen answer is right and the rejected one wrong."""
-    from scripted_teacher import ScriptedTeacher
-
-    write(workspace / "questions.jsonl", "".join(json.dumps({"id": f"q{i}", "question": f"Q{i}: what is it?",
-                                                              "gold": str(i)}) + "\n" for i in range(10)))
-    with ScriptedTeacher(p=0.5) as teacher:
-        write(workspace / "pipeline.yaml", f"""\
-store: out/run.duckdb
-teachers:
-  scripted: {{backend: openai, model: scripted, base_url: "{teacher.base_url}"}}
-stages:
-  problems: {{kind: load, path: questions.jsonl}}
-  solutions: {{kind: generate, input: problems, teacher: scripted, prompt: solve, samples: 4,
-              params: {{temperature: 1.0, max_tokens: 16, seed: 0}}}}
-  graded: {{kind: verify, input: solutions, method: math, answer: answer, reference: gold}}
-  prefs: {{kind: pairs, input: solutions, by: graded, max_per_input: 2}}
-  dpo: {{kind: export, input: prefs, format: dpo, path: out/dpo.parquet}}
-""")
-        synth("run", workspace / "pipeline.yaml", check=True)
+    """Scripted teacher samples -> verify -> pairs -> export dpo in TRL's conversational preference
+    format; the chosen answer is right and the rejected one wrong."""
+    questions = [{"id": f"q{i}", "question": f"Q{i}: what is it?", "gold": str(i)} for i in range(10)]
+    synth_run(make_pipeline(workspace, files={"questions.jsonl": questions},
+                            teachers={"scripted": echo_teacher(scripted_answers(p=0.5), model="scripted")}, stages={
+        "problems": "kind: load, path: questions.jsonl",
+        "solutions": "kind: generate, input: problems, teacher: scripted, prompt: solve, samples: 4, "
+                     "params: {temperature: 1.0, max_tokens: 16, seed: 0}",
+        "graded": "kind: verify, input: solutions, method: math, answer: answer, reference: gold",
+        "prefs": "kind: pairs, input: solutions, by: graded, max_per_input: 2",
+        "dpo": "kind: export, input: prefs, format: dpo, path: out/dpo.parquet"}))
     import pyarrow.parquet as pq
 
     rows = pq.read_table(workspace / "out" / "dpo.parquet").to_pylist()
@@ -160,25 +148,17 @@ def test_export_targets_hf_dataset_card_and_sidecar(workspace):
     """target both ("Distilling Step-by-Step"): two tasks per sample; a directory path is a saved HF
     dataset with a dataset card; every export has a sidecar naming the runs behind it."""
     from datasets import load_from_disk
-    from scripted_teacher import ScriptedTeacher
 
-    write(workspace / "questions.jsonl", "".join(json.dumps({"id": f"q{i}", "question": f"Q{i}: what is it?",
-                                                              "gold": str(i)}) + "\n" for i in range(5)))
-    with ScriptedTeacher(p=1.0) as teacher:
-        write(workspace / "pipeline.yaml", f"""\
-store: out/run.duckdb
-teachers:
-  scripted: {{backend: openai, model: scripted, base_url: "{teacher.base_url}"}}
-stages:
-  problems: {{kind: load, path: questions.jsonl}}
-  solutions: {{kind: generate, input: problems, teacher: scripted, prompt: solve, samples: 2,
-              params: {{temperature: 1.0, max_tokens: 16, seed: 0}}}}
-  graded: {{kind: verify, input: solutions, method: math, answer: answer, reference: gold}}
-  kept: {{kind: keep, input: solutions, pass: [graded]}}
-  steps: {{kind: export, input: kept, format: sft, target: both, path: out/both_ds}}
-  answers: {{kind: export, input: kept, format: sft, target: answer, path: out/answers.jsonl}}
-""")
-        synth("run", workspace / "pipeline.yaml", check=True)
+    questions = [{"id": f"q{i}", "question": f"Q{i}: what is it?", "gold": str(i)} for i in range(5)]
+    synth_run(make_pipeline(workspace, files={"questions.jsonl": questions},
+                            teachers={"scripted": echo_teacher(scripted_answers(p=1.0), model="scripted")}, stages={
+        "problems": "kind: load, path: questions.jsonl",
+        "solutions": "kind: generate, input: problems, teacher: scripted, prompt: solve, samples: 2, "
+                     "params: {temperature: 1.0, max_tokens: 16, seed: 0}",
+        "graded": "kind: verify, input: solutions, method: math, answer: answer, reference: gold",
+        "kept": "kind: keep, input: solutions, pass: [graded]",
+        "steps": "kind: export, input: kept, format: sft, target: both, path: out/both_ds",
+        "answers": "kind: export, input: kept, format: sft, target: answer, path: out/answers.jsonl"}))
     ds = load_from_disk(str(workspace / "out" / "both_ds"))
     assert len(ds) == 2 * 5 * 2
     by_id = {r["id"]: r["messages"] for r in ds}
@@ -216,13 +196,11 @@ def test_pairs_are_distinct_by_text(workspace):
 
 
 def test_pairs_of_rows_without_text_is_one_line(workspace):
-    proc = run_on_one_row(workspace, {"id": "x", "input_id": "a", "answer": "t"},
-                          "  f: {kind: verify, input: samples, method: exact, answer: answer, reference: input_id}\n"
-                          "  p: {kind: pairs, input: samples, by: f}\n")
-    errors = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert proc.returncode != 0 and len(errors) == 1, proc.stderr
-    assert errors[0] == ("synth: error: stage 'p': its samples 'samples' have no 'text' column; pair the samples of "
-                         "a generate stage (or a keep stage of one)")
+    message = error_on_one_row(workspace, {"id": "x", "input_id": "a", "answer": "t"}, {
+        "f": "kind: verify, input: samples, method: exact, answer: answer, reference: input_id",
+        "p": "kind: pairs, input: samples, by: f"})
+    assert message == ("stage 'p': its samples 'samples' have no 'text' column; pair the samples of "
+                       "a generate stage (or a keep stage of one)")
 
 
 @pytest.mark.parametrize("chosen,rejected,cut", [
@@ -239,11 +217,10 @@ def test_rejected_first_difference(chosen, rejected, cut):
 
 
 def test_rejected_on_an_sft_export_is_one_line(workspace):
-    proc = run_on_one_row(workspace, {"id": "x", "input_id": "a", "text": "t"},
-                          "  out: {kind: export, input: samples, prompt: p, response: text, "
-                          "rejected: first_difference, path: out/x.jsonl}\n")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "key 'rejected' cuts the rejected answers of DPO pairs; it needs format: dpo" in proc.stderr
+    message = error_on_one_row(workspace, {"id": "x", "input_id": "a", "text": "t"}, {
+        "out": "kind: export, input: samples, prompt: p, response: text, rejected: first_difference, "
+               "path: out/x.jsonl"})
+    assert "key 'rejected' cuts the rejected answers of DPO pairs; it needs format: dpo" in message
 
 
 def test_a_later_key_at_its_default_leaves_the_fingerprint_alone(workspace):

@@ -320,6 +320,8 @@ def test_sigterm_stops_like_ctrl_c(workspace):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
         saved = query(store, "SELECT count(*) FROM synth.completions")[0][0]
-        assert saved >= 10 and query(store, "SELECT status FROM synth.runs")[0][0] == "interrupted"
+        # what the stage had received is committed (answers still on their way sit in the journal)
+        assert saved > 0 and query(store, "SELECT status FROM synth.runs")[0][0] == "interrupted"
         synth("run", pipeline, env=env, check=True)
-        assert teacher.requests <= 80 + 8
+        assert query(store, "SELECT count(*), count(DISTINCT id) FROM solutions")[0] == (80, 80)
+        assert teacher.requests <= 80 + 4  # at most the requests in flight (max_concurrency 4) sent twice

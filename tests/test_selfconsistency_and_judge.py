@@ -1,17 +1,15 @@
-"""Self-consistency voting and the LLM judge end to end, with a scripted OpenAI-compatible teacher
-(tests/scripted_teacher.py: real HTTP, real openai backend and store; the answers are scripted
-because the tests need a teacher whose accuracy is known exactly)."""
+"""Self-consistency voting and the LLM judge end to end, in process (synth.run), with the echo teacher
+running tests/scripted_teacher.py's script (conftest.scripted_answers: the answers are scripted because
+the tests need a teacher whose accuracy is known exactly; the store, cache, judge and vote are real)."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 
 import pytest
 
-from conftest import query, synth, write
-from scripted_teacher import ScriptedTeacher
+from conftest import echo_teacher, make_pipeline, query, scripted_answers, synth, synth_run
 
 P, WRONG, N, TAU, QUESTIONS = 0.6, 2, 5, 0.6, 300
 
@@ -32,27 +30,20 @@ def analytic_precision(p: float, wrong: int, n: int, tau: float) -> float:
     return kept_correct / kept
 
 
-def pipeline_text(base_url: str, extra: str = "") -> str:
-    return f"""\
-store: out/run.duckdb
-teachers:
-  scripted: {{backend: openai, model: scripted, base_url: "{base_url}", max_concurrency: 16}}
-stages:
-  problems: {{kind: load, path: questions.jsonl}}
-  solutions: {{kind: generate, input: problems, teacher: scripted, prompt: solve, samples: {N},
-              params: {{temperature: 1.0, max_tokens: 16, seed: 0}}}}
-  voted: {{kind: vote, input: solutions, answer: answer, min_agreement: {TAU}}}
-  graded: {{kind: verify, input: solutions, method: math, answer: answer, reference: gold}}
-{extra}"""
+def pipeline(workspace, questions: list[dict], p: float, wrong: int = 2, extra: dict | None = None):
+    return make_pipeline(workspace, files={"questions.jsonl": questions},
+                         teachers={"scripted": echo_teacher(scripted_answers(p, wrong), model="scripted")}, stages={
+        "problems": "kind: load, path: questions.jsonl",
+        "solutions": f"kind: generate, input: problems, teacher: scripted, prompt: solve, samples: {N}, "
+                     "params: {temperature: 1.0, max_tokens: 16, seed: 0}",
+        "voted": f"kind: vote, input: solutions, answer: answer, min_agreement: {TAU}",
+        "graded": "kind: verify, input: solutions, method: math, answer: answer, reference: gold",
+        **(extra or {})})
 
 
 def test_vote_precision_matches_the_binomial(workspace):
-    write(workspace / "questions.jsonl",
-          "".join(json.dumps({"id": f"q{i}", "question": f"Q{i}: what is it?", "gold": str(i)}) + "\n"
-                  for i in range(QUESTIONS)))
-    with ScriptedTeacher(p=P, wrong=WRONG) as teacher:
-        write(workspace / "pipeline.yaml", pipeline_text(teacher.base_url))
-        synth("run", workspace / "pipeline.yaml", check=True)
+    questions = [{"id": f"q{i}", "question": f"Q{i}: what is it?", "gold": str(i)} for i in range(QUESTIONS)]
+    synth_run(pipeline(workspace, questions, P, WRONG))
     store = workspace / "out" / "run.duckdb"
     single = query(store, "SELECT avg(passed::INT) FROM graded")[0][0]
     kept, correct = query(store, "SELECT count(*), count(*) FILTER (WHERE g.passed) FROM voted v "
@@ -65,49 +56,42 @@ def test_vote_precision_matches_the_binomial(workspace):
 
 
 def test_judge_pointwise_scores_and_fails_closed(workspace):
-    write(workspace / "questions.jsonl",
-          "".join(json.dumps({"id": f"q{i}", "question": f"Q{i}: what is it?" + (" NOSCORE" if i == 0 else ""),
-                              "gold": str(i)}) + "\n" for i in range(20)))
-    extra = ("  judged: {kind: judge, input: solutions, teacher: scripted, min_score: 7}\n"
-             "  kept: {kind: keep, input: solutions, pass: [judged]}\n")
-    with ScriptedTeacher(p=0.5) as teacher:
-        write(workspace / "pipeline.yaml", pipeline_text(teacher.base_url, extra))
-        synth("run", workspace / "pipeline.yaml", check=True)
-        store = workspace / "out" / "run.duckdb"
-        rows = query(store, "SELECT j.id, j.passed, j.reason, j.score, g.passed, j.question FROM judged j "
-                            "JOIN graded g USING (id)")
-        assert len(rows) == 20 * N
-        for rid, passed, reason, score, correct, question in rows:
-            if "NOSCORE" in question:
-                assert (passed, reason, score) == (False, "unparseable_judgment", None)
-            elif correct:
-                assert (passed, reason, score) == (True, None, 9.0)
-            else:
-                assert (passed, reason, score) == (False, "low_score", 2.0)
-        # the raw judgment is kept, and the critic calls are ordinary cached generations
-        assert query(store, "SELECT count(*) FROM synth.verdicts WHERE stage = 'judged' "
-                            "AND details->>'judgment' = 'I cannot decide.'")[0][0] == N
-        # one critic call per distinct rendered critic prompt: identical solutions share a judgment
-        assert query(store, "SELECT count(*) FROM judged_critic")[0][0] == \
-            query(store, "SELECT count(DISTINCT (question, text)) FROM solutions")[0][0]
-        why = synth("why", workspace / "pipeline.yaml", rows[0][0], check=True).stdout
-        assert "judged" in why and "graded" in why and "voted" in why
-        before = teacher.requests
-        synth("run", workspace / "pipeline.yaml", check=True)
-        assert teacher.requests == before  # a finished pipeline sends nothing, critic calls included
+    questions = [{"id": f"q{i}", "question": f"Q{i}: what is it?" + (" NOSCORE" if i == 0 else ""), "gold": str(i)}
+                 for i in range(20)]
+    path = pipeline(workspace, questions, 0.5, extra={"judged": "kind: judge, input: solutions, teacher: scripted, "
+                                                                "min_score: 7",
+                                                      "kept": "kind: keep, input: solutions, pass: [judged]"})
+    synth_run(path)
+    store = workspace / "out" / "run.duckdb"
+    rows = query(store, "SELECT j.id, j.passed, j.reason, j.score, g.passed, j.question FROM judged j "
+                        "JOIN graded g USING (id)")
+    assert len(rows) == 20 * N
+    for rid, passed, reason, score, correct, question in rows:
+        if "NOSCORE" in question:
+            assert (passed, reason, score) == (False, "unparseable_judgment", None)
+        elif correct:
+            assert (passed, reason, score) == (True, None, 9.0)
+        else:
+            assert (passed, reason, score) == (False, "low_score", 2.0)
+    # the raw judgment is kept, and the critic calls are ordinary cached generations
+    assert query(store, "SELECT count(*) FROM synth.verdicts WHERE stage = 'judged' "
+                        "AND details->>'judgment' = 'I cannot decide.'")[0][0] == N
+    # one critic call per distinct rendered critic prompt: identical solutions share a judgment
+    assert query(store, "SELECT count(*) FROM judged_critic")[0][0] == \
+        query(store, "SELECT count(DISTINCT (question, text)) FROM solutions")[0][0]
+    why = synth("why", path, rows[0][0], check=True).stdout  # the CLI's lineage view
+    assert "judged" in why and "graded" in why and "voted" in why
+    again = synth_run(path)
+    assert (again["sent"], again["stages_run"]) == (0, [])  # a finished pipeline sends nothing, critic calls included
 
 
 def test_judge_pairwise_both_orders_cancel_position_bias(workspace):
     """Every ordered pair within a group is judged. A correct sample beats every wrong one, and
     between two samples the critic cannot separate, the position bias ("always A") gives each one
     win out of two, so ties land at 0.5 instead of favouring whichever came first."""
-    write(workspace / "questions.jsonl",
-          "".join(json.dumps({"id": f"q{i}", "question": f"Q{i}: what is it?", "gold": str(i)}) + "\n"
-                  for i in range(6)))
-    extra = "  ranked: {kind: judge, mode: pairwise, input: solutions, teacher: scripted, min_score: 0.75}\n"
-    with ScriptedTeacher(p=0.5) as teacher:
-        write(workspace / "pipeline.yaml", pipeline_text(teacher.base_url, extra))
-        synth("run", workspace / "pipeline.yaml", check=True)
+    questions = [{"id": f"q{i}", "question": f"Q{i}: what is it?", "gold": str(i)} for i in range(6)]
+    synth_run(pipeline(workspace, questions, 0.5, extra={
+        "ranked": "kind: judge, mode: pairwise, input: solutions, teacher: scripted, min_score: 0.75"}))
     store = workspace / "out" / "run.duckdb"
     rows = query(store, "SELECT r.id, r.input_id, r.passed, r.reason, r.score, g.passed, r.text "
                         "FROM ranked r JOIN graded g USING (id)")

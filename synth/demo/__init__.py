@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from synth.errors import SynthError
+from synth.errors import SynthError, one_line
 from synth.ids import content_hash
 from synth.paths import builtin_dir
 
@@ -56,7 +56,7 @@ def read_world(target: Path) -> dict:
     try:
         world = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise SynthError(f"{path}: cannot read the demo world: {' '.join(str(exc).split())}") from None
+        raise SynthError(f"{path}: cannot read the demo world: {one_line(exc)}") from None
     try:
         splits = {str(k): int(v) for k, v in world["splits"].items()}
         models = {str(k): {"hidden": int(v["hidden"]), "layers": int(v["layers"]), "heads": int(v["heads"])}

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from synth.errors import SynthError
-from synth.store import fetch_one
+from synth.store import fetch_one, quote_ident
 
 SAMPLES, VERIFIED, VOTED, EVAL = "solutions", "correct", "voted", "eval"
 EVAL_MODELS = {"teacher": "teacher_greedy_accuracy", "student_a": "student_unfiltered_accuracy",
@@ -53,19 +53,19 @@ def _check(pipeline) -> None:
 def demo_report(pipeline) -> dict:
     """Every figure of the demo's report, from the store (nothing is carried over from the run)."""
     from synth.evaluate import summary, wilson
-    from synth.inspect import stats_rows
+    from synth.inspection import stats_rows
 
     _check(pipeline)
     samples = pipeline.stage(SAMPLES)
     with pipeline.store.read() as con:
-        problems = fetch_one(con, f"SELECT count(*) FROM {samples.input}")[0]
+        problems = fetch_one(con, f"SELECT count(*) FROM {quote_ident(samples.input)}")[0]
         planned = problems * samples.samples
         correct = fetch_one(con, "SELECT count(*) FILTER (WHERE passed) FROM synth.verdicts WHERE stage = ?",
                             [VERIFIED])[0]
         voted_right = fetch_one(con, f"""
             SELECT count(*) FILTER (WHERE ok) FROM (
                 SELECT v.input_id, bool_or(v.passed AND c.passed) AS ok
-                FROM {VOTED} v JOIN {VERIFIED} c USING (id) GROUP BY v.input_id)""")[0]
+                FROM {quote_ident(VOTED)} v JOIN {quote_ident(VERIFIED)} c USING (id) GROUP BY v.input_id)""")[0]
         evals = {r["model"]: r for r in summary(con, EVAL, list(EVAL_MODELS))}
         stages = _stage_rows(con, pipeline)
     accuracy = {"teacher_accuracy": (correct, planned), "teacher_vote_accuracy": (voted_right, problems)}

@@ -1,4 +1,4 @@
-"""Teachers: one Protocol, one module per backend (hf.py, openai.py, vllm.py).
+"""Teachers: one Protocol, one module per backend (hf.py, openai.py, vllm.py, echo.py).
 
 A teacher takes a batch of requests and yields exactly one Completion per request, in the order they
 finish, so that the caller can commit results as they arrive. It is synchronous to its caller and
@@ -10,11 +10,12 @@ Heavy libraries (torch, transformers, vllm) are imported inside the backend modu
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Protocol, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synth.ids import sample_seed
 from synth.secrets import register_env, scrub
@@ -99,6 +100,8 @@ def prompt_token_counter(config, base_dir: Path):
     """(count(messages) -> prompt tokens, how) for `synth plan`: the tokenizer and chat template of the
     teacher's model (hf, vllm) or of its `tokenizer` key (openai), when one can be loaded here (a local
     dir, or a hub id in the local cache); else prompt characters / CHARS_PER_TOKEN."""
+    if config.backend == "echo":  # no tokenizer: its prompt tokens are counted as characters / 4
+        return approx_prompt_tokens, "chars/4"
     source = getattr(config, "tokenizer", None) if config.backend == "openai" else config.model
     if source:
         try:
@@ -144,6 +147,10 @@ class Teacher(Protocol):
     name: str
     model: str  # the model id hashed into request ids
     capabilities: Capabilities
+    # True when the backend's own workers call `on_result` with each answer (before it is queued for the
+    # caller); False when the caller receives each answer only from `generate` (generate.py then journals
+    # and counts it there)
+    calls_on_result_in_worker: bool
 
     def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
         """Yield one Completion per request, in completion order. Never raises for a single
@@ -155,6 +162,50 @@ class Teacher(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    # Hooks. The generate stage assigns `on_result` and `on_idle` (callables replacing these methods on
+    # the instance) and calls `bind` once, before `generate`; a backend calls the ones it has a use for.
+
+    def on_result(self, completion: Completion) -> None:
+        """Called with each answer, in the worker that received it, when calls_on_result_in_worker."""
+        ...
+
+    def on_idle(self) -> None:
+        """Called before a long wait between answers (the Batch API's polls): commit what arrived."""
+        ...
+
+    def bind(self, store, stage: str, run_id: str) -> None:
+        """The store, stage and run the teacher answers for (a backend that keeps state in the store)."""
+        ...
+
+
+class TeacherBase:
+    """What every backend inherits: the Teacher protocol's hooks, doing nothing, and `stop`/`close` that
+    do nothing either. A backend overrides what it uses; the generate stage calls or assigns each hook
+    unconditionally."""
+
+    name: str
+    model: str
+    capabilities: Capabilities
+    calls_on_result_in_worker: bool = False
+
+    def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def on_result(self, completion: Completion) -> None:
+        pass
+
+    def on_idle(self) -> None:
+        pass
+
+    def bind(self, store, stage: str, run_id: str) -> None:
+        pass
 
 
 # ---- teacher configuration (the `teachers:` section of a pipeline file) ------------------------
@@ -231,7 +282,48 @@ class VLLMTeacherConfig(_TeacherConfig):
         return Capabilities(n_samples=True, logprobs=True)
 
 
-TeacherConfig = Annotated[Union[HFTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig],
+class EchoRule(BaseModel):
+    """One scripted answer of the echo teacher: the first rule whose patterns match a request answers it."""
+    model_config = ConfigDict(extra="forbid")
+    match: str = Field("", description="regex searched in the last user message ('' matches every request)")
+    system: str | None = Field(None, description="regex the system message must match too")
+    reply: str = Field("", description="Jinja2 template of the answer (see synth/teachers/echo.py for its variables)")
+    finish_reason: Literal["stop", "content_filter"] = "stop"
+    error: str | None = Field(None, description="answer with an error row of this cause instead (rate_limit, ...)")
+
+    @field_validator("match", "system")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    @field_validator("reply")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        from synth.teachers.echo import compile_reply
+        compile_reply(value)  # raises ValueError with the template's mistake
+        return value
+
+
+class EchoTeacherConfig(_TeacherConfig):
+    """A teacher without a model or a server, for tests, demos and dry runs: it answers each request
+    deterministically from the request itself (synth/teachers/echo.py)."""
+    backend: Literal["echo"]
+    model: str = Field("echo", description="the model id hashed into request ids")
+    answers: list[EchoRule] = Field(default_factory=list, description="scripted answers: the first rule that "
+                                    "matches answers; no match: the last user message echoed with the sample "
+                                    "index and its seed")
+    logprobs: bool = Field(True, description="return logprobs when a stage asks (one entry per word)")
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(n_samples=True, logprobs=self.logprobs)
+
+
+TeacherConfig = Annotated[Union[HFTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig, EchoTeacherConfig],
                           Field(discriminator="backend")]
 
 
@@ -275,4 +367,7 @@ def load_teacher(name: str, config: _TeacherConfig, base_dir: Path) -> Teacher:
     if config.backend == "vllm":
         from synth.teachers.vllm import VLLMTeacher
         return VLLMTeacher(name, config, base_dir)
+    if config.backend == "echo":
+        from synth.teachers.echo import EchoTeacher
+        return EchoTeacher(name, config, base_dir)
     raise AssertionError(f"unknown backend {config.backend!r}")  # pydantic rejected it already

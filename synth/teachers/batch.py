@@ -63,7 +63,7 @@ from typing import Iterator, Sequence
 
 from synth.errors import SynthError
 from synth.secrets import scrub
-from synth.teachers import POLICY_CAUSES, Completion, OpenAITeacherConfig, Request
+from synth.teachers import POLICY_CAUSES, Completion, OpenAITeacherConfig, Request, TeacherBase
 from synth.teachers.http import http_cause, parse_logprobs, request_body
 from synth.teachers.openai import _short, error_cause, resolve_api_key
 
@@ -105,7 +105,7 @@ class _Batch:
         return self.batch_id or self.input_file_id
 
 
-class BatchTeacher:
+class BatchTeacher(TeacherBase):
     def __init__(self, name: str, config: OpenAITeacherConfig, base_dir: Path):
         self.name, self.config, self.model = name, config, config.model
         self.capabilities = config.capabilities()
@@ -114,9 +114,8 @@ class BatchTeacher:
         self._stop = threading.Event()
         self._client = None
         self._todo: dict[str, Request] = {}
-        # called (if set) before each wait between polls, which can last hours: the caller commits what
-        # it holds then, instead of when the next batch's results arrive (generate.py flushes on arrival)
-        self.on_idle = None
+        # on_idle (assigned by the generate stage) is called before each wait between polls, which can last
+        # hours: the caller commits what it holds then, instead of when the next batch's results arrive
 
     def bind(self, store, stage_name: str, run_id: str) -> None:
         """The store records the batches (resume after a crash); without it nothing is recorded."""
@@ -447,8 +446,7 @@ class BatchTeacher:
                 yield from (Completion(i, error="batch_failed", error_message=m) for i, m in waiting.items())
                 waiting.clear()
             if batches:
-                if self.on_idle is not None:
-                    self.on_idle()
+                self.on_idle()
                 time.sleep(self.config.poll_interval_s)
 
     def _cancel(self, b: _Batch) -> None:

@@ -13,10 +13,10 @@ from typing import Iterator, Sequence
 
 from synth.errors import SynthError
 from synth.secrets import scrub
-from synth.teachers import Completion, HFTeacherConfig, Request, resolve_model_path
+from synth.teachers import Completion, HFTeacherConfig, Request, TeacherBase, resolve_model_path
 
 
-class HFTeacher:
+class HFTeacher(TeacherBase):
     def __init__(self, name: str, config: HFTeacherConfig, base_dir: Path):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -25,20 +25,22 @@ from typing import Iterator, Sequence
 
 from synth.errors import SynthError
 from synth.secrets import key_problem, register_secret, scrub
-from synth.teachers import Completion, OpenAITeacherConfig, Request, estimated_tokens
+from synth.teachers import Completion, OpenAITeacherConfig, Request, TeacherBase, estimated_tokens
 from synth.teachers.http import is_context_length, parse_logprobs
 
 _DONE = object()
 
 
-class OpenAITeacher:
+class OpenAITeacher(TeacherBase):
+    # on_result (assigned by the generate stage) is called in the worker thread with each completion
+    # before the next request is taken (budgets) and before the completion is queued for the caller
+    calls_on_result_in_worker = True
+
     def __init__(self, name: str, config: OpenAITeacherConfig, base_dir: Path):
         self.name, self.config, self.model = name, config, config.model
         self.capabilities = config.capabilities()
         self.api_key = resolve_api_key(name, config)
         self._stop = threading.Event()
-        # called in the worker thread with each completion before the next request is taken (budgets)
-        self.on_result = None
 
     def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
         results: queue.Queue = queue.Queue()
@@ -106,8 +108,7 @@ class OpenAITeacher:
                 if self._stop.is_set():
                     return
                 completion = await one(request)
-                if self.on_result is not None:
-                    self.on_result(completion)
+                self.on_result(completion)
                 results.put(completion)
 
         tasks = [asyncio.ensure_future(worker()) for _ in range(min(self.config.max_concurrency, len(requests) or 1))]

@@ -39,9 +39,9 @@ How it runs:
   actors, and shuts Ray down only if this teacher started or connected it (a caller that had already
   called ray.init() keeps its session).
 - The openai backend's per-answer hook (on_result: budget accounting before the next request) does
-  not cross processes, so this class has none: generate.py then accounts each completion here, in the
-  driver, as it arrives. The Batch API mode (`mode: batch`) runs on the provider's side and keeps its
-  state in the store; it cannot run on Ray workers.
+  not cross processes, so this class never calls it (calls_on_result_in_worker is False): generate.py
+  then accounts each completion here, in the driver, as it arrives. The Batch API mode (`mode: batch`)
+  runs on the provider's side and keeps its state in the store; it cannot run on Ray workers.
 
 On a real cluster (vLLM on GPU nodes):
     head:        ray start --head --port=6379
@@ -78,7 +78,7 @@ from typing import Iterator, Sequence
 
 from synth.errors import SynthError
 from synth.secrets import scrub
-from synth.teachers import Capabilities, Completion, Request, load_teacher, resolve_model_path
+from synth.teachers import Capabilities, Completion, Request, TeacherBase, load_teacher, resolve_model_path
 
 IN_FLIGHT_PER_WORKER = 2  # chunks queued on each actor: the next one starts the moment one finishes
 WAIT_NOTICE_S = 60.0  # say so on stderr when no worker has started after this long (cluster full, autoscaling)
@@ -126,7 +126,7 @@ class _Slot:
         return self.starting is None
 
 
-class RayTeacher:
+class RayTeacher(TeacherBase):
     def __init__(self, name: str, config, base_dir: Path, options):
         if getattr(config, "mode", "online") == "batch":
             raise SynthError(f"teacher '{name}': mode batch runs on the provider's side and cannot run on Ray "

@@ -51,10 +51,10 @@ from typing import Iterable, Iterator
 
 from synth.errors import SynthError
 from synth.secrets import scrub
-from synth.teachers import Completion, Request, VLLMTeacherConfig, resolve_model_path
+from synth.teachers import Completion, Request, TeacherBase, VLLMTeacherConfig, resolve_model_path
 
 
-class VLLMTeacher:
+class VLLMTeacher(TeacherBase):
     def __init__(self, name: str, config: VLLMTeacherConfig, base_dir: Path):
         self.name, self.config, self.model = name, config, config.model
         self.capabilities = config.capabilities()

@@ -16,7 +16,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from synth.errors import SynthError
+from synth.errors import SynthError, one_line
 from synth.store import fetch_one, Store, quote_ident
 
 
@@ -39,7 +39,7 @@ def run_query(store: Store, query: str):
         with store.read() as con:
             return con.sql(query).to_arrow_table()
     except duckdb.Error as exc:
-        raise SynthError(f"{store.path}: query failed: {' '.join(str(exc).split())}") from None
+        raise SynthError(f"{store.path}: query failed: {one_line(exc)}") from None
 
 
 def format_rows(table, fmt: str, console: Console, max_width: int = 60) -> None:
@@ -281,7 +281,7 @@ def _earlier_lines(earlier: list[tuple]) -> list[Text]:
 
 
 def _short_details(details: str, limit: int = 160) -> str:
-    text = " ".join(str(details).split())
+    text = one_line(details)
     return text if len(text) <= limit else text[:limit] + "…"
 
 
