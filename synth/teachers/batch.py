@@ -63,7 +63,7 @@ from typing import Iterator, Sequence
 
 from synth.errors import SynthError
 from synth.secrets import scrub
-from synth.teachers import POLICY_CAUSES, Completion, OpenAITeacherConfig, Request, TeacherBase
+from synth.teachers.base import POLICY_CAUSES, Completion, OpenAITeacherConfig, Request, TeacherBase
 from synth.teachers.http import http_cause, parse_logprobs, request_body
 from synth.teachers.openai import _short, error_cause, resolve_api_key
 

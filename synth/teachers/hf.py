@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 from synth.errors import SynthError
 from synth.secrets import scrub
-from synth.teachers import Completion, HFTeacherConfig, Request, TeacherBase, resolve_model_path
+from synth.teachers.base import Completion, HFTeacherConfig, Request, TeacherBase, resolve_model_path
 
 
 class HFTeacher(TeacherBase):

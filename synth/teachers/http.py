@@ -19,7 +19,7 @@ import time
 
 from synth.errors import SynthError
 from synth.secrets import scrub
-from synth.teachers import Completion, Request, estimated_tokens
+from synth.teachers.base import Completion, Request, estimated_tokens
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 

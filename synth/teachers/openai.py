@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 
 from synth.errors import SynthError
 from synth.secrets import key_problem, register_secret, scrub
-from synth.teachers import Completion, OpenAITeacherConfig, Request, TeacherBase, estimated_tokens
+from synth.teachers.base import Completion, OpenAITeacherConfig, Request, TeacherBase, estimated_tokens
 from synth.teachers.http import is_context_length, parse_logprobs
 
 _DONE = object()

@@ -78,7 +78,8 @@ from typing import Iterator, Sequence
 
 from synth.errors import SynthError
 from synth.secrets import scrub
-from synth.teachers import Capabilities, Completion, Request, TeacherBase, load_teacher, resolve_model_path
+from synth.teachers import load_teacher  # the package dispatches; it never imports this module
+from synth.teachers.base import Capabilities, Completion, Request, TeacherBase, resolve_model_path
 
 IN_FLIGHT_PER_WORKER = 2  # chunks queued on each actor: the next one starts the moment one finishes
 WAIT_NOTICE_S = 60.0  # say so on stderr when no worker has started after this long (cluster full, autoscaling)

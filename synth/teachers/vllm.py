@@ -51,7 +51,7 @@ from typing import Iterable, Iterator
 
 from synth.errors import SynthError
 from synth.secrets import scrub
-from synth.teachers import Completion, Request, TeacherBase, VLLMTeacherConfig, resolve_model_path
+from synth.teachers.base import Completion, Request, TeacherBase, VLLMTeacherConfig, resolve_model_path
 
 
 class VLLMTeacher(TeacherBase):

@@ -1,0 +1,351 @@
+"""What every teacher backend shares: requests and completions, sampling parameters, capabilities, the
+Teacher protocol and TeacherBase, the backends' config models, token estimates and model paths.
+
+A module of its own, below the backends: each backend imports from here, and synth.teachers (the
+package) re-exports it and dispatches to the backends (load_teacher), so the imports point one way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Iterator, Literal, Protocol, Sequence, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from synth.ids import sample_seed
+from synth.secrets import register_env, scrub
+
+
+class SamplingParams(BaseModel):
+    """Sampling parameters; exactly these (minus unset ones) are hashed into the request id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int = Field(256, ge=1)
+    seed: int | None = None
+    stop: list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: int | None = Field(None, ge=0, le=20, description="store the log-probability of each generated "
+                                 "token and its top k alternatives in synth.logprobs (k = this)")
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    messages: list[dict]
+    params: dict  # SamplingParams.model_dump(exclude_none=True): what was hashed
+    sample: int
+
+    @property
+    def seed(self) -> int | None:
+        """The seed actually sent for this sample (derived from params.seed and the sample index)."""
+        return sample_seed(self.params.get("seed"), self.sample)
+
+
+@dataclass
+class Completion:
+    request_id: str
+    text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_s: float | None = None
+    error: str | None = None  # cause code: rate_limit, server_error, timeout, bad_request, connection, ...
+    error_message: str | None = None
+    # when the request asked for logprobs: one dict per generated token, in order:
+    # {"token": str, "token_id": int | None, "logprob": float, "top": [{"token", "token_id", "logprob"}, ...]}
+    logprobs: list[dict] | None = None
+    retry_max_tokens: int | None = None  # generated with this max_tokens, not the request's (on_length retry)
+
+    def __post_init__(self) -> None:
+        # a server's or an exception's text may echo the API key (an Authorization header): never stored
+        if self.error_message:
+            self.error_message = scrub(self.error_message)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def rejected(self, cause: str, message: str) -> "Completion":
+        """This answer as an error row with `cause` (a policy rejected it), keeping its token counts:
+        it was paid for, so it counts toward the stage's spend."""
+        return Completion(self.request_id, prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                          latency_s=self.latency_s, error=cause, error_message=message)
+
+
+CHARS_PER_TOKEN = 4.0  # token estimate without a tokenizer: ~4 characters per token for English text
+
+
+def approx_prompt_tokens(messages: list[dict]) -> int:
+    """A prompt's tokens without a tokenizer: its characters / CHARS_PER_TOKEN."""
+    return int(sum(len(m.get("content") or "") for m in messages) / CHARS_PER_TOKEN)
+
+
+def estimated_tokens(request: Request) -> int:
+    """Tokens a request may use, before it is sent: its approximate prompt tokens plus its max_tokens
+    (the openai teacher's tokens-per-minute bucket)."""
+    return approx_prompt_tokens(request.messages) + int(request.params.get("max_tokens") or 0)
+
+
+def prompt_token_counter(config, base_dir: Path):
+    """(count(messages) -> prompt tokens, how) for `synth plan`: the tokenizer and chat template of the
+    teacher's model (hf, vllm) or of its `tokenizer` key (openai), when one can be loaded here (a local
+    dir, or a hub id in the local cache); else prompt characters / CHARS_PER_TOKEN."""
+    if config.backend == "echo":  # no tokenizer: its prompt tokens are counted as characters / 4
+        return approx_prompt_tokens, "chars/4"
+    source = getattr(config, "tokenizer", None) if config.backend == "openai" else config.model
+    if source:
+        try:
+            from transformers import AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            tok = AutoTokenizer.from_pretrained(resolve_model_path(source, base_dir), local_files_only=True)
+            if tok.chat_template:
+                def count(messages: list[dict]) -> int:
+                    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5: a BatchEncoding
+                        ids = ids["input_ids"]
+                    return len(ids)
+                return count, "tokenizer"
+        except Exception:  # noqa: BLE001 - no transformers, not cached offline, not a tokenizer: approximate
+            pass
+    return approx_prompt_tokens, "chars/4"
+
+
+# causes of answers that came back and that the generate stage rejected by a policy (content_filtered
+# below, GenerateStage.on_length / on_refusal): a re-run asks them again rather than re-reading them
+POLICY_CAUSES = ("content_filter", "length", "refusal")
+
+
+def content_filtered(c: Completion) -> Completion:
+    """An output the server stopped for its content policy (finish_reason `content_filter`) is not
+    data: it becomes an error with cause `content_filter`, counted by `synth status` and asked again
+    by a re-run, instead of a truncated sample in the table."""
+    if c.ok and c.finish_reason == "content_filter":
+        return c.rejected("content_filter", f"the server's content filter stopped the output: {(c.text or '')[:200]!r}")
+    return c
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    n_samples: bool = True  # can produce several independent samples of one prompt
+    logprobs: bool = False
+    structured_output: bool = False
+
+
+class Teacher(Protocol):
+    name: str
+    model: str  # the model id hashed into request ids
+    capabilities: Capabilities
+    # True when the backend's own workers call `on_result` with each answer (before it is queued for the
+    # caller); False when the caller receives each answer only from `generate` (generate.py then journals
+    # and counts it there)
+    calls_on_result_in_worker: bool
+
+    def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
+        """Yield one Completion per request, in completion order. Never raises for a single
+        request's failure; raises SynthError only for a condition no request can survive."""
+        ...
+
+    def stop(self) -> None:
+        """Start no new requests; the iterator still yields the ones in flight, then ends."""
+        ...
+
+    def close(self) -> None: ...
+
+    # Hooks. The generate stage assigns `on_result` and `on_idle` (callables replacing these methods on
+    # the instance) and calls `bind` once, before `generate`; a backend calls the ones it has a use for.
+
+    def on_result(self, completion: Completion) -> None:
+        """Called with each answer, in the worker that received it, when calls_on_result_in_worker."""
+        ...
+
+    def on_idle(self) -> None:
+        """Called before a long wait between answers (the Batch API's polls): commit what arrived."""
+        ...
+
+    def bind(self, store, stage: str, run_id: str) -> None:
+        """The store, stage and run the teacher answers for (a backend that keeps state in the store)."""
+        ...
+
+
+class TeacherBase:
+    """What every backend inherits: the Teacher protocol's hooks, doing nothing, and `stop`/`close` that
+    do nothing either. A backend overrides what it uses; the generate stage calls or assigns each hook
+    unconditionally."""
+
+    name: str
+    model: str
+    capabilities: Capabilities
+    calls_on_result_in_worker: bool = False
+
+    def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def on_result(self, completion: Completion) -> None:
+        pass
+
+    def on_idle(self) -> None:
+        pass
+
+    def bind(self, store, stage: str, run_id: str) -> None:
+        pass
+
+
+# ---- teacher configuration (the `teachers:` section of a pipeline file) ------------------------
+
+class Prices(BaseModel):
+    """USD per million tokens, for cost estimates, budgets and `synth status` spend."""
+    model_config = ConfigDict(extra="forbid")
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+    def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float:
+        return ((prompt_tokens or 0) * self.input + (completion_tokens or 0) * self.output) / 1e6
+
+
+class _TeacherConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="hub id or local directory (relative to the pipeline file)")
+    prices: Prices | None = Field(None, description="USD per million input/output tokens")
+
+
+class HFTeacherConfig(_TeacherConfig):
+    backend: Literal["hf"]
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(16, ge=1)
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(n_samples=True, logprobs=True)
+
+
+class OpenAITeacherConfig(_TeacherConfig):
+    backend: Literal["openai"]
+    base_url: str | None = None
+    api_key_env: str | None = Field(None, description="NAME of the environment variable with the key")
+    max_concurrency: int = Field(16, ge=1, description="most requests in flight at once")
+    adaptive: bool = Field(True, description="AIMD: halve the requests in flight on 429/5xx/timeouts, grow back "
+                                             "while healthy (never above max_concurrency)")
+    rpm: int | None = Field(None, ge=1, description="hard limit: requests per minute")
+    tpm: int | None = Field(None, ge=1, description="hard limit: tokens per minute (prompt chars / 4 + max_tokens)")
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+    client: Literal["auto", "openai", "http"] = Field(
+        "auto", description="http: the raw aiohttp fast path; openai: the official client; auto: http when "
+                            "base_url is set (a self-hosted server), else openai")
+    tokenizer: str | None = Field(None, description="a local dir or hub id whose tokenizer (and chat template) "
+                                                    "`synth plan` counts prompt tokens with; unset: ~4 characters "
+                                                    "per token")
+    logprobs: bool = Field(True, description="the server returns logprobs when asked (OpenAI, vLLM and SGLang do); "
+                                             "false: a stage that asks for them fails before sending anything")
+    mode: Literal["online", "batch"] = Field(
+        "online", description="batch: the OpenAI Batch API (a JSONL file per batch, about half the price, "
+                              "results within completion_window); online: one request per call")
+    completion_window: str = Field("24h", description="mode batch: the Batch API's completion window")
+    batch_max_requests: int = Field(50_000, ge=1, le=50_000, description="mode batch: most requests in one batch "
+                                                                         "(the Batch API's limit is 50,000)")
+    poll_interval_s: float = Field(30.0, gt=0, description="mode batch: seconds between status checks")
+
+    def model_post_init(self, __context) -> None:
+        register_env(self.api_key_env)  # its value is scrubbed from every message, log and stored string
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(n_samples=True, logprobs=self.logprobs)
+
+
+class VLLMTeacherConfig(_TeacherConfig):
+    backend: Literal["vllm"]
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    chunk_size: int = Field(256, ge=1, description="most requests in the engine at once (a finished one is replaced "
+                                                   "at once); a crash loses at most these")
+    engine: dict = Field(default_factory=dict, description="extra keyword arguments for vllm.LLM")
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(n_samples=True, logprobs=True)
+
+
+class EchoRule(BaseModel):
+    """One scripted answer of the echo teacher: the first rule whose patterns match a request answers it."""
+    model_config = ConfigDict(extra="forbid")
+    match: str = Field("", description="regex searched in the last user message ('' matches every request)")
+    system: str | None = Field(None, description="regex the system message must match too")
+    reply: str = Field("", description="Jinja2 template of the answer (see synth/teachers/echo.py for its variables)")
+    finish_reason: Literal["stop", "content_filter"] = "stop"
+    error: str | None = Field(None, description="answer with an error row of this cause instead (rate_limit, ...)")
+
+    @field_validator("match", "system")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    @field_validator("reply")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        from synth.teachers.echo_rules import compile_reply
+        compile_reply(value)  # raises ValueError with the template's mistake
+        return value
+
+
+class EchoTeacherConfig(_TeacherConfig):
+    """A teacher without a model or a server, for tests, demos and dry runs: it answers each request
+    deterministically from the request itself (synth/teachers/echo.py)."""
+    backend: Literal["echo"]
+    model: str = Field("echo", description="the model id hashed into request ids")
+    answers: list[EchoRule] = Field(default_factory=list, description="scripted answers: the first rule that "
+                                    "matches answers; no match: the last user message echoed with the sample "
+                                    "index and its seed")
+    logprobs: bool = Field(True, description="return logprobs when a stage asks (one entry per word)")
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(n_samples=True, logprobs=self.logprobs)
+
+
+TeacherConfig = Annotated[Union[HFTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig, EchoTeacherConfig],
+                          Field(discriminator="backend")]
+
+
+def resolve_model_path(model: str, base_dir: Path) -> str:
+    """A model given as a relative path that exists next to the pipeline file resolves there;
+    anything else (a hub id, an absolute path) passes through unchanged."""
+    candidate = base_dir / model
+    if not os.path.isabs(model) and candidate.exists():
+        return str(candidate.resolve())
+    return model
+
+
+def model_signature(model: str, base_dir: Path) -> dict | None:
+    """What identifies a local model directory cheaply, for fingerprints: the content hash of its small
+    files (config, tokenizer, chat template) and the size of every other file (weights are not read:
+    they can be gigabytes). None for a hub id or a path that does not exist (yet)."""
+    import hashlib
+
+    path = Path(resolve_model_path(model, base_dir))
+    if not path.is_dir():
+        return None
+    signature = {}
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        key = str(f.relative_to(path))
+        small = f.suffix in (".json", ".jinja", ".txt", ".model") and f.stat().st_size < 16 * 2**20
+        signature[key] = hashlib.sha256(f.read_bytes()).hexdigest()[:16] if small else f.stat().st_size
+    return signature
