@@ -12,8 +12,6 @@ Importing synth is cheap: heavy libraries load only where they are used.
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -50,17 +48,3 @@ def run(pipeline, targets: list[str] | None = None, force: bool = False, max_cos
             *(["--max-cost", str(max_cost)] if max_cost is not None else [])]
     return run_pipeline(pipeline, list(targets) if targets else None, force=force, argv=argv, console=console,
                         max_cost=max_cost)
-
-
-class _Package(types.ModuleType):
-    """`synth.load` stays the function above once the submodule synth/load.py (the seed readers) is
-    imported: the import system's setattr of that submodule on this package is ignored. The submodule is
-    still imported as usual (`from synth.load import read_seeds`; sys.modules["synth.load"])."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "load" and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -299,7 +299,7 @@ def read_eval_texts(path: Path, columns: list[str] | None = None) -> list[str]:
     """The texts of an evaluation file, one per row (rows without any text are skipped).
 
     - .txt: one text per line (blank lines skipped; `columns` does not apply).
-    - .jsonl .json .csv .parquet or a saved HF dataset directory, read like seed files (synth/load.py,
+    - .jsonl .json .csv .parquet or a saved HF dataset directory, read like seed files (synth/seeds.py,
       with its line-numbered errors): a row's text is its values joined with newlines: the named
       `columns` in that order (a named column must exist; non-string values are written as JSON), or
       by default every string-valued column (in a CSV every column is a string).
@@ -307,7 +307,7 @@ def read_eval_texts(path: Path, columns: list[str] | None = None) -> list[str]:
     Raises SynthError (one line: the file, what is wrong, what to do) for a missing file, an unknown
     format, malformed content or a named column that does not exist.
     """
-    from synth.load import read_rows
+    from synth.seeds import read_rows
 
     path = Path(path)
     if not path.exists():

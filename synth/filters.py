@@ -24,7 +24,7 @@ from synth.config import DecontaminateStage, DedupStage, FilterStage, JudgeStage
 from synth.errors import SynthError, one_line
 from synth.ids import content_hash
 from synth.paths import builtin_dir
-from synth.load import file_fingerprint
+from synth.seeds import file_fingerprint
 from synth.store import Store, fetch_one, now, quote_ident, sql_str
 from synth.verdicts import Verdict
 

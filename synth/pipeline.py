@@ -25,7 +25,7 @@ from synth.errors import SynthError, one_line
 from synth.references import (add_companion_stages, add_student_teachers, check_before_writing, check_filter,
                               check_references)
 from synth.ids import content_hash
-from synth.load import Seeds, read_seeds
+from synth.seeds import Seeds, read_seeds
 from synth.parsers import PARSER_COLUMNS
 from synth.prompts import Template, load_template
 from synth.store import fetch_one, Store

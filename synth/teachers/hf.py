@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from synth.errors import SynthError
+from synth.errors import SynthError, one_line
 from synth.secrets import scrub
 from synth.teachers.base import Completion, HFTeacherConfig, Request, TeacherBase, resolve_model_path
 
@@ -96,7 +96,7 @@ class HFTeacher(TeacherBase):
                                    **sampling)
         except (RuntimeError, ValueError) as exc:  # e.g. out of memory: the batch fails, a re-run retries it
             for r in batch:
-                yield Completion(r.id, error="backend_error", error_message=scrub(" ".join(str(exc).split()))[:500])
+                yield Completion(r.id, error="backend_error", error_message=scrub(one_line(exc))[:500])
             return
         latency = time.monotonic() - started
         sequences = out.sequences if top_k is not None else out

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from synth.errors import SynthError
+from synth.errors import SynthError, one_line
 from synth.secrets import key_problem, register_secret, scrub
 from synth.teachers.base import Completion, OpenAITeacherConfig, Request, TeacherBase, estimated_tokens
 from synth.teachers.http import is_context_length, parse_logprobs
@@ -214,4 +214,4 @@ def error_cause(exc: Exception) -> str:
 
 def _short(exc: Exception) -> str:
     """An exception's text on one line, API keys scrubbed (before the cut, so no fragment survives)."""
-    return scrub(" ".join(str(exc).split()))[:500]
+    return scrub(one_line(exc))[:500]

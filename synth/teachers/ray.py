@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from synth.errors import SynthError
+from synth.errors import SynthError, one_line
 from synth.secrets import scrub
 from synth.teachers import load_teacher  # the package dispatches; it never imports this module
 from synth.teachers.base import Capabilities, Completion, Request, TeacherBase, resolve_model_path
@@ -319,7 +319,7 @@ class RayTeacher(TeacherBase):
 def _why(exc: BaseException) -> str:
     """The gist of a Ray system error for one stderr line: Ray's messages run to a dozen lines (ids,
     namespace, troubleshooting advice); keep why the actor died, where, and the exit detail."""
-    text = " ".join(str(exc).split())
+    text = one_line(exc)
     because = re.search(r"is dead because (.+?\.)(?: |$)", text)
     if not because:
         return f"{type(exc).__name__}: {text[:200]}"

@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from synth.errors import SynthError
+from synth.errors import SynthError, one_line
 from synth.secrets import scrub
 from synth.teachers.base import Completion, Request, TeacherBase, VLLMTeacherConfig, resolve_model_path
 
@@ -142,7 +142,7 @@ class VLLMTeacher(TeacherBase):
             ids = self._prompt_ids(r.messages)
         except Exception as exc:  # a conversation the chat template rejects (e.g. a role it does not know)
             return Completion(r.id, error="bad_request",
-                              error_message="chat template: " + scrub(" ".join(str(exc).split()))[:480])
+                              error_message="chat template: " + scrub(one_line(exc))[:480])
         if len(ids) >= self.max_model_len:
             return Completion(r.id, error="context_length", prompt_tokens=len(ids),
                               error_message=f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
@@ -156,7 +156,7 @@ class VLLMTeacher(TeacherBase):
                 raise SynthError(f"teacher '{self.name}': the vLLM engine died: "
                                  f"{scrub(' '.join(str(exc).split()))[:300]}") from exc
             return Completion(r.id, error=_cause(exc), prompt_tokens=len(ids),
-                              error_message=scrub(" ".join(str(exc).split()))[:500])
+                              error_message=scrub(one_line(exc))[:500])
         in_flight[key] = (r, time.monotonic(), engine_id)
         self.stats["submitted"] += 1
         self.stats["prompt_tokens"] += len(ids)
