@@ -104,15 +104,19 @@ def test_kill_9_then_rerun_loses_nothing_and_resends_nothing(workspace, tiny_mod
     assert [r[0] for r in runs] == ["running", "ok"]  # the killed run's row stays, unfinished
 
 
+def uncommitted_run(workspace, tiny_model):
+    """A longer generation (32 samples per seed) whose batched commit never comes due, with progress lines
+    every 0.2 s: (pipeline, store, total requests, env)."""
+    longer = PIPELINE.replace("MODEL", str(tiny_model)).replace(f"samples: {SAMPLES}", "samples: 32")
+    env = cli_env(SYNTH_FLUSH_ROWS="100000", SYNTH_FLUSH_SECONDS="100000", SYNTH_PROGRESS_SECONDS="0.2")
+    return (write(workspace / "pipeline.yaml", longer), workspace / "out" / "run.duckdb", len(SEEDS) * 32, env)
+
+
 def test_kill_9_loses_no_answer_that_arrived(workspace, tiny_model):
     """Nothing committed yet (the batched commit is hours away) and kill -9: every answer that had come
     back is in the journal, and the re-run records it without sending it again (DESIGN: nothing paid for
     is lost; synth/journal.py)."""
-    longer = PIPELINE.replace("MODEL", str(tiny_model)).replace(f"samples: {SAMPLES}", "samples: 32")
-    pipeline = write(workspace / "pipeline.yaml", longer)
-    store = workspace / "out" / "run.duckdb"
-    total = len(SEEDS) * 32
-    env = cli_env(SYNTH_FLUSH_ROWS="100000", SYNTH_FLUSH_SECONDS="100000", SYNTH_PROGRESS_SECONDS="0.2")
+    pipeline, store, total, env = uncommitted_run(workspace, tiny_model)
     proc = subprocess.Popen([sys.executable, "-m", "synth.cli", "run", str(pipeline)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -140,11 +144,7 @@ def test_kill_9_loses_no_answer_that_arrived(workspace, tiny_model):
 def test_ctrl_c_saves_what_arrived(workspace, tiny_model):
     """SIGINT (Ctrl-C) with nothing flushed yet: the completions held in memory are committed before
     exit, the run row says 'interrupted', and the re-run sends only the rest."""
-    longer = PIPELINE.replace("MODEL", str(tiny_model)).replace(f"samples: {SAMPLES}", "samples: 32")
-    pipeline = write(workspace / "pipeline.yaml", longer)
-    store = workspace / "out" / "run.duckdb"
-    total = len(SEEDS) * 32
-    env = cli_env(SYNTH_FLUSH_ROWS="100000", SYNTH_FLUSH_SECONDS="100000", SYNTH_PROGRESS_SECONDS="0.2")
+    pipeline, store, total, env = uncommitted_run(workspace, tiny_model)
     # A terminal's Ctrl-C reaches a process whose SIGINT is at its default. A shell's background job
     # (`cmd &` in a script, as CI launchers may do) starts with SIGINT ignored, and Python then
     # installs no KeyboardInterrupt handler: restore the default in the child, as a terminal has it.
