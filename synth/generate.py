@@ -296,9 +296,6 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                 if len(buffer) >= flush_rows or t - last_flush >= flush_every:
                     flush()
                     last_flush = time.monotonic()
-                    if leftover and not buffer:  # the recovered answers are committed: their segments can go
-                        remove_segments(leftover)
-                        leftover = []
                 if t - last_update < 0.1:  # the bar refreshes 10x/s; updating it per row costs the client CPU
                     continue
                 last_update, elapsed = t, max(t - started, 1e-6)
@@ -312,8 +309,6 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
     finally:
         try:
             flushed = flush()  # an exception, Ctrl-C or a lock keeps everything that had arrived
-            if flushed and leftover:
-                remove_segments(leftover)
         finally:
             journal.close()
             if teacher is not None:
@@ -321,6 +316,9 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
     if not flushed:
         raise SynthError(f"{pipeline.where(name)}: could not record {len(buffer)} answers: {unwritten[0]}; they are "
                          f"saved in {journal.dir} and the next run records them without asking the teacher again")
+    # every recovered answer went through the loop and is committed: an earlier run's segments can go (only
+    # here, after a loop that ended normally; a kill before this replays them again, which is harmless)
+    remove_segments(leftover)
 
     with store.write() as con:
         done = fetch_one(con, "SELECT count(*) FROM synth.generations g JOIN synth.completions c USING (id) "

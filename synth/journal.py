@@ -51,7 +51,6 @@ class Journal:
         self._path: Path | None = None
         self._open_ids: set[str] = set()  # answers written to the open segment
         self._closed: dict[Path, set[str]] = {}  # closed segment -> its answers not committed yet
-        self.written = 0
 
     def _open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +76,6 @@ class Journal:
                 raise SynthError(f"{self._path}: cannot save an answer the teacher sent ({exc.strerror}); free some "
                                  "space and re-run: answers already saved are kept") from None
             self._open_ids.add(completion.request_id)
-            self.written += 1
 
     def rotate(self, committed: set[str]) -> None:
         """After a commit of `committed` request ids: close the open segment, and delete every closed
@@ -96,14 +94,7 @@ class Journal:
 
     def close(self) -> None:
         """Close the open segment; segments with uncommitted answers stay for the next run to replay."""
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._closed[self._path] = self._open_ids
-                self._fd, self._path, self._open_ids = None, None, set()
-            for path in [p for p, ids in self._closed.items() if not ids]:
-                path.unlink(missing_ok=True)
-                del self._closed[path]
+        self.rotate(set())
         try:
             self.dir.rmdir()  # only when empty
         except OSError:

@@ -168,8 +168,6 @@ def store_path_of(path: Path, spec) -> Path:
     """The store a pipeline file names (`store:`, relative to the file), else the default; checked before
     anything is written: not empty, not a name DuckDB would confuse with synth's schema, not a
     directory, and not an existing file that is not a DuckDB database (a seed file, the pipeline)."""
-    from synth.config import line_of
-
     if spec.store is None:
         store = default_store_path(path)
     else:
@@ -298,14 +296,14 @@ def check_outputs(pipeline: Pipeline, where) -> None:
     back as input by the next run."""
     from synth.export import sidecar_path
     from synth.filters import filter_path
+    from synth.journal import journal_dir
 
     def key(p: Path) -> Path:
         return Path(p).resolve()
 
-    store = pipeline.store.path
+    store = pipeline.store
     inputs: dict[Path, str] = {key(pipeline.path): "the pipeline file"}
-    for p in (store, store.with_name(store.name + ".wal"), store.with_name(store.name + ".lock"),
-              store.with_name(store.name + ".journal")):
+    for p in (store.path, store.path.with_name(store.path.name + ".wal"), store.lock_path, journal_dir(store.path)):
         inputs[key(p)] = "the store"
     for name in pipeline.order:
         stage = pipeline.stage(name)

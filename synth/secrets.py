@@ -58,21 +58,21 @@ _state: tuple | None = None  # (the regex, the value forms it has, the values fo
 
 def register_secret(value: str | None) -> None:
     """Scrub this value (and its encoded forms) from everything from now on."""
-    global _state
-    if not value or value in _values:
-        return
-    with _lock:
-        _values.add(value)
-        _state = None
+    _register(_values, value)
 
 
 def register_env(name: str | None) -> None:
     """Scrub the value of this environment variable (a teacher's `api_key_env`)."""
+    _register(_env_names, name)
+
+
+def _register(registry: set[str], item: str | None) -> None:
+    """Add to a registry; the regex is rebuilt at the next scrub."""
     global _state
-    if not name or name in _env_names:
+    if not item or item in registry:
         return
     with _lock:
-        _env_names.add(name)
+        registry.add(item)
         _state = None
 
 
