@@ -25,7 +25,8 @@ def open(path: str | Path):  # noqa: A001 - `synth.open(...)` reads like `duckdb
 
 
 def load(path: str | Path):
-    """The pipeline file at `path`, loaded and validated (synth.pipeline.load_pipeline): a Pipeline.
+    """The pipeline file at `path`, loaded and validated (synth.pipeline.load_pipeline): an immutable
+    synth.graph.Graph (stages in order, wiring, columns, templates, seeds, fingerprints).
     A mistake in it raises SynthError with the one line `synth run` would print."""
     from synth.pipeline import load_pipeline
 
@@ -34,15 +35,16 @@ def load(path: str | Path):
 
 def run(pipeline, targets: list[str] | None = None, force: bool = False, max_cost: float | None = None,
         console=None) -> dict:
-    """`synth run` in this process: run the stale stages of `pipeline` (a path, or a Pipeline from
+    """`synth run` in this process: run the stale stages of `pipeline` (a path, or a Graph from
     synth.load) or of `targets` and what they read, in DAG order; returns the run's counts (`run_id`,
     `stages_run`, `sent`, `cached`, `errors`, `unsent`, `stages`: each stage's own counts). A user's
     mistake raises SynthError (the CLI's one line); failed requests do not raise: they are in
     counts["errors"] (the CLI's exit code 1). `console`: a rich Console for the progress (default: stderr).
     The run is recorded with the equivalent command line."""
-    from synth.pipeline import Pipeline, load_pipeline, run as run_pipeline
+    from synth.graph import Graph
+    from synth.pipeline import load_pipeline, run as run_pipeline
 
-    if not isinstance(pipeline, Pipeline):
+    if not isinstance(pipeline, Graph):
         pipeline = load_pipeline(Path(pipeline))
     argv = ["run", str(pipeline.path), *(targets or []), *(["--force"] if force else []),
             *(["--max-cost", str(max_cost)] if max_cost is not None else [])]

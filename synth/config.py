@@ -1,8 +1,8 @@
 """The pipeline file's schema: strict pydantic models, and YAML errors turned into one line each.
 
 Every key is declared here with its default; an unknown key anywhere is an error that names the
-file, the line, the stage and the key. Cross-references (inputs, teachers, templates, cycles) are
-checked by synth/pipeline.py once the file's shape is valid.
+file, the line, the stage and the key. Config models hold configuration only. Cross-references
+(inputs, teachers, templates, cycles) are checked by synth/graph.py once the file's shape is valid.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from synth.errors import SynthError, decode_utf8, one_line
 from synth.teachers import SamplingParams, TeacherConfig
@@ -93,8 +93,6 @@ class GenerateStage(_Stage):
         "keep", description="error: an answer that reads as a refusal (the no_refusal filter's patterns) is an "
                             "error row with cause `refusal`, asked again by a re-run, instead of a sample")
     ray: RayOptions | None = Field(None, description="run the teacher on Ray workers (see RayOptions)")
-    _pairs_for: str = PrivateAttr("")  # set on a pairwise judge's critic stage: it reads that judge's pairs
-    _after: list[str] = PrivateAttr(default_factory=list)  # train stages whose model is this stage's teacher
 
 
 class ExportStage(_Stage):
@@ -158,7 +156,6 @@ class JudgeStage(_Stage):
                                                        "(pairwise, default 0.5)")
     group_by: str = "input_id"
     params: StageParams = Field(default_factory=lambda: StageParams(temperature=0.0, max_tokens=256))
-    _name: str = PrivateAttr("")  # the stage's own name, set when the pipeline is loaded
 
 
 class DedupStage(_Stage):
@@ -234,7 +231,6 @@ class EvaluateStage(_Stage):
     samples: int = Field(1, ge=1, le=MAX_SAMPLES)
     params: StageParams = Field(default_factory=lambda: StageParams(temperature=0.0, max_tokens=256))
     verify: EvalVerify
-    _name: str = PrivateAttr("")
 
 
 class TrainStage(_Stage):
@@ -250,15 +246,13 @@ class TrainStage(_Stage):
                                                    "evaluate stage): requests per batch")
 
 
-FILTER_KINDS = ("verify", "vote", "judge", "dedup", "decontaminate", "filter")
+# A stage kind's config model is listed here once; each has its module in synth/stages (KINDS there).
 Stage = Annotated[Union[LoadStage, GenerateStage, ExportStage, VerifyStage, VoteStage, JudgeStage, DedupStage,
                         DecontaminateStage, FilterStage, KeepStage, PairsStage, EvaluateStage, TrainStage],
                   Field(discriminator="kind")]
-STAGE_KINDS = ("load", "generate", "export", *FILTER_KINDS, "keep", "pairs", "evaluate", "train")
-STAGE_MODELS = {"load": LoadStage, "generate": GenerateStage, "export": ExportStage, "verify": VerifyStage,
-                "vote": VoteStage, "judge": JudgeStage, "dedup": DedupStage, "decontaminate": DecontaminateStage,
-                "filter": FilterStage, "keep": KeepStage, "pairs": PairsStage, "evaluate": EvaluateStage,
-                "train": TrainStage}
+# kind -> its config model, read from the union (as TEACHER_MODELS below)
+STAGE_MODELS = {get_args(model.model_fields["kind"].annotation)[0]: model for model in get_args(get_args(Stage)[0])}
+STAGE_KINDS = tuple(STAGE_MODELS)
 # backend -> its config model, read from the `TeacherConfig` union (Annotated[Union[...], Field]): a backend
 # added to the union shows up in error messages (`_describe`, `_allowed`) with nothing else to edit
 TEACHER_MODELS = {backend: model for model in get_args(get_args(TeacherConfig)[0])

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from synth.errors import SynthError
+from synth.seeds import read_rows
 from synth.verdicts import Verdict
 
 EVAL_FORMATS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -307,7 +308,6 @@ def read_eval_texts(path: Path, columns: list[str] | None = None) -> list[str]:
     Raises SynthError (one line: the file, what is wrong, what to do) for a missing file, an unknown
     format, malformed content or a named column that does not exist.
     """
-    from synth.seeds import read_rows
 
     path = Path(path)
     if not path.exists():

@@ -17,13 +17,15 @@ from rich.table import Table
 from rich.text import Text
 
 from synth.errors import SynthError, one_line
+from synth.config import read_pipeline_file
+from synth.graph import store_path_of
+from synth.ids import sample_seed
+from synth.pipeline import staleness
 from synth.store import fetch_one, Store, quote_ident
 
 
 def store_for(path: Path) -> Store:
     """A .duckdb file is the store itself; a pipeline file names its store."""
-    from synth.config import read_pipeline_file
-    from synth.pipeline import store_path_of
 
     path = Path(path).resolve()
     if path.suffix in (".duckdb", ".db"):
@@ -79,7 +81,6 @@ def _cell(value, limit: int | None = None) -> str:
 def status_rows(pipeline) -> list[dict]:
     """Per stage: kind, fresh/stale and why, rows, and for generate stages requests done, failed,
     pending and tokens, counted live from the store."""
-    from synth.pipeline import staleness
 
     store = pipeline.store
     states = store.stage_states()
@@ -221,7 +222,6 @@ def why(store: Store, row_id: str, console: Console) -> None:
                     continue
                 inputs.append((inp, row.to_pylist()[0] if row.num_rows else {"id": input_id, "note": "no longer in the input"}))
 
-    from synth.ids import sample_seed
     p = json.loads(params)
     parts = [Text.assemble(("request ", "bold"), rid)]
     for stage, input_id, teacher, parsed in members:
@@ -290,9 +290,7 @@ def _short_details(details: str, limit: int = 160) -> str:
 def stats_rows(pipeline) -> list[dict]:
     """Per filter stage: rows judged, passed, rejected and the top rejection reasons; per keep stage:
     rows kept of its input. Reasons that carry a row id or file (duplicate_of:<id>) are grouped."""
-    from synth.config import FILTER_KINDS
-
-    names = [n for n in pipeline.order if pipeline.stage(n).kind in (*FILTER_KINDS, "keep")]
+    names = [n for n in pipeline.order if pipeline.kind(n).same_rows]  # the filters and keeps
     if not names or not pipeline.store.exists():
         return []
     out = []

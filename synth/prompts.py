@@ -34,6 +34,7 @@ from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from synth.config import line_of, load_yaml_file
 from synth.errors import MissingValue, SynthError, one_line
 from synth.ids import content_hash
 from synth.parsers import PARSERS
@@ -319,7 +320,6 @@ def load_template(name: str, workspace: Path, where: str) -> Template:
     if path is None:
         raise SynthError(f"{where}: no prompt template {name!r}: looked for {workspace / 'prompts' / (name + '.yaml')} "
                          f"and the built-ins ({', '.join(builtin_names()) or 'none'})")
-    from synth.config import load_yaml_file
 
     _, data = load_yaml_file(path, "a template")  # strict: UTF-8, no key given twice
     raw = path.read_bytes()
@@ -328,7 +328,6 @@ def load_template(name: str, workspace: Path, where: str) -> Template:
     try:
         spec = TemplateSpec.model_validate(data, strict=True)
     except ValidationError as exc:
-        from synth.config import line_of
 
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "(top)"

@@ -13,11 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 from synth.config import EvaluateStage
+from synth.inspection import stats_rows
+from synth.stages.evaluate import summary
 
 
 def report_data(pipeline) -> dict:
-    from synth.evaluate import summary
-    from synth.inspection import stats_rows
 
     evaluations = {}
     if pipeline.store.exists():

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import duckdb
 
 from synth.errors import StoreLocked, SynthError
+from synth.secrets import scrub
 
 DEFAULT_LOCK_TIMEOUT_S = 60.0
 
@@ -321,7 +322,6 @@ class Store:
         return run_id
 
     def finish_run(self, run_id: str, status: str, counts: dict, error: str | None = None) -> None:
-        from synth.secrets import scrub
 
         error = scrub(error)  # an exception's text may echo an API key (a server's error body)
         with self.write() as con:

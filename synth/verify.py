@@ -40,6 +40,7 @@ import threading
 import re
 from fractions import Fraction
 
+from synth.errors import SynthError
 from synth.parsers import final_number, last_boxed, parse_json
 from synth.verdicts import Verdict
 
@@ -317,3 +318,17 @@ def equivalent(a: str | None, b: str | None, method: str) -> bool:
 
 def _clip(text: str | None, limit: int = 200) -> str | None:
     return text if text is None or len(text) <= limit else text[:limit] + "…"
+
+
+def check_extract(where: str, extract: str, pattern: str | None, field: str | None, prefix: str = "") -> None:
+    """The answer-extraction keys of a verify stage (or of an evaluate stage's `verify:`, prefix
+    "verify."), checked at load time: regex needs a valid pattern, json a field."""
+    if extract == "regex" and not pattern:
+        raise SynthError(f"{where}: key '{prefix}pattern': extract regex needs a pattern")
+    if extract == "json" and not field:
+        raise SynthError(f"{where}: key '{prefix}field': extract json needs the field to read")
+    if pattern:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise SynthError(f"{where}: key '{prefix}pattern': not a valid regular expression ({exc})") from None

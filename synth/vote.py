@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from synth import verify
+from synth.store import quote_ident
+
 
 def vote(con, source: str, answer: str, group_by: str, method: str, min_agreement: float) -> pa.Table:
     """Verdict table (row_id, passed, score, reason, details) for every row of `source`."""
-    from synth import verify
-    from synth.store import quote_ident
 
     a, g = quote_ident(answer), quote_ident(group_by)
     distinct = [r[0] for r in con.execute(f"SELECT DISTINCT CAST({a} AS VARCHAR) FROM {source} "

@@ -274,7 +274,7 @@ CASES = [
                                   "response: answer_gold, path: out/sft.jsonl}\n  kept:"), {}, ["{p}", "'path'", "sft.jsonl"]),
 ]
 
-# the store / export path checks belong to the store's own validation (synth/pipeline.py store_path_of and
+# the store / export path checks belong to the store's own validation (synth/graph.py store_path_of and
 # the export checks), made elsewhere; reported, not hidden, when they fail
 LEAD_CASES = {"store empty", "store is a seed file", "store named synth.duckdb", "export onto a seed file",
               "two exports to one path"}
@@ -408,12 +408,12 @@ def test_the_valid_pipeline_is_valid(ws):
     from rich.console import Console
 
     from synth.pipeline import load_pipeline
-    from synth.references import check_before_writing
+    from synth.pipeline import preflight
 
     pipeline = ws / "valid.yaml"
     pipeline.write_text(VALID)
     loaded = load_pipeline(pipeline)
-    check_before_writing(loaded, loaded.order, Console(stderr=True))
+    preflight(loaded, loaded.order, Console(stderr=True))
 
 
 def test_identical_seed_rows_are_counted_not_silent(workspace):

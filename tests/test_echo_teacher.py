@@ -147,7 +147,7 @@ def test_in_process_errors_raise_synth_error(workspace):
         "solutions": "kind: generate, input: problems, teacher: dry, prompt: solve"})
     with pytest.raises(SynthError, match="no stage named 'nope'"):
         synth_run(pipeline, ["nope"])
-    assert synth_api.load(pipeline).order == ["problems", "solutions"]
+    assert list(synth_api.load(pipeline).order) == ["problems", "solutions"]
     write_bad = make_pipeline(workspace, teachers={"dry": echo_teacher(answers=[{"match": "(", "reply": "x"}])},
                               stages={"problems": "kind: load, path: seeds.jsonl"}, name="bad.yaml")
     with pytest.raises(SynthError, match="not a regular expression"):

@@ -275,7 +275,7 @@ def test_export_directory_never_replaces_foreign_data(tmp_path):
     """A directory export replaces its directory only when synth wrote it (synth.json or a saved
     dataset); anything else there is left alone with one line."""
     from synth.errors import SynthError
-    from synth.export import _write_dataset_dir
+    from synth.stages.export import _write_dataset_dir
 
     (tmp_path / "keep_me").mkdir()
     write(tmp_path / "keep_me" / "notes.txt", "mine")

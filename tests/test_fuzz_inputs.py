@@ -47,11 +47,11 @@ def load_and_check(path: Path) -> None:
     from rich.console import Console
 
     from synth.pipeline import load_pipeline
-    from synth.references import check_before_writing
+    from synth.pipeline import preflight
 
     try:
         pipeline = load_pipeline(path)
-        check_before_writing(pipeline, pipeline.order, Console(stderr=True, quiet=True))
+        preflight(pipeline, pipeline.order, Console(stderr=True, quiet=True))
         event("accepted")
     except SynthError as exc:
         event("refused")

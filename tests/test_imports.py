@@ -1,10 +1,15 @@
 """The direction of imports inside synth/, walked with ast (imports inside functions included).
 
-Intended (ARCHITECTURE.md): cli -> pipeline -> stage modules -> {store, teachers, prompts, pure
-libraries}; no circle anywhere. Today's code still has circles, listed below as KNOWN_CYCLES: the stage
-modules reach up into synth.pipeline (record_stage, ...) and generate <-> judge. This test is a ratchet: it fails on any new circle,
-on a known circle that grows, and on a known circle that is gone (so that the list only ever shrinks,
-and is emptied by issue 14's stage contract). The pure libraries must never import upward at all."""
+The house (ARCHITECTURE.md): commands (cli, inspection, report, demo, the package's API) -> pipeline
+(the orchestrator) -> stages (one module per kind, and the kind table) -> the layer below the stages
+(graph, run context, request building, filter files, verdict storage) -> everything else (store,
+journal, teachers, config, prompts, seeds and the pure libraries). Imports point down only:
+- no circle anywhere in synth/;
+- no module imports a module of a higher layer;
+- a stage module imports no other stage module (only the kind table, synth/stages/__init__.py,
+  imports them all);
+- a synth import inside a function only where a reason is written below (cheap startup, a heavy
+  optional library), so that no import hides a circle."""
 
 from __future__ import annotations
 
@@ -13,20 +18,41 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "synth"
 
-# Each a strongly connected component of the import graph today, with why it is still there.
-KNOWN_CYCLES = [
-    # the stage modules import helpers from synth.pipeline (record_stage, GENERATION_COLUMNS, ...) inside
-    # functions, and pipeline dispatches to their run_stage: issue 14's stage contract removes this
-    {"synth.evaluate", "synth.export", "synth.filters", "synth.generate", "synth.judge", "synth.pipeline",
-     "synth.references", "synth.train_stage"},
-]
+COMMANDS = 4
+ORCHESTRATOR = 3
+STAGES = 2
+BELOW_STAGES = 1
+LIBRARIES = 0
 
-# Libraries at the bottom: they may import each other, never a stage, the pipeline or the CLI.
-PURE = {"synth.ids", "synth.errors", "synth.verdicts", "synth.parsers", "synth.paths", "synth.verify",
-        "synth.sandbox", "synth.sandbox_children", "synth.dedup", "synth.secrets", "synth.journal", "synth.vote"}
-UPPER = {"synth.cli", "synth.pipeline", "synth.generate", "synth.filters", "synth.judge", "synth.pairs",
-         "synth.export", "synth.evaluate", "synth.train_stage", "synth.references", "synth.inspection",
-         "synth.report", "synth.demo"}
+
+def layer(module: str) -> int:
+    if module == "synth" or module in ("synth.cli", "synth.inspection", "synth.report") or \
+            module.startswith("synth.demo"):
+        return COMMANDS
+    if module == "synth.pipeline":
+        return ORCHESTRATOR
+    if module == "synth.stages" or module.startswith("synth.stages."):
+        return STAGES
+    if module in ("synth.graph", "synth.context", "synth.requests", "synth.filterfiles", "synth.verdict_store"):
+        return BELOW_STAGES
+    return LIBRARIES
+
+
+# (importing module, imported module) pairs allowed inside a function, each with its reason.
+LAZY = {
+    ("synth", "synth.inspection"): "`import synth` stays cheap: synth.open imports the store's reader on use",
+    ("synth", "synth.pipeline"): "`import synth` stays cheap (synth.load / synth.run)",
+    ("synth", "synth.graph"): "`import synth` stays cheap (synth.run)",
+    ("synth.teachers", "synth.teachers.hf"): "a backend imports its heavy client (torch, transformers) on use",
+    ("synth.teachers", "synth.teachers.vllm"): "a backend imports its heavy client (vllm) on use",
+    ("synth.teachers", "synth.teachers.openai"): "a backend is imported only when a teacher uses it",
+    ("synth.teachers", "synth.teachers.batch"): "a backend is imported only when a teacher uses it",
+    ("synth.teachers", "synth.teachers.echo"): "a backend is imported only when a teacher uses it",
+    ("synth.stages.generate", "synth.teachers.ray"): "ray (heavy, optional) only for a stage with `ray:`",
+}
+# the CLI imports each command's modules inside the command: `synth --help` loads no torch, duckdb,
+# pyarrow (tests/test_startup.py)
+LAZY_ANYTHING = {"synth.cli"}
 
 
 def _module(path: Path) -> str:
@@ -34,26 +60,43 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph() -> dict[str, set[str]]:
+def _resolve(target: str, modules) -> str | None:
+    while target not in modules and "." in target:
+        target = target.rsplit(".", 1)[0]
+    return target if target in modules else None
+
+
+def _targets(node, modules) -> set[str]:
+    """The synth modules an import statement imports: `from synth.stages import judge` imports the
+    submodule synth.stages.judge; `from synth.store import Store` imports synth.store."""
+    found: set[str] = set()
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("synth"):
+        for alias in node.names:
+            found.add(_resolve(f"{node.module}.{alias.name}", modules))
+    elif isinstance(node, ast.Import):
+        found = {_resolve(a.name, modules) for a in node.names if a.name.startswith("synth")}
+    return found - {None, "synth"}
+
+
+def import_graph(include_lazy: bool = True) -> tuple[dict[str, set[str]], set[tuple[str, str]]]:
+    """module -> the synth modules it imports; and the (module, target) pairs imported inside a function."""
     modules = {_module(p): p for p in ROOT.rglob("*.py")}
     edges: dict[str, set[str]] = {m: set() for m in modules}
+    lazy: set[tuple[str, str]] = set()
     for name, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         # a module's `if __name__ == "__main__":` block runs it as a script: not an import of the module
         tree.body = [n for n in tree.body if not (isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))]
+        inside: set[int] = set()
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inside |= {id(n) for n in ast.walk(fn)}
         for node in ast.walk(tree):
-            targets = []
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("synth"):
-                targets = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
-            elif isinstance(node, ast.Import):
-                targets = [a.name for a in node.names if a.name.startswith("synth")]
-            for target in targets:
-                while target not in modules and "." in target:
-                    target = target.rsplit(".", 1)[0]
-                if target in modules and target != name and target != "synth":
-                    edges[name].add(target)
-                    break
-    return edges
+            for target in _targets(node, modules) - {name}:
+                edges[name].add(target)
+                if id(node) in inside:
+                    lazy.add((name, target))
+    return edges, lazy
 
 
 def cycles(edges: dict[str, set[str]]) -> list[set[str]]:
@@ -91,20 +134,42 @@ def cycles(edges: dict[str, set[str]]) -> list[set[str]]:
     return found
 
 
-def test_no_new_import_cycle():
-    edges = import_graph()
-    assert "synth.pipeline" in edges and len(edges) > 30  # the walk found the package
-    known = [frozenset(c & set(edges)) for c in KNOWN_CYCLES]
-    for component in cycles(edges):
-        assert any(component <= k for k in known), (
-            f"a new import cycle: {sorted(component)}; import downward only (ARCHITECTURE.md)")
-    for k in known:
-        assert any(k <= c for c in cycles(edges)), (
-            f"the known cycle {sorted(k)} is (partly) gone: shrink KNOWN_CYCLES in {__file__}")
+def test_the_walk_finds_the_package():
+    edges, _ = import_graph()
+    assert {"synth.pipeline", "synth.graph", "synth.stages", "synth.stages.generate", "synth.cli"} <= set(edges)
+    assert "synth.stages.generate" in edges["synth.stages"]  # the kind table imports every stage module
+    assert "synth.graph" in edges["synth.stages.generate"]
 
 
-def test_pure_libraries_never_import_upward():
-    edges = import_graph()
-    for module in PURE & set(edges):
-        upward = edges[module] & UPPER
-        assert not upward, f"{module} imports {sorted(upward)}: a library at the bottom must not"
+def test_no_import_cycle():
+    edges, _ = import_graph()
+    assert cycles(edges) == [], "an import cycle in synth/: import downward only (ARCHITECTURE.md)"
+
+
+def test_imports_point_down():
+    edges, _ = import_graph()
+    for module, targets in edges.items():
+        for target in targets:
+            assert layer(target) <= layer(module), (
+                f"{module} (layer {layer(module)}) imports {target} (layer {layer(target)}): imports point down "
+                "only (ARCHITECTURE.md)")
+            if layer(module) == STAGES and module != "synth.stages":
+                assert layer(target) < STAGES, (
+                    f"stage module {module} imports {target}: a stage never imports another stage module or the "
+                    "kind table; move what they share below the stages (graph, requests, verdict_store, ...)")
+
+
+def test_imports_inside_functions_have_a_reason():
+    _, lazy = import_graph()
+    unexplained = sorted((m, t) for m, t in lazy if m not in LAZY_ANYTHING and (m, t) not in LAZY)
+    assert not unexplained, (f"imports inside functions without a reason: {unexplained}; import at module level, "
+                             "or add the pair to LAZY with why (a heavy optional library, startup time)")
+    stale = sorted(set(LAZY) - lazy)
+    assert not stale, f"LAZY lists imports that are no longer inside a function: {stale}"
+
+
+def test_the_layers_catch_an_upward_import(tmp_path):
+    """The checks can fail: an edge from a stage up into the pipeline, or between two stage modules."""
+    edges = {"synth.stages.pairs": {"synth.pipeline"}, "synth.pipeline": {"synth.stages.pairs"}}
+    assert cycles(edges) == [{"synth.stages.pairs", "synth.pipeline"}]
+    assert layer("synth.pipeline") > layer("synth.stages.pairs") > layer("synth.graph") > layer("synth.store")

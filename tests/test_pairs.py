@@ -13,7 +13,8 @@ import pytest
 from rich.console import Console
 
 from conftest import echo_teacher, make_pipeline, query, scripted_answers, synth_run, write
-from synth import pairs
+from synth.context import RunContext
+from synth.stages import pairs
 from synth.errors import SynthError
 from synth.pipeline import load_pipeline
 from synth.store import Store
@@ -47,7 +48,7 @@ def project(workspace, stage: str, verdicts: dict[str, tuple] | None, by_kind: s
                 "passed": [v[0] for v in verdicts.values()], "score": [v[1] for v in verdicts.values()],
                 "reason": [v[2] for v in verdicts.values()]}), mode="")
         Store.set_stage(con, "f", by_kind or "verify", None, "done", len(verdicts or {}), run_id)  # current: these
-    result = pairs.run_stage(pipeline, "p", run_id, Console(quiet=True))
+    result = pairs.run(RunContext(pipeline, run_id, Console(quiet=True)), "p")
     with pipeline.store.read() as con:
         got = con.execute("SELECT chosen_id, rejected_id, rule, margin FROM p ORDER BY 1, 2").fetchall()
     return result, got
@@ -188,7 +189,7 @@ def test_pairs_are_distinct_by_text(workspace):
     pipeline = load_pipeline(workspace / "pipeline.yaml")
     with pipeline.store.write() as con:
         Store.replace_table(con, "samples", pipeline.seeds["samples"].table)
-    result = pairs.run_stage(pipeline, "p", "test-run", Console(quiet=True))
+    result = pairs.run(RunContext(pipeline, "test-run", Console(quiet=True)), "p")
     with pipeline.store.read() as con:
         got = con.execute("SELECT input_id, chosen_id, rejected_id FROM synth.pairs WHERE stage = 'p'").fetchall()
     assert len(got) == 1 and got[0][0] == "a" and got[0][1].startswith("a_ok") and got[0][2].startswith("a_bad")
@@ -211,7 +212,7 @@ def test_pairs_of_rows_without_text_is_one_line(workspace):
     ("one line", "another line", "another line"),
 ])
 def test_rejected_first_difference(chosen, rejected, cut):
-    from synth.export import first_difference
+    from synth.stages.export import first_difference
 
     assert first_difference(chosen, rejected) == cut
 
@@ -237,7 +238,7 @@ def test_a_later_key_at_its_default_leaves_the_fingerprint_alone(workspace):
               "reference: input_id}\n  p: {kind: pairs, input: samples, by: f}\n"
               f"  out: {{kind: export, input: p, format: dpo, path: out/x.parquet{key}}}\n")
         pipeline = load_pipeline(workspace / "pipeline.yaml")
-        fingerprints[value] = pipeline.fingerprint_parts("out")["config"]
+        fingerprints[value] = pipeline.fingerprint_parts("out", {})["config"]
         if value is None:
             dump = pipeline.stage("out").model_dump(mode="json", exclude={"description", "max_cost", "max_tokens_total",
                                                                            "batch_size", "ray", "rejected"})

@@ -123,7 +123,7 @@ def test_resolve_api_key_refuses_a_key_the_header_cannot_carry(monkeypatch, bad,
 
 
 def test_verdict_table_and_finish_run_scrub(tmp_path, key):
-    from synth.filters import verdict_table
+    from synth.verdict_store import verdict_table
     from synth.store import Store
     from synth.verdicts import Verdict
 

@@ -22,9 +22,13 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
+from synth.demo.report import demo_report, print_report, write_png
+from synth.demo.world import corpus, make_splits, write_splits
 from synth.errors import SynthError, one_line
 from synth.ids import content_hash
 from synth.paths import builtin_dir
+from synth.pipeline import load_pipeline, run
+from synth.tiny import build_model
 
 SPEC_FILE = "synth_demo.json"  # in each built model dir: the world spec it was built from
 
@@ -77,7 +81,6 @@ def read_world(target: Path) -> dict:
 
 def build_world(target: Path, console: Console | None = None) -> dict:
     """Write DIR/data/*.jsonl and the starting models from DIR/world.yaml, skipping what is up to date."""
-    from synth.demo.world import corpus, make_splits, write_splits
 
     from transformers.utils import logging as hf_logging
 
@@ -99,8 +102,6 @@ def build_world(target: Path, console: Console | None = None) -> dict:
         marker = out / SPEC_FILE
         if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
             continue
-        from synth.tiny import build_model
-
         if out.exists():
             shutil.rmtree(out)
         tmp = out.with_name(out.name + ".tmp")
@@ -116,8 +117,6 @@ def build_world(target: Path, console: Console | None = None) -> dict:
 
 def run_demo(target: Path, console: Console | None = None) -> dict:
     """Prepare DIR, run its pipeline, and write the report; returns the report."""
-    from synth.demo.report import demo_report, print_report, write_png
-    from synth.pipeline import load_pipeline, run
 
     import importlib.util
 

@@ -22,6 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from synth.errors import SynthError
+from synth.inspection import stats_rows
+from synth.stages.evaluate import summary, wilson
 from synth.store import fetch_one, quote_ident
 
 SAMPLES, VERIFIED, VOTED, EVAL = "solutions", "correct", "voted", "eval"
@@ -52,8 +54,6 @@ def _check(pipeline) -> None:
 
 def demo_report(pipeline) -> dict:
     """Every figure of the demo's report, from the store (nothing is carried over from the run)."""
-    from synth.evaluate import summary, wilson
-    from synth.inspection import stats_rows
 
     _check(pipeline)
     samples = pipeline.stage(SAMPLES)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synth.ids import sample_seed
 from synth.secrets import register_env, scrub
+from synth.teachers.echo_rules import compile_reply
 
 
 class SamplingParams(BaseModel):
@@ -146,7 +147,7 @@ class Teacher(Protocol):
     model: str  # the model id hashed into request ids
     capabilities: Capabilities
     # True when the backend's own workers call `on_result` with each answer (before it is queued for the
-    # caller); False when the caller receives each answer only from `generate` (generate.py then journals
+    # caller); False when the caller receives each answer only from `generate` (stages/generate.py then journals
     # and counts it there)
     calls_on_result_in_worker: bool
 
@@ -302,7 +303,6 @@ class EchoRule(BaseModel):
     @field_validator("reply")
     @classmethod
     def _template(cls, value: str) -> str:
-        from synth.teachers.echo_rules import compile_reply
         compile_reply(value)  # raises ValueError with the template's mistake
         return value
 

@@ -29,7 +29,7 @@ model and endpoint, any stage, same params) that can still answer it:
   becomes 'abandoned' and its requests are submitted afresh.
 Answers already in the cache are never asked for, so a batch whose results are all committed is
 simply not open any more. An "ingested" flag could not be written in the same transaction as the
-completions (generate.py commits those), so it could only be wrong in one direction or the other;
+completions (stages/generate.py commits those), so it could only be wrong in one direction or the other;
 the cache is never wrong. What is read again from an ended batch yields only answers: its failed
 and expired requests are submitted afresh in the same run.
 
@@ -487,7 +487,7 @@ class BatchTeacher(TeacherBase):
                     found[rid] = c
         if b.unanswered is None or final:
             b.unanswered = set(b.request_ids) - answered
-            # a fact about the server's output, independent of what generate.py has committed yet
+            # a fact about the server's output, independent of what stages/generate.py has committed yet
             self._update(b, unanswered_ids=json.dumps(sorted(b.unanswered)))
         if not final:
             b.assigned = {i for i in b.assigned if i in found and found[i].ok}

@@ -6,6 +6,7 @@ template when the pipeline is loaded without importing the backend.
 from __future__ import annotations
 
 from synth.errors import one_line
+from synth.parsers import last_boxed
 
 
 def _box(value) -> str:
@@ -16,7 +17,6 @@ def _environment():
     from jinja2 import StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 
-    from synth.parsers import last_boxed
 
     env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
     env.globals.update(box=_box, last_boxed=last_boxed)

@@ -26,7 +26,8 @@ from typing import Iterator, Sequence
 from synth.errors import SynthError, one_line
 from synth.secrets import key_problem, register_secret, scrub
 from synth.teachers.base import Completion, OpenAITeacherConfig, Request, TeacherBase, estimated_tokens
-from synth.teachers.http import is_context_length, parse_logprobs
+from synth.teachers.http import HTTPClient, is_context_length, parse_logprobs
+from synth.teachers.limiter import Limiter
 
 _DONE = object()
 
@@ -77,17 +78,14 @@ class OpenAITeacher(TeacherBase):
             results.put(_DONE)
 
     async def _run_all(self, requests: list[Request], results: queue.Queue) -> None:
-        from synth.teachers.limiter import Limiter
-
         c = self.config
         limiter = Limiter(c.max_concurrency, adaptive=c.adaptive, rpm=c.rpm, tpm=c.tpm)
         self.limiter = limiter
         if self.uses_http:
-            from synth.teachers.http import HTTPClient
             client = HTTPClient(self.name, c, self.api_key, limiter)
             one = lambda request: client.complete(self.model, request)  # noqa: E731
         else:
-            import openai
+            import openai  # the official SDK takes ~0.5 s to import: only for a teacher that uses it
             client = openai.AsyncOpenAI(base_url=c.base_url, api_key=self.api_key,
                                         max_retries=c.max_retries, timeout=c.timeout_s)
 

@@ -1,6 +1,6 @@
 """A generate stage's teacher on Ray workers: `ray:` in the stage spreads its requests over Ray actors,
 each running the stage's own backend (hf, openai or vllm); completions come back to this process, which
-commits them through the usual store contract (synth/generate.py). Needs `pip install 'synth-distill[ray]'`.
+commits them through the usual store contract (synth/stages/generate.py). Needs `pip install 'synth-distill[ray]'`.
 
     stages:
       solutions: {kind: generate, input: problems, teacher: big, prompt: solve, samples: 4,
@@ -39,7 +39,7 @@ How it runs:
   actors, and shuts Ray down only if this teacher started or connected it (a caller that had already
   called ray.init() keeps its session).
 - The openai backend's per-answer hook (on_result: budget accounting before the next request) does
-  not cross processes, so this class never calls it (calls_on_result_in_worker is False): generate.py
+  not cross processes, so this class never calls it (calls_on_result_in_worker is False): stages/generate.py
   then accounts each completion here, in the driver, as it arrives. The Batch API mode (`mode: batch`)
   runs on the provider's side and keeps its state in the store; it cannot run on Ray workers.
 

@@ -17,26 +17,46 @@ their group and the first `max_per_input` are kept.
 
 from __future__ import annotations
 
-from rich.console import Console
-
 from synth.config import PairsStage
+from synth.context import RunContext
 from synth.errors import SynthError
+from synth.graph import ROWS, Graph, Kind, Ref
 from synth.store import Store, fetch_one, now, quote_ident, sql_str
 
 RULES = {"verify": "verified", "vote": "plurality", "judge": "judge"}
 
 
-def rule_of(pipeline, name: str) -> str:
-    stage: PairsStage = pipeline.stage(name)
-    return "teacher_student" if stage.versus else RULES[pipeline.stage(stage.by).kind]
+COLUMNS = ["id", "input_id", "rule", "margin", "chosen_id", "rejected_id", "chosen_text", "rejected_text"]
 
 
-def candidates_sql(pipeline, name: str) -> str:
+def references(stage: PairsStage, stages) -> list[Ref]:
+    return [Ref("input", (stage.input,), ROWS), Ref("by", (stage.by,) if stage.by else (), tuple(RULES)),
+            Ref("versus", (stage.versus,) if stage.versus else (), ROWS)]
+
+
+def check(graph: Graph, name: str) -> list[str]:
+    stage: PairsStage = graph.stage(name)
+    if (stage.by is None) == (stage.versus is None):
+        raise SynthError(f"{graph.where(name)}: give exactly one of 'by' (a verify, vote or judge stage) or "
+                         "'versus' (a stage of student samples)")
+    for source in [stage.input] + ([stage.versus] if stage.versus else []):
+        if stage.group_by not in graph.columns[source]:
+            raise SynthError(f"{graph.where(name, 'group_by')}: key 'group_by': {source!r} has no column "
+                             f"{stage.group_by!r}")
+    return COLUMNS
+
+
+def rule_of(graph: Graph, name: str) -> str:
+    stage: PairsStage = graph.stage(name)
+    return "teacher_student" if stage.versus else RULES[graph.stage(stage.by).kind]
+
+
+def candidates_sql(graph: Graph, name: str) -> str:
     """SELECT grp, chosen_id, rejected_id, margin, chosen_text, rejected_text: every candidate pair of
     the rule (texts for the distinct-by-text selection in run_stage)."""
-    stage: PairsStage = pipeline.stage(name)
+    stage: PairsStage = graph.stage(name)
     src, g = quote_ident(stage.input), quote_ident(stage.group_by)
-    rule = rule_of(pipeline, name)
+    rule = rule_of(graph, name)
     if rule == "teacher_student":
         other = quote_ident(stage.versus)
         return (f"SELECT t.{g} AS grp, t.id AS chosen_id, s.id AS rejected_id, NULL::DOUBLE AS margin, "
@@ -56,19 +76,18 @@ def candidates_sql(pipeline, name: str) -> str:
             f"FROM x c JOIN x r ON c.grp = r.grp AND c.id <> r.id WHERE {cond}")
 
 
-def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
-    from synth.pipeline import record_stage
-
-    stage: PairsStage = pipeline.stage(name)
-    rule = rule_of(pipeline, name)
+def run(ctx: RunContext, name: str) -> dict:
+    graph, run_id = ctx.graph, ctx.run_id
+    stage: PairsStage = graph.stage(name)
+    rule = rule_of(graph, name)
     order = f"md5(concat_ws('|', {int(stage.seed)}, chosen_id, rejected_id))"
-    distinct = (f"SELECT * FROM ({candidates_sql(pipeline, name)}) WHERE chosen_text IS DISTINCT FROM rejected_text "
+    distinct = (f"SELECT * FROM ({candidates_sql(graph, name)}) WHERE chosen_text IS DISTINCT FROM rejected_text "
                 f"QUALIFY row_number() OVER (PARTITION BY grp, chosen_text, rejected_text ORDER BY {order}) = 1")
     select = (f"SELECT {sql_str(name)} AS stage, CAST(chosen_id AS VARCHAR) AS chosen_id, "
               f"CAST(rejected_id AS VARCHAR) AS rejected_id, CAST(grp AS VARCHAR) AS input_id, {sql_str(rule)} AS rule, "
               f"margin, ? AS run_id, ? AS created_at FROM (SELECT *, row_number() OVER (PARTITION BY grp ORDER BY "
               f"{order}) AS k FROM ({distinct})) WHERE k <= {int(stage.max_per_input)}")
-    with pipeline.store.write() as con:
+    with ctx.store.write() as con:
         for source in filter(None, (stage.input, stage.versus)):
             cols = {c[0] for c in con.execute(f"SELECT * FROM {quote_ident(source)} LIMIT 0").description}
             if "text" not in cols:
@@ -78,15 +97,18 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         con.execute(f"INSERT INTO synth.pair_history BY NAME {select}", [run_id, now()])
         n, groups = fetch_one(con, "SELECT count(*), count(DISTINCT input_id) FROM synth.pair_history "
                                    "WHERE stage = ? AND run_id = ?", [name, run_id])
-        create_view(con, pipeline, name)
-        record_stage(con, pipeline, name, "done", n, run_id, rule=rule, inputs=groups)
-    console.print(f"  {name}: {n} pairs ({rule}) over {groups} inputs")
+        create_view(con, name)
+        ctx.record(con, name, "done", n, rule=rule, inputs=groups)
+    ctx.console.print(f"  {name}: {n} pairs ({rule}) over {groups} inputs")
     return {"rows": n, "rule": rule, "inputs": groups}
 
 
-def create_view(con, pipeline, name: str) -> None:
+def create_view(con, name: str) -> None:
     Store.replace_view(con, name, (
         "SELECT p.chosen_id || ':' || p.rejected_id AS id, p.input_id, p.rule, p.margin, p.chosen_id, "
         "p.rejected_id, c.text AS chosen_text, r.text AS rejected_text "
         "FROM synth.pairs p LEFT JOIN synth.completions c ON c.id = p.chosen_id "
         f"LEFT JOIN synth.completions r ON r.id = p.rejected_id WHERE p.stage = {sql_str(name)}"))
+
+
+KIND = Kind(name="pairs", run=run, references=references, check=check)

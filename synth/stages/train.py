@@ -4,7 +4,7 @@ synth.train.train (TRL), and record the result in the store.
 - data: the export stage's file (format sft for method sft, dpo for dpo);
 - base model: `init`'s trained model when given, else `student` (a teacher's name, or a path/hub id);
 - output: <store folder>/models/<stage>-<run id>/model, recorded in the stage's state
-  (pipeline.trained_model_dir), so that a retrained model is a new model id for request hashing;
+  (context.trained_models), so that a retrained model is a new model id for request hashing;
 - the training log (one row per logging step) goes to synth.train_logs, the summary to the stage's
   state; the model is then a teacher named after the stage.
 
@@ -19,6 +19,7 @@ before training starts over. A finished run removes the attempt, so only the mod
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -26,49 +27,83 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Mapping
 
-from rich.console import Console
+import pyarrow as pa
 
+from synth import train
 from synth.config import TrainStage
+from synth.context import RunContext
 from synth.errors import SynthError
+from synth.graph import Graph, Kind, Ref
 from synth.ids import content_hash
 from synth.store import Store, now, sql_str
-from synth.teachers import resolve_model_path
+from synth.teachers import HFTeacherConfig, model_signature, resolve_model_path
 
 RUN_DIR = re.compile(r"^(?P<stage>[A-Za-z_][A-Za-z0-9_]*)-\d{8}-\d{6}-[0-9a-f]{6}$")  # <stage>-<run id>
 
 
-def base_model(pipeline, name: str, *, trained: bool = True) -> str | None:
-    """The model train stage `name` starts from: `init`'s trained model, else `student` (a teacher's
-    model or a path/hub id). trained=False: for an `init` stage, the student at the root of the init
-    chain (same tokenizer and chat template; its trained model need not exist yet)."""
-    stage: TrainStage = pipeline.stage(name)
+def base_model(graph: Graph, name: str, trained: Mapping[str, str] | None) -> str | None:
+    """The model train stage `name` starts from: `init`'s trained model (from `trained`: train stage ->
+    model dir), else `student` (a teacher's model or a path/hub id). trained=None: for an `init` stage,
+    the student at the root of the init chain (same tokenizer and chat template; its trained model need
+    not exist yet)."""
+    stage: TrainStage = graph.stage(name)
     if stage.init:
-        if not trained:
-            return base_model(pipeline, stage.init, trained=False)
-        from synth.pipeline import trained_model_dir
-        base = trained_model_dir(pipeline, stage.init)
+        if trained is None:
+            return base_model(graph, stage.init, None)
+        base = trained.get(stage.init)
         if base is None:
-            raise SynthError(f"{pipeline.where(name)}: key 'init': stage '{stage.init}' has no trained model yet")
+            raise SynthError(f"{graph.where(name, 'init')}: key 'init': stage '{stage.init}' has no trained model yet")
         return base
     if not stage.student:
         return None
-    if stage.student in pipeline.spec.teachers:
-        return resolve_model_path(pipeline.spec.teachers[stage.student].model, pipeline.base_dir)
-    return resolve_model_path(stage.student, pipeline.base_dir)
+    if stage.student in graph.spec.teachers:
+        return resolve_model_path(graph.spec.teachers[stage.student].model, graph.base_dir)
+    return resolve_model_path(stage.student, graph.base_dir)
 
 
-def check_recipe(pipeline, name: str, where: str | None = None) -> None:
-    """Validate train stage `name`'s recipe when the pipeline is loaded, before anything runs or is
-    written, without importing TRL (synth.train.check_recipe); one SynthError line naming the stage."""
-    from synth import train
+def references(stage: TrainStage, stages) -> list[Ref]:
+    return [Ref("data", (stage.data,), ("export",)), Ref("init", (stage.init,) if stage.init else (), ("train",))]
 
-    stage: TrainStage = pipeline.stage(name)
-    student = base_model(pipeline, name, trained=False)
+
+def check(graph: Graph, name: str) -> None:
+    """Data of the method's format, a base model (student or init), and a recipe that TRL would accept
+    (synth.train.check_recipe, without importing TRL), before anything runs or is written."""
+    stage: TrainStage = graph.stage(name)
+    data = graph.stage(stage.data)
+    if data.format != stage.method:
+        raise SynthError(f"{graph.where(name, 'data')}: key 'data': method {stage.method} trains on an export stage "
+                         f"with format {stage.method}; {stage.data!r} has format {data.format}")
+    if stage.student in graph.stage_teachers:
+        raise SynthError(f"{graph.where(name, 'student')}: key 'student': {stage.student!r} is a train stage; to start "
+                         "from its model use init: " + stage.student)
+    if stage.init is None and stage.student is None:
+        raise SynthError(f"{graph.where(name)}: give 'student' (the base model) or 'init' (a train stage to start "
+                         "from)")
+    recipe = graph.resolve(stage.recipe)
+    if not recipe.is_file():
+        raise SynthError(f"{graph.where(name, 'recipe')}: key 'recipe': no such file {recipe}")
     try:
-        train.check_recipe(pipeline.resolve(stage.recipe), stage.method, student)
+        train.check_recipe(recipe, stage.method, base_model(graph, name, None))
     except SynthError as exc:
-        raise SynthError(f"{where or pipeline.where(name)}: key 'recipe': {exc}") from None
+        raise SynthError(f"{graph.where(name, 'recipe')}: key 'recipe': {exc}") from None
+
+
+def fingerprint(graph: Graph, name: str, trained) -> dict[str, str]:
+    """The recipe's text, and a local base model's files (rebuilt with another config or tokenizer, the
+    stage retrains)."""
+    stage: TrainStage = graph.stage(name)
+    parts = {"recipe": content_hash(graph.resolve(stage.recipe).read_text(encoding="utf-8"))}
+    if stage.student:
+        model = graph.spec.teachers[stage.student].model if stage.student in graph.spec.teachers else stage.student
+        parts["student"] = content_hash({"model": model, "files": model_signature(model, graph.base_dir)})
+    return parts
+
+
+def missing_output(graph: Graph, name: str, state: dict) -> str | None:
+    model_dir = state["detail"].get("model_dir") if state["status"] == "done" else None
+    return None if (Path(model_dir or "/nonexistent") / "config.json").exists() else "its trained model is missing"
 
 
 def _file_hash(path: Path) -> str:
@@ -86,8 +121,6 @@ def _file_hash(path: Path) -> str:
 def _attempt_lock(attempt: Path, where: str):
     """Holds attempt/lock for the duration of a training (flock: the kernel releases it when the
     process dies, kill -9 included), so two runs of one stage never share an attempt."""
-    import fcntl
-
     attempt.mkdir(parents=True, exist_ok=True)
     fh = open(attempt / "lock", "a+")
     try:
@@ -117,25 +150,21 @@ def _remove_leftovers(models: Path, name: str, keep: Path) -> None:
             shutil.rmtree(d / "checkpoints", ignore_errors=True)
 
 
-def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
-    import pyarrow as pa
-
-    from synth import train
-    from synth.pipeline import record_stage
-
-    stage: TrainStage = pipeline.stage(name)
+def run(ctx: RunContext, name: str) -> dict:
+    graph, run_id, console = ctx.graph, ctx.run_id, ctx.console
+    stage: TrainStage = graph.stage(name)
     if importlib.util.find_spec("trl") is None:
-        raise SynthError(f"{pipeline.where(name)}: train stages need TRL: pip install 'synth-distill[train]'")
-    recipe = train.load_recipe(pipeline.resolve(stage.recipe), stage.method)
-    data = pipeline.resolve(pipeline.stage(stage.data).path)
+        raise SynthError(f"{graph.where(name)}: train stages need TRL: pip install 'synth-distill[train]'")
+    recipe = train.load_recipe(graph.resolve(stage.recipe), stage.method)
+    data = graph.resolve(graph.stage(stage.data).path)
     if data.suffix == "":  # a saved HF dataset directory: its data.parquet holds the same rows
         data = data / "data.parquet"
-    base = base_model(pipeline, name)
-    models = pipeline.store.path.parent / "models"
+    base = base_model(graph, name, ctx.trained)
+    models = ctx.store.path.parent / "models"
     out = models / f"{name}-{run_id}"  # a new model id for every training run
     model_dir = out / "model"
     attempt = models / f"{name}-attempt"
-    key = content_hash({"fingerprint": pipeline.fingerprint(name), "data": _file_hash(data), "base": str(base),
+    key = content_hash({"fingerprint": ctx.fingerprint(name), "data": _file_hash(data), "base": str(base),
                         "method": stage.method})
     log: list[dict] = []
 
@@ -148,7 +177,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         console.print(f"  {name}: resuming from step {step} ({checkpoint}), left by run {previous.get('run_id')}",
                       highlight=False)
 
-    with _attempt_lock(attempt, pipeline.where(name)):
+    with _attempt_lock(attempt, graph.where(name)):
         try:
             previous = json.loads((attempt / "attempt.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -175,15 +204,25 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             "logs": [json.dumps(r, default=str) for r in rows], "created_at": [now()] * len(rows)})
         summary = {k: result.get(k) for k in ("steps", "resumed_from", "train_loss", "seconds", "tokens_per_s",
                                               "peak_memory_mb", "readiness")}
-        with pipeline.store.write() as con:
+        with ctx.store.write() as con:
             # history: earlier runs' logs stay; synth.train_logs shows this run's once the stage is recorded
             Store.insert_arrow(con, "synth.train_log_history", table, mode="")
             Store.replace_view(con, name, f"SELECT step, loss, logs FROM synth.train_logs WHERE stage = {sql_str(name)} "
                                           "ORDER BY step")
-            pipeline.trained[name] = str(model_dir)  # before record_stage: the fingerprint names this model
-            record_stage(con, pipeline, name, "done", len(rows), run_id, model_dir=str(model_dir), **summary)
+            ctx.record(con, name, "done", len(rows), model_dir=str(model_dir), **summary)
+        ctx.set_trained(name, str(model_dir))  # the stage's model is the teacher under its name from now on
         shutil.rmtree(attempt, ignore_errors=True)  # the model is recorded: nothing left to resume
     resumed = f" (resumed from step {result['resumed_from']})" if result.get("resumed_from") is not None else ""
     console.print(f"  {name}: {result.get('steps')} steps{resumed} · train loss {result.get('train_loss')} · "
                   f"model {model_dir}")
     return {"rows": len(rows), "model_dir": str(model_dir), **summary}
+
+
+KIND = Kind(
+    name="train", run=run, references=references, check=check, fingerprint=fingerprint,
+    missing_output=missing_output,
+    provides_teacher=lambda name, stage: HFTeacherConfig(backend="hf", model=f"<trained by stage {name}>",
+                                                         batch_size=stage.batch_size),
+    reads=lambda graph, name: {graph.resolve(graph.stage(name).recipe): f"the recipe of stage '{name}'"},
+    not_fingerprinted=frozenset({"batch_size"}),  # how its model generates later, not what it trains
+)

@@ -1,7 +1,7 @@
 """The judge filter: an LLM critic through any teacher backend, pointwise or pairwise.
 
-A judge stage `J` gets a companion generate stage `J_critic`, added to the pipeline when it is
-loaded, that makes the critic calls. Critic calls are therefore ordinary cached generations — same
+A judge stage `J` gets a companion generate stage `J_critic` (declared here, added to the graph when
+the pipeline is loaded) that makes the critic calls. Critic calls are therefore ordinary cached generations — same
 request ids, crash safety, error rows, lineage — and `J_critic` is queryable like any generate
 stage. Rows whose critic prompts render identically share one call.
 
@@ -27,62 +27,48 @@ request ids of the critic calls that judged the row (pointwise: `request_id`), f
 from __future__ import annotations
 
 from synth.config import GenerateStage, JudgeStage
-from synth.ids import content_hash
+from synth.context import RunContext
+from synth.graph import Companion, Graph
 from synth.parsers import parse_score, parse_winner
+from synth.requests import build_requests, pair_rows
 from synth.store import quote_ident
+from synth.verdict_store import filter_kind, need_column
 from synth.verdicts import Verdict
 
 DEFAULT_PROMPT = {"pointwise": "critic_score", "pairwise": "critic_pairwise"}
 DEFAULT_MIN_SCORE = {"pointwise": 7.0, "pairwise": 0.5}
-PAIR_COLUMNS = ["a", "b", "a_id", "b_id"]
 
 
 def critic_stage_name(name: str) -> str:
     return f"{name}_critic"
 
 
-def critic_stage(stage: JudgeStage, name: str) -> GenerateStage:
-    """The generate stage that makes a judge's critic calls."""
+def companions(name: str, stage: JudgeStage) -> dict[str, Companion]:
+    """The generate stage that makes a judge's critic calls (pairwise: over ordered pairs of samples)."""
     critic = GenerateStage(kind="generate", input=stage.input, teacher=stage.teacher,
                            prompt=stage.prompt or DEFAULT_PROMPT[stage.mode], samples=1, params=stage.params,
                            description=f"critic calls of judge stage '{name}' ({stage.mode})")
+    return {critic_stage_name(name): Companion(critic, pairs_by=stage.group_by if stage.mode == "pairwise" else None)}
+
+
+def check(graph: Graph, name: str) -> None:
+    stage: JudgeStage = graph.stage(name)
     if stage.mode == "pairwise":
-        critic._pairs_for = name
-    return critic
+        need_column(graph, name, "group_by", stage.group_by)
+        need_column(graph, name, "mode", "text")
 
 
-def pair_rows(pipeline, name: str, rows: list[dict]) -> list[dict]:
-    """Every ordered pair (A, B) of distinct rows in the same group: A's columns plus a, b (the two
-    texts) and a_id, b_id. Deterministic order: groups and members sorted by id."""
-    stage: JudgeStage = pipeline.stage(name)
-    groups: dict = {}
-    for r in sorted(rows, key=lambda r: str(r["id"])):
-        groups.setdefault(r.get(stage.group_by), []).append(r)
-    out = []
-    for _, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        for first in members:
-            for second in members:
-                if first["id"] == second["id"]:
-                    continue
-                base = {k: v for k, v in first.items() if k not in ("id", *PAIR_COLUMNS)}
-                out.append({**base, "id": content_hash([str(first["id"]), str(second["id"])]),
-                            "a": first.get("text"), "b": second.get("text"),
-                            "a_id": str(first["id"]), "b_id": str(second["id"])})
-    return out
-
-
-def verdicts(pipeline, name: str, rows: list[dict]) -> list[Verdict]:
-    from synth.generate import build_requests
-
-    stage: JudgeStage = pipeline.stage(name)
+def verdicts(ctx: RunContext, name: str, rows: list[dict]) -> list[Verdict]:
+    stage: JudgeStage = ctx.graph.stage(name)
     min_score = stage.min_score if stage.min_score is not None else DEFAULT_MIN_SCORE[stage.mode]
     critic = critic_stage_name(name)
-    with pipeline.store.read() as con:
+    model = ctx.teacher_config(stage.teacher).model
+    with ctx.store.read() as con:
         judged = dict(con.execute(f"SELECT id, text FROM {quote_ident(critic)}").fetchall())
     if stage.mode == "pairwise":
-        return _pairwise(pipeline, stage, critic, rows, judged, min_score)
+        return _pairwise(ctx.graph, stage, critic, rows, judged, min_score, model)
     # Map rows to judgments through request ids: rows with identical critic prompts share a call.
-    planned = build_requests(pipeline, critic, rows)
+    planned = build_requests(ctx.graph, critic, rows, model)
     out = []
     for row in rows:
         call = planned.by_input[str(row["id"])][0]
@@ -101,12 +87,10 @@ def verdicts(pipeline, name: str, rows: list[dict]) -> list[Verdict]:
     return out
 
 
-def _pairwise(pipeline, stage: JudgeStage, critic: str, rows: list[dict], judged: dict,
-              min_score: float) -> list[Verdict]:
-    from synth.generate import build_requests
-
-    pairs = pair_rows(pipeline, stage._name, rows)
-    planned = build_requests(pipeline, critic, pairs)
+def _pairwise(graph: Graph, stage: JudgeStage, critic: str, rows: list[dict], judged: dict,
+              min_score: float, model: str) -> list[Verdict]:
+    pairs = pair_rows(rows, stage.group_by)
+    planned = build_requests(graph, critic, pairs, model)
     wins = {str(r["id"]): 0 for r in rows}
     made = dict.fromkeys(wins, 0)
     parsed = dict.fromkeys(wins, 0)
@@ -148,3 +132,7 @@ def _pairwise(pipeline, stage: JudgeStage, critic: str, rows: list[dict], judged
             rate = wins[rid] / parsed[rid]
             out.append(Verdict.ok(rate, details) if rate >= min_score else Verdict.fail("low_win_rate", rate, details))
     return out
+
+
+KIND = filter_kind("judge", judge_rows=verdicts, check=check, companions=companions,
+                   teachers=lambda stage: [("teacher", [stage.teacher])])

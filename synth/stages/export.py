@@ -22,14 +22,20 @@ a view named after the stage reads the export back.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from synth.config import ExportStage
+from synth.context import RunContext
 from synth.errors import SynthError
+from synth.graph import Graph, Kind, Ref
+from synth.prompts import load_template
 from synth.store import Store, quote_ident, sql_str
 
 
@@ -64,13 +70,12 @@ def first_difference(chosen: str, rejected: str) -> str:
     return rejected
 
 
-def run_stage(pipeline, name: str, run_id: str) -> dict:
-    from synth.pipeline import record_stage
-
-    stage: ExportStage = pipeline.stage(name)
-    out = pipeline.resolve(stage.path)
+def run(ctx: RunContext, name: str) -> dict:
+    graph = ctx.graph
+    stage: ExportStage = graph.stage(name)
+    out = graph.resolve(stage.path)
     if stage.format == "dpo":
-        with pipeline.store.read() as con:
+        with ctx.store.read() as con:
             rows = con.execute(
                 f"SELECT s.id, p.messages, s.chosen_text, s.rejected_text FROM {quote_ident(stage.input)} s "
                 "JOIN synth.requests r ON r.id = s.chosen_id JOIN synth.prompts p ON p.id = r.prompt_id "
@@ -79,17 +84,17 @@ def run_stage(pipeline, name: str, run_id: str) -> dict:
         records = [dpo_record(rid, json.loads(msgs), chosen, cut(chosen, rejected), system=stage.system,
                               few_shot=stage.few_shot) for rid, msgs, chosen, rejected in rows]
     elif stage.prompt:  # a dataset's own rows: the template renders the prompt, a column is the response
-        template = pipeline.templates[name]
-        with pipeline.store.read() as con:
+        template = graph.templates[name]
+        with ctx.store.read() as con:
             cur = con.execute(f"SELECT * FROM {quote_ident(stage.input)} ORDER BY id")
             columns = [d[0] for d in cur.description]
             rows = [dict(zip(columns, r)) for r in cur.fetchall()]
         records = [rec for row in rows for rec in sft_records(
-            str(row["id"]), template.render(row, pipeline.where(name)), str(row[stage.response]),
+            str(row["id"]), template.render(row, graph.where(name)), str(row[stage.response]),
             None if row.get(stage.answer) is None else str(row[stage.answer]), stage)]
     else:
         answer = quote_ident(stage.answer) if stage.target != "text" else "NULL"
-        with pipeline.store.read() as con:
+        with ctx.store.read() as con:
             rows = con.execute(
                 f"SELECT s.id, p.messages, s.text, CAST({answer} AS VARCHAR) FROM {quote_ident(stage.input)} s "
                 "JOIN synth.requests r ON r.id = s.id JOIN synth.prompts p ON p.id = r.prompt_id "
@@ -97,18 +102,18 @@ def run_stage(pipeline, name: str, run_id: str) -> dict:
         records = [rec for rid, msgs, text, ans in rows
                    for rec in sft_records(rid, json.loads(msgs), text, ans, stage)]
     if out.suffix == "":
-        _write_dataset_dir(out, records, stage.format, dataset_card(pipeline, name, len(records)))
+        _write_dataset_dir(out, records, stage.format, dataset_card(ctx, name, len(records)))
     else:
         _write_atomic(out, records, stage.format)
-    _write_atomic_text(sidecar_path(out), json.dumps(provenance(pipeline, name, len(records)), indent=2, default=str))
-    with pipeline.store.write() as con:
+    _write_atomic_text(sidecar_path(out), json.dumps(provenance(ctx, name, len(records)), indent=2, default=str))
+    with ctx.store.write() as con:
         if out.suffix == "":
             source = f"read_parquet({sql_str(str(out / 'data.parquet'))})"
         else:
             reader = "read_parquet" if out.suffix == ".parquet" else "read_json_auto"
             source = f"{reader}({sql_str(str(out))})"
         Store.replace_view(con, name, f"SELECT * FROM {source}")
-        record_stage(con, pipeline, name, "done", len(records), run_id, path=str(out))
+        ctx.record(con, name, "done", len(records), path=str(out))
     return {"rows": len(records), "path": str(out)}
 
 
@@ -131,28 +136,28 @@ def sft_records(rid: str, prompt: list[dict], text: str, answer: str | None, sta
     return [record(":answer", "[answer]", answer), record(":rationale", "[rationale]", text)]
 
 
-def provenance(pipeline, name: str, rows: int) -> dict:
+def provenance(ctx: RunContext, name: str, rows: int) -> dict:
     """What the export was made from: the pipeline, its teachers, templates and filters, the run that
     last wrote each upstream stage, and the row counts. Written beside the export (the sidecar)."""
-    upstream = pipeline.upstream([name])
-    with pipeline.store.read() as con:
+    graph = ctx.graph
+    upstream = graph.upstream([name])
+    with ctx.store.read() as con:
         states = {n: {"run_id": r, "rows": c, "kind": k} for n, r, c, k in con.execute(
             "SELECT name, run_id, rows, kind FROM synth.stages").fetchall() if n in upstream}
-    stages = {n: pipeline.stage(n) for n in upstream}
+    stages = {n: graph.stage(n) for n in upstream}
     return {
-        "pipeline": str(pipeline.path), "store": str(pipeline.store.path), "stage": name, "rows": rows,
-        "format": pipeline.stage(name).format,
-        "teachers": {t: pipeline.teacher_config(t).model for t in sorted({getattr(s, "teacher", None)
-                                                                                 for s in stages.values()} - {None})},
+        "pipeline": str(graph.path), "store": str(ctx.store.path), "stage": name, "rows": rows,
+        "format": graph.stage(name).format,
+        "teachers": {t: ctx.teacher_config(t).model for t in sorted({getattr(s, "teacher", None)
+                                                                            for s in stages.values()} - {None})},
         "templates": sorted({s.prompt for s in stages.values() if getattr(s, "prompt", None)}),
-        "filters": [n for n, s in stages.items() if s.kind in ("verify", "vote", "judge", "dedup",
-                                                                "decontaminate", "filter", "keep")],
+        "filters": [n for n in stages if graph.kind(n).same_rows],  # the filters and keeps it read through
         "stages": states,
     }
 
 
-def dataset_card(pipeline, name: str, rows: int) -> str:
-    p = provenance(pipeline, name, rows)
+def dataset_card(ctx: RunContext, name: str, rows: int) -> str:
+    p = provenance(ctx, name, rows)
     lines = [f"# {name}", "", f"Exported by synth from `{p['pipeline']}` ({p['format']} format, {rows} rows).", "",
              "## Teachers", *[f"- {t}: `{m}`" for t, m in p["teachers"].items()], "",
              "## Templates", *[f"- {t}" for t in p["templates"]], "",
@@ -175,9 +180,7 @@ def _write_atomic_text(path: Path, text: str) -> None:
 def _write_dataset_dir(out: Path, records: list[dict], fmt: str, card: str) -> None:
     """A saved Hugging Face dataset (datasets.load_from_disk works on it), plus data.parquet for the
     stage's view and README.md as its dataset card; built in a temporary directory, then renamed."""
-    import shutil
-
-    from datasets import Dataset
+    from datasets import Dataset  # the train extra; checked when the pipeline is loaded
 
     if out.exists() and not ((out / "synth.json").exists() or (out / "dataset_info.json").exists()):
         raise SynthError(f"{out}: exists and is not a dataset synth exported; an export replaces its "
@@ -201,7 +204,6 @@ def _write_atomic(out: Path, records: list[dict], fmt: str = "sft") -> None:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         if out.suffix == ".parquet":
-            import pyarrow.parquet as pq
             turns = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
             columns = ["messages"] if fmt == "sft" else ["prompt", "chosen", "rejected"]
             table = pa.table({"id": [r["id"] for r in records], **{c: [r[c] for r in records] for c in columns}},
@@ -215,3 +217,90 @@ def _write_atomic(out: Path, records: list[dict], fmt: str = "sft") -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# ---- load time ------------------------------------------------------------------------------------------
+
+def references(stage: ExportStage, stages) -> list[Ref]:
+    sources = ("pairs",) if stage.format == "dpo" else ("generate", "keep", "load") if stage.prompt else \
+        ("generate", "keep")
+    return [Ref("input", (stage.input,), sources, hint=f" for format {stage.format}")]
+
+
+def check(graph: Graph, name: str) -> None:
+    """Its source fits its format (sft: generated rows, or a load stage's rows with prompt + response;
+    dpo: pairs), its path is a .parquet/.jsonl file or a dataset directory (not one holding the store or
+    the pipeline), and a target answer/both names an input column."""
+    stage: ExportStage = graph.stage(name)
+    if stage.format != "dpo" and stage.rejected != "whole":
+        raise SynthError(f"{graph.where(name, 'rejected')}: key 'rejected' cuts the rejected answers of DPO pairs; "
+                         f"it needs format: dpo (this export is format: {stage.format})")
+    _check_source(graph, name)
+    out = graph.resolve(stage.path)
+    if out.suffix == "":
+        if importlib.util.find_spec("datasets") is None:
+            raise SynthError(f"{graph.where(name, 'path')}: key 'path': a directory export is a Hugging Face dataset "
+                             "and needs `datasets`: pip install 'synth-distill[train]'")
+        store = graph.store.path.resolve()
+        if out.resolve() in (store, *store.parents) or out.resolve() in graph.path.parents:
+            raise SynthError(f"{graph.where(name, 'path')}: key 'path': {out} holds the store or the pipeline; "
+                             "an export replaces its directory, so point it at a new one")
+    if out.suffix not in (".parquet", ".jsonl", ""):
+        raise SynthError(f"{graph.where(name, 'path')}: key 'path': write .parquet, .jsonl or a directory (a "
+                         f"saved Hugging Face dataset), not {out.name!r}")
+    if stage.target != "text" and stage.answer not in graph.columns[stage.input]:
+        raise SynthError(f"{graph.where(name, 'answer')}: key 'answer': target {stage.target} needs the answer "
+                         f"column; the input has no column {stage.answer!r}")
+    return None
+
+
+def _check_source(graph: Graph, name: str) -> None:
+    """sft exports generated rows, or a load stage's own rows rendered with `prompt` (+ `response`)."""
+    stage: ExportStage = graph.stage(name)
+    where = graph.where
+    root_kind = graph.stage(graph.root(stage.input)).kind
+    if stage.format == "dpo":
+        if stage.prompt or stage.response:
+            raise SynthError(f"{where(name, 'prompt')}: keys 'prompt'/'response' export a dataset's own rows "
+                             "(format sft); a dpo export takes its prompts from the pairs")
+        return
+    if root_kind == "load":
+        if not stage.prompt or not stage.response:
+            raise SynthError(f"{where(name, 'input')}: key 'input': {stage.input!r} is a dataset, not generated "
+                             "rows; give `prompt:` (a template for the prompt turns) and `response:` (the column "
+                             "that is the assistant turn) to export its own rows")
+        template = load_template(stage.prompt, graph.base_dir, f"{where(name, 'prompt')}: key 'prompt'")
+        template.check_columns(graph.columns[stage.input], where(name, 'prompt'))
+        if stage.response not in graph.columns[stage.input]:
+            raise SynthError(f"{where(name, 'response')}: key 'response': the input has no column "
+                             f"{stage.response!r} (its columns: {', '.join(graph.columns[stage.input])})")
+        graph.add_template(name, template)
+    elif root_kind != "generate":
+        raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports generated rows; "
+                         f"{stage.input!r} carries {graph.root(stage.input)!r}'s rows")
+    elif stage.prompt or stage.response:
+        raise SynthError(f"{where(name, 'prompt')}: keys 'prompt'/'response' are for exporting a dataset's own "
+                         f"rows; {stage.input!r} holds generated rows, whose prompts are the ones sent")
+
+
+def preflight(graph: Graph, name: str, trained, console, will_run: bool) -> None:
+    """A dataset export's rows all render now (a null value is an error here: an export has no error rows)."""
+    stage: ExportStage = graph.stage(name)
+    if name in graph.templates and stage.input in graph.seeds:
+        for row in graph.seeds[stage.input].table.to_pylist():
+            graph.templates[name].render(row, where=f"{graph.where(name)}: input row id {row.get('id')!r}")
+
+
+def _writes(graph: Graph, name: str) -> list[Path]:
+    out = graph.resolve(graph.stage(name).path)
+    return [out, sidecar_path(out)]
+
+
+KIND = Kind(
+    name="export", run=run, references=references, check=check, preflight=preflight, writes=_writes,
+    fingerprint=lambda graph, name, trained: (
+        {"prompt": graph.templates[name].file_hash} if graph.stage(name).prompt else {}),
+    missing_output=lambda graph, name, state: (
+        None if graph.resolve(graph.stage(name).path).exists() else "its output file is missing"),
+    later_keys={"rejected": "whole"},
+)

@@ -9,7 +9,7 @@ Contract (DESIGN.md, "Data model"):
 - a failed request is an error row with its cause; a re-run retries it;
 - budgets (the stage's max_cost / max_tokens_total, `synth run --max-cost`) stop a stage cleanly:
   the teacher takes no new requests, the ones in flight are kept, and a re-run with a larger budget
-  continues (Budget, RunBudget below).
+  continues (Budget below; the run's budget is context.RunBudget).
 
 The stage's output is a view named after the stage over synth.generations (membership and parsed
 columns), synth.completions, synth.requests and the input stage's rows: it fills in live as
@@ -21,19 +21,27 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 
 import pyarrow as pa
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from synth.config import GenerateStage, LoadStage
+from synth.config import GenerateStage
+from synth.context import RunContext
 from synth.errors import MissingValue, StoreLocked, SynthError
-from synth.ids import prompt_id, request_id
+from synth.filterfiles import refusal_judge
+from synth.graph import ROWS, Graph, Kind, Ref
+from synth.ids import content_hash
 from synth.journal import Journal, leftover_segments, remove_segments, replay
 from synth.parsers import PARSER_COLUMNS, PARSERS
+from synth.prompts import Template, load_template
+from synth.requests import PAIR_COLUMNS, build_requests, cached_ids, input_rows
 from synth.store import fetch_one, Store, now, quote_ident, sql_str
-from synth.teachers import Completion, Request, content_filtered, load_teacher, prompt_token_counter
+from synth.teachers import (Completion, OpenAITeacherConfig, Request, content_filtered, load_teacher,
+                            prompt_token_counter)
+from synth.teachers.openai import resolve_api_key
+
+GENERATION_COLUMNS = ["id", "input_id", "sample", "teacher", "model", "text", "finish_reason",
+                      "prompt_tokens", "completion_tokens"]
 
 
 def flush_batch_rows() -> int:
@@ -50,89 +58,21 @@ def log_seconds() -> float:
     return float(os.environ.get("SYNTH_PROGRESS_SECONDS", "10"))
 
 
-@dataclass
-class Planned:
-    requests: list[Request]  # unique by id, in input order
-    input_of: dict[str, str]  # request id -> input row id
-    prompts: dict[str, list[dict]]  # prompt id -> messages
-    prompt_of: dict[str, str]  # request id -> prompt id
-    collapsed: int  # requests dropped because another input row rendered the same messages
-    by_input: dict[str, list[str]]  # input row id -> its request ids, collapsed ones included
-    unrendered: list[tuple[str, MissingValue]] = field(default_factory=list)  # (input row id, why): never sent
-
-
-def build_requests(pipeline, name: str, rows: list[dict]) -> Planned:
-    stage: GenerateStage = pipeline.stage(name)
-    template = pipeline.templates[name]
-    model = pipeline.teacher_config(stage.teacher).model
-    params = stage.params.model_dump(exclude_none=True)
-    planned = Planned([], {}, {}, {}, 0, {})
-    for row in rows:
-        try:
-            messages = template.render(row, where=f"{pipeline.where(name)}: input row id {row.get('id')!r}")
-        except MissingValue as exc:  # a null value: this row fails closed, the others go on
-            planned.unrendered.append((str(row["id"]), exc))
-            continue
-        pid = prompt_id(messages)
-        planned.prompts[pid] = messages
-        for k in range(stage.samples):
-            rid = request_id(model, messages, params, k)
-            planned.by_input.setdefault(str(row["id"]), []).append(rid)
-            if rid in planned.input_of:
-                planned.collapsed += 1
-                continue
-            planned.input_of[rid] = str(row["id"])
-            planned.prompt_of[rid] = pid
-            planned.requests.append(Request(id=rid, messages=messages, params=params, sample=k))
-    return planned
-
-
-def input_rows(pipeline, name: str, from_store: bool) -> list[dict] | None:
-    """The rows the stage reads: a load input's seeds, or a generate input's rows from the store
-    (for a pairwise judge's critic stage: the pairs of those rows). None when they are not known yet
-    (an upstream generate stage has not run)."""
-    stage = pipeline.stage(name)
-    rows = _stage_rows(pipeline, stage.input, from_store)
-    if rows is not None and getattr(stage, "_pairs_for", ""):
-        from synth.judge import pair_rows
-        return pair_rows(pipeline, stage._pairs_for, rows)
-    return rows
-
-
-def _stage_rows(pipeline, inp: str, from_store: bool) -> list[dict] | None:
-    if isinstance(pipeline.stage(inp), LoadStage) and not from_store:
-        return pipeline.seeds[inp].table.to_pylist()
-    if not pipeline.store.exists():
-        return None
-    with pipeline.store.read() as con:
-        exists = fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' "
-                             "AND table_name = ?", [inp])[0]
-        if not exists:
-            return None
-        return con.sql(f"SELECT * FROM {quote_ident(inp)}").to_arrow_table().to_pylist()
-
-
-def cached_ids(store: Store, ids: list[str]) -> set[str]:
-    if not store.exists() or not ids:
-        return set()
-    with store.read() as con:
-        con.register("_ids", pa.table({"id": ids}))
-        return {r[0] for r in con.execute("SELECT c.id FROM synth.completions c JOIN _ids USING (id)").fetchall()}
-
-
-def estimate(pipeline, name: str, statuses) -> dict:
+def estimate(graph: Graph, name: str, statuses, trained) -> dict:
     """Requests cached vs to send and estimated tokens, for `synth plan` (no teacher, no writes)."""
-    stage: GenerateStage = pipeline.stage(name)
-    upstream_unknown = statuses[stage.input].stale and not isinstance(pipeline.stage(stage.input), LoadStage)
-    untrained = [t for t in stage._after if statuses[t].stale]  # a student teacher not (re)trained yet
-    rows = None if upstream_unknown or untrained else input_rows(pipeline, name, from_store=False)
+    stage: GenerateStage = graph.stage(name)
+    upstream_unknown = statuses[stage.input].stale and stage.input not in graph.seeds
+    # a student teacher not (re)trained yet
+    untrained = [t for t in graph.inputs[name] if t in graph.stage_teachers and statuses[t].stale]
+    rows = None if upstream_unknown or untrained else input_rows(graph, name, from_store=False)
     if rows is None:
         return {"requests": None, "cached": None, "to_send": None,
                 "note": f"requests known once '{(untrained or [stage.input])[0]}' has run"}
-    planned = build_requests(pipeline, name, rows)
-    cached = cached_ids(pipeline.store, [r.id for r in planned.requests])
+    config = graph.teacher_config(stage.teacher, trained)
+    planned = build_requests(graph, name, rows, config.model)
+    cached = cached_ids(graph.store, [r.id for r in planned.requests])
     to_send = [r for r in planned.requests if r.id not in cached]
-    count, counted_by = prompt_token_counter(pipeline.teacher_config(stage.teacher), pipeline.base_dir)
+    count, counted_by = prompt_token_counter(config, graph.base_dir)
     per_prompt: dict[str, int] = {}  # the samples of one prompt share its count
     est_prompt = 0
     for r in to_send:
@@ -141,7 +81,7 @@ def estimate(pipeline, name: str, statuses) -> dict:
             per_prompt[pid] = count(r.messages)
         est_prompt += per_prompt[pid]
     max_completion = len(to_send) * stage.params.max_tokens
-    prices = pipeline.prices(name)
+    prices = graph.prices(name)
     # at most: every request is assumed to use its whole max_tokens
     return {"requests": len(planned.requests), "cached": len(cached), "to_send": len(to_send),
             "est_prompt_tokens": est_prompt, "prompt_tokens_by": counted_by, "max_completion_tokens": max_completion,
@@ -150,18 +90,17 @@ def estimate(pipeline, name: str, statuses) -> dict:
 
 # ---- running ----------------------------------------------------------------------------------------
 
-def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
-    from synth.pipeline import record_stage
-
-    stage: GenerateStage = pipeline.stage(name)
-    template = pipeline.templates[name]
+def run(ctx: RunContext, name: str) -> dict:
+    graph, run_id, console, store = ctx.graph, ctx.run_id, ctx.console, ctx.store
+    stage: GenerateStage = graph.stage(name)
+    template = graph.templates[name]
     parse = PARSERS[template.spec.parse]
-    rows = input_rows(pipeline, name, from_store=True)
+    model = ctx.teacher_config(stage.teacher).model
+    rows = input_rows(graph, name, from_store=True)
     if rows is None:
-        raise SynthError(f"{pipeline.where(name)}: input '{stage.input}' has no rows in the store; run it first")
-    planned = build_requests(pipeline, name, rows)
+        raise SynthError(f"{graph.where(name)}: input '{stage.input}' has no rows in the store; run it first")
+    planned = build_requests(graph, name, rows, model)
     ids = [r.id for r in planned.requests]
-    store = pipeline.store
 
     # One transaction records the stage's requests and re-derives its membership from the cache.
     with store.write() as con:
@@ -169,7 +108,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             "id": list(planned.prompts), "messages": [json.dumps(m, ensure_ascii=False) for m in planned.prompts.values()]}))
         Store.insert_arrow(con, "synth.requests", pa.table({
             "id": ids, "prompt_id": [planned.prompt_of[i] for i in ids],
-            "model": [pipeline.teacher_config(stage.teacher).model] * len(ids),
+            "model": [model] * len(ids),
             "params": [json.dumps(r.params) for r in planned.requests], "sample": [r.sample for r in planned.requests]}))
         con.execute("DELETE FROM synth.generations WHERE stage = ?", [name])
         con.register("_ids", pa.table({"id": ids}))
@@ -177,8 +116,8 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         con.unregister("_ids")
         Store.insert_arrow(con, "synth.generations", _membership(name, stage.teacher, planned.requests,
                                                                  planned.input_of, cached, parse))
-        _create_view(con, pipeline, name)
-        record_stage(con, pipeline, name, "running", len(cached), run_id, total=len(ids))
+        _create_view(con, graph, name)
+        ctx.record(con, name, "running", len(cached), total=len(ids))
         bad = planned.unrendered
         Store.insert_arrow(con, "synth.errors", pa.table({  # no request exists for them: request_id NULL
             "request_id": pa.array([None] * len(bad), pa.string()), "stage": [name] * len(bad),
@@ -191,7 +130,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                                         "SELECT prompt_tokens, completion_tokens FROM synth.errors WHERE stage = ?)",
                                         [name, name])
 
-    budget = Budget(stage, pipeline.prices(name), spent_in, spent_out, pipeline.run_budget)
+    budget = Budget(stage, graph.prices(name), spent_in, spent_out, ctx.run_budget)
     pending = [r for r in planned.requests if r.id not in cached]
     # answers an earlier run received but never committed (it was killed, or could not write): recorded
     # now, through the same policies, and never sent again (synth/journal.py)
@@ -205,7 +144,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
     sent, errors, tokens, answered = 0, 0, 0, 0  # sent counts an on_length retry as a request of its own
     buffer: list[Completion] = []
     by_id = {r.id: r for r in pending}
-    policies = Policies(pipeline, name, by_id)
+    policies = Policies(graph, name, by_id)
     journal = Journal(store.path, name, run_id)
     unwritten: list[str] = []  # why the last commit failed, while answers wait in the journal
 
@@ -219,7 +158,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         try:
             with store.write(threads=1) as con:
                 Store.insert_arrow(con, "synth.completions", _completion_rows(good, stage.teacher, run_id))
-                Store.insert_arrow(con, "synth.logprobs", _logprob_rows(good, pipeline.teacher_config(stage.teacher).model))
+                Store.insert_arrow(con, "synth.logprobs", _logprob_rows(good, model))
                 Store.insert_arrow(con, "synth.generations", _membership(
                     name, stage.teacher, [by_id[c.request_id] for c in good], planned.input_of,
                     {c.request_id: c.text for c in good}, parse), mode="OR REPLACE")
@@ -262,7 +201,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
     def get_teacher():
         nonlocal teacher
         if teacher is None:
-            teacher = stage_teacher(pipeline, name, run_id)
+            teacher = stage_teacher(ctx, name)
             # A teacher with concurrent workers (openai: calls_on_result_in_worker) hands each answer to
             # `receive` in its worker, before the next request is taken and before the answer waits in a queue
             # for this loop: the budget is then overshot by at most the requests in flight, and a kill loses
@@ -314,7 +253,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             if teacher is not None:
                 teacher.close()
     if not flushed:
-        raise SynthError(f"{pipeline.where(name)}: could not record {len(buffer)} answers: {unwritten[0]}; they are "
+        raise SynthError(f"{graph.where(name)}: could not record {len(buffer)} answers: {unwritten[0]}; they are "
                          f"saved in {journal.dir} and the next run records them without asking the teacher again")
     # every recovered answer went through the loop and is committed: an earlier run's segments can go (only
     # here, after a loop that ended normally; a kill before this replays them again, which is harmless)
@@ -324,9 +263,9 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         done = fetch_one(con, "SELECT count(*) FROM synth.generations g JOIN synth.completions c USING (id) "
                            "WHERE g.stage = ?", [name])[0]
         missing = len(ids) - done
-        _create_view(con, pipeline, name)  # json parsers: columns for the keys seen
+        _create_view(con, graph, name)  # json parsers: columns for the keys seen
         stopped = {"stopped": "budget", "budget": budget.describe()} if missing and budget.reached() else {}
-        record_stage(con, pipeline, name, "done" if missing == 0 else "incomplete", done, run_id,
+        ctx.record(con, name, "done" if missing == 0 else "incomplete", done,
                      total=len(ids), errors=missing, sent=sent, cached=len(cached), collapsed=planned.collapsed,
                      recovered=len(recovered), unrendered=len(planned.unrendered),
                      cost=budget.cost(), **stopped)
@@ -348,17 +287,17 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             "completion_tokens": tokens, "unsent": missing if stopped else 0, **stopped}
 
 
-def stage_teacher(pipeline, name: str, run_id: str):
+def stage_teacher(ctx: RunContext, name: str):
     """The teacher a generate stage sends its requests to: its backend, on Ray workers when the stage
     says `ray:`. A backend that keeps state in the store (the Batch API's batch ids) is bound to it."""
-    stage: GenerateStage = pipeline.stage(name)
-    config = pipeline.teacher_config(stage.teacher)
+    stage: GenerateStage = ctx.graph.stage(name)
+    config = ctx.teacher_config(stage.teacher)
     if stage.ray is not None:
-        from synth.teachers.ray import RayTeacher
-        teacher = RayTeacher(stage.teacher, config, pipeline.base_dir, stage.ray)
+        from synth.teachers.ray import RayTeacher  # imports ray (heavy, optional): only for a `ray:` stage
+        teacher = RayTeacher(stage.teacher, config, ctx.graph.base_dir, stage.ray)
     else:
-        teacher = load_teacher(stage.teacher, config, pipeline.base_dir)
-    teacher.bind(pipeline.store, name, run_id)
+        teacher = load_teacher(stage.teacher, config, ctx.graph.base_dir)
+    teacher.bind(ctx.store, name, ctx.run_id)
     return teacher
 
 
@@ -388,13 +327,13 @@ class Policies:
     on_refusal; the server's content filter always): a Completion to record, or None when the answer
     was queued for its one retry."""
 
-    def __init__(self, pipeline, name: str, requests: dict[str, Request]):
-        self.stage: GenerateStage = pipeline.stage(name)
+    def __init__(self, graph: Graph, name: str, requests: dict[str, Request]):
+        self.stage: GenerateStage = graph.stage(name)
         self.retry_tokens = self.stage.retry_max_tokens or 2 * self.stage.params.max_tokens
         self.retried: set[str] = set()
         self.queue: list[Request] = []  # on_length retries, sent after the first pass
         self.requests = requests  # request id -> Request: the ones this run sends
-        self.refusal = _refusal_judge(pipeline) if self.stage.on_refusal == "error" else None
+        self.refusal = refusal_judge(graph.base_dir) if self.stage.on_refusal == "error" else None
 
     def __call__(self, c: Completion) -> Completion | None:
         c = content_filtered(c)
@@ -415,31 +354,6 @@ class Policies:
         if self.refusal is not None and self.refusal(c.text or ""):
             return c.rejected("refusal", f"the answer reads as a refusal: {(c.text or '')[:200]!r}")
         return c
-
-
-def _refusal_judge(pipeline):
-    """refused(text) from judge(row) of the no_refusal filter: the workspace's filters/no_refusal.py if it
-    has one, else the built-in, so that on_refusal and a no_refusal filter stage (without `args`) agree on
-    what a refusal is."""
-    from synth.filters import as_verdict, load_filter_module
-    from synth.paths import builtin_dir
-
-    path = pipeline.base_dir / "filters" / "no_refusal.py"
-    if not path.is_file():
-        path = builtin_dir("filters") / "no_refusal.py"
-    module = load_filter_module(path)
-    if not callable(getattr(module, "judge", None)):
-        raise SynthError(f"{path}: on_refusal needs judge(row) in this file")
-
-    def refused(text: str) -> bool:
-        try:
-            return not as_verdict(module.judge({"text": text}), "refusal", path).passed
-        except SynthError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the workspace's filter file is the user's code
-            raise SynthError(f"{path}: judge raised {type(exc).__name__}: {exc} (on_refusal calls judge(row) with "
-                             "row = {'text': the answer})") from None
-    return refused
 
 
 class Budget:
@@ -478,13 +392,6 @@ class Budget:
         if self.run is not None:
             parts.append(f"this run ${self.run.spent:,.4f} of --max-cost ${self.run.max_cost:g}")
         return ", ".join(parts) or "no budget"
-
-
-@dataclass
-class RunBudget:
-    """`synth run --max-cost`: what the generate stages of this run may spend together (USD)."""
-    max_cost: float
-    spent: float = 0.0
 
 
 def _membership(stage: str, teacher: str, requests: list[Request], input_of: dict[str, str],
@@ -534,11 +441,9 @@ def _logprob_rows(completions: list[Completion], tokenizer: str) -> pa.Table:
                      "tokenizer": pa.array([tokenizer] * len(cols["request_id"]), pa.string())})
 
 
-def _create_view(con, pipeline, name: str) -> None:
-    from synth.pipeline import GENERATION_COLUMNS, input_alias
-
-    stage: GenerateStage = pipeline.stage(name)
-    parse = pipeline.templates[name].spec.parse
+def _create_view(con, graph: Graph, name: str) -> None:
+    stage: GenerateStage = graph.stage(name)
+    parse = graph.templates[name].spec.parse
     parsed_cols = list(PARSER_COLUMNS[parse])
     if parse == "json":
         keys = con.execute("SELECT DISTINCT unnest(json_keys(parsed)) AS k FROM synth.generations "
@@ -550,8 +455,85 @@ def _create_view(con, pipeline, name: str) -> None:
     select += [f"json_extract_string(g.parsed, {sql_str('$.' + json.dumps(k))}) AS {quote_ident(k)}"
                for k in parsed_cols]
     select += [f"i.{quote_ident(c)} AS {quote_ident(input_alias(c, own))}"
-               for c in pipeline.columns[stage.input] if c != "id"]
+               for c in graph.columns[stage.input] if c != "id"]
     Store.replace_view(con, name, (
         f"SELECT {', '.join(select)} FROM synth.generations g "
         "JOIN synth.completions c ON c.id = g.id JOIN synth.requests r ON r.id = g.id "
         f"LEFT JOIN {quote_ident(stage.input)} i ON i.id = g.input_id WHERE g.stage = {sql_str(name)}"))
+
+
+# ---- load time ------------------------------------------------------------------------------------------
+
+def generation_columns(template: Template, input_columns: list[str]) -> list[str]:
+    """A generate stage's columns: its own, the parser's, then the input row's (minus its id, which is
+    `input_id`); an input column whose name is taken is renamed input_<name>."""
+    own = GENERATION_COLUMNS + PARSER_COLUMNS[template.spec.parse]
+    return own + [input_alias(c, own) for c in input_columns if c != "id"]
+
+
+def input_alias(column: str, taken: list[str]) -> str:
+    return f"input_{column}" if column in taken else column
+
+
+def references(stage: GenerateStage, stages) -> list[Ref]:
+    """Its input's rows; and a train stage, when the teacher is that stage's trained model (it runs after)."""
+    trained = [stage.teacher] if stages.get(stage.teacher) is not None and stages[stage.teacher].kind == "train" \
+        else []
+    return [Ref("input", (stage.input,), ROWS), Ref("teacher", tuple(trained), ("train",))]
+
+
+def check(graph: Graph, name: str) -> list[str]:
+    """The template exists and names only columns its rows have (a pairwise critic's rows are pairs:
+    errors name the judge stage that owns it); a max_cost needs the teacher's prices."""
+    stage: GenerateStage = graph.stage(name)
+    if stage.max_cost and graph.prices(name) is None:
+        raise SynthError(f"{graph.where(name, 'max_cost')}: key 'max_cost': teacher {stage.teacher!r} has no prices; "
+                         "add prices: {input: USD per 1M tokens, output: USD per 1M tokens} to it")
+    owner = graph.owner_of.get(name)
+    template = load_template(stage.prompt, graph.base_dir, f"{graph.where(owner or name, 'prompt')}: key 'prompt'")
+    columns = graph.columns[stage.input]
+    if name in graph.pairs_by:
+        columns = [c for c in columns if c not in PAIR_COLUMNS] + PAIR_COLUMNS
+    template.check_columns(columns, graph.where(owner or name, "prompt"))
+    graph.add_template(name, template)
+    return generation_columns(template, graph.columns[stage.input])
+
+
+def fingerprint(graph: Graph, name: str, trained) -> dict[str, str]:
+    """The template file's bytes and the teacher's backend and model (a trained student's model dir)."""
+    teacher = graph.teacher_config(graph.stage(name).teacher, trained)
+    return {"prompt": graph.templates[name].file_hash,
+            "teacher": content_hash({"backend": teacher.backend, "model": teacher.model})}
+
+
+def preflight(graph: Graph, name: str, trained, console, will_run: bool) -> None:
+    """Before `synth run` writes anything: the teacher's API key is set and its backend can do what the
+    stage asks (logprobs; ray with an online teacher), and every row of a load input renders within the
+    template's limits (a row with a null value is not an error: it becomes an error row)."""
+    stage: GenerateStage = graph.stage(name)
+    config = graph.teacher_config(stage.teacher, trained)
+    if stage.params.logprobs is not None and not config.capabilities().logprobs:
+        raise SynthError(f"{graph.where(name, 'params')}: key 'params.logprobs': teacher '{stage.teacher}' "
+                         f"(backend {config.backend}) cannot return logprobs"
+                         + (" (its config says logprobs: false)" if config.backend == "openai" else "")
+                         + "; remove params.logprobs or use a backend that has them (hf, vllm, openai, echo)")
+    if stage.ray is not None and getattr(config, "mode", "online") == "batch":
+        raise SynthError(f"{graph.where(name, 'ray')}: key 'ray': teacher '{stage.teacher}' uses mode batch, which "
+                         "runs on the provider's side; remove `ray:` from the stage or use mode online")
+    if isinstance(config, OpenAITeacherConfig):
+        resolve_api_key(stage.teacher, config)
+    if stage.input in graph.seeds and name not in graph.pairs_by:
+        template = graph.templates[name]
+        for row in graph.seeds[stage.input].table.to_pylist():
+            try:
+                template.render(row, where=f"{graph.where(name)}: input row id {row.get('id')!r}")
+            except MissingValue:
+                pass  # the stage sends the other rows and records this one as an error row
+
+
+KIND = Kind(
+    name="generate", run=run, references=references, check=check, fingerprint=fingerprint, preflight=preflight,
+    estimate=estimate, teachers=lambda stage: [("teacher", [stage.teacher])],
+    # budgets only let an incomplete stage go on; where requests run (ray) does not change their ids
+    not_fingerprinted=frozenset({"max_cost", "max_tokens_total", "ray"}),
+)

@@ -1,7 +1,7 @@
 """The evaluate stage: models on held-out rows, scored by a verifier, summarised per model.
 
 An evaluate stage `E` over models [m1, m2, ...] gets one companion generate stage `E_m1`, `E_m2`, ...
-(added when the pipeline is loaded, like a judge's critic stage): each renders `prompt` over the
+(declared here, added to the graph when the pipeline is loaded, like a judge's critic stage): each renders `prompt` over the
 input rows and asks that model `samples` times with `params` — ordinary cached generations, so a
 re-run asks nothing and an interrupted evaluation resumes. `E` then scores every output with the
 `verify` settings (synth/verify.py: fail closed; the reference is the input row's own column) and
@@ -15,36 +15,56 @@ a 95% Wilson interval, mean output tokens — is computed from those rows by `su
 from __future__ import annotations
 
 import pyarrow as pa
-from rich.console import Console
 
 from synth.config import EvaluateStage, GenerateStage
+from synth.context import RunContext
+from synth.errors import SynthError
+from synth.graph import Companion, Graph, Kind
+from synth.requests import build_requests, input_rows
 from synth.store import Store, now, quote_ident, sql_str
 from synth.verdicts import Verdict
+from synth.verify import check_extract, compare, extract_answer
+
+COLUMNS = ["model", "id", "input_id", "sample", "passed", "reason", "answer", "completion_tokens"]
 
 
 def model_stage_name(name: str, model: str) -> str:
     return f"{name}_{model}"
 
 
-def model_stages(stage: EvaluateStage, name: str) -> dict[str, GenerateStage]:
-    return {model_stage_name(name, m): GenerateStage(
+def companions(name: str, stage: EvaluateStage) -> dict[str, Companion]:
+    return {model_stage_name(name, m): Companion(GenerateStage(
         kind="generate", input=stage.input, teacher=m, prompt=stage.prompt, samples=stage.samples,
-        params=stage.params, description=f"outputs of model '{m}' for evaluate stage '{name}'")
+        params=stage.params, description=f"outputs of model '{m}' for evaluate stage '{name}'"))
         for m in stage.models}
 
 
-def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
-    from synth import verify
-    from synth.generate import build_requests, input_rows
-    from synth.pipeline import record_stage
+def check(graph: Graph, name: str) -> list[str]:
+    stage: EvaluateStage = graph.stage(name)
+    v = stage.verify
+    if len(set(stage.models)) != len(stage.models):
+        raise SynthError(f"{graph.where(name, 'models')}: key 'models': a model is listed twice")
+    check_extract(graph.where(name, "verify"), v.extract, v.pattern, v.field, prefix="verify.")
+    if v.reference not in graph.columns[stage.input]:
+        raise SynthError(f"{graph.where(name, 'verify')}: key 'verify.reference': the input has no column "
+                         f"{v.reference!r} (its columns: {', '.join(graph.columns[stage.input])})")
+    produced = graph.columns[model_stage_name(name, stage.models[0])]
+    if v.answer not in produced:
+        raise SynthError(f"{graph.where(name, 'verify')}: key 'verify.answer': the outputs have no column "
+                         f"{v.answer!r} (they have: {', '.join(produced)}); parse it in the template "
+                         "or extract it from `text`")
+    return COLUMNS
 
-    stage: EvaluateStage = pipeline.stage(name)
+
+def run(ctx: RunContext, name: str) -> dict:
+    graph, run_id, console = ctx.graph, ctx.run_id, ctx.console
+    stage: EvaluateStage = graph.stage(name)
     v = stage.verify
     rows = {k: [] for k in ("stage", "model", "id", "input_id", "sample", "passed", "reason", "answer",
                             "completion_tokens", "run_id", "created_at")}
-    inputs = input_rows(pipeline, model_stage_name(name, stage.models[0]), from_store=True)
+    inputs = input_rows(graph, model_stage_name(name, stage.models[0]), from_store=True)
     references = {str(r["id"]): r.get(v.reference) for r in inputs}  # the input's own column, by row id
-    with pipeline.store.read() as con:
+    with ctx.store.read() as con:
         for model in stage.models:
             gen_name = model_stage_name(name, model)
             outputs = {r[0]: r[1:] for r in con.execute(
@@ -52,7 +72,7 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
             ).fetchall()}
             # Score every planned output: one that never came back (an error, a timeout) is a failure,
             # so that models are compared on the same items.
-            planned = build_requests(pipeline, gen_name, inputs)
+            planned = build_requests(graph, gen_name, inputs, ctx.teacher_config(model).model)
             for request in planned.requests:
                 input_id = planned.input_of[request.id]
                 reference = references.get(input_id)
@@ -62,8 +82,8 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
                     verdict = Verdict.fail("no_output")
                 else:
                     answer, tokens = outputs[request.id]
-                    extracted = verify.extract_answer(answer, v.extract, v.pattern, v.field)
-                    verdict = verify.compare(extracted, reference, v.method, v.tolerance)
+                    extracted = extract_answer(answer, v.extract, v.pattern, v.field)
+                    verdict = compare(extracted, reference, v.method, v.tolerance)
                 rid, sample = request.id, request.sample
                 for key, value in (("stage", name), ("model", model), ("id", rid), ("input_id", input_id),
                                    ("sample", sample), ("passed", verdict.passed), ("reason", verdict.reason),
@@ -74,14 +94,14 @@ def run_stage(pipeline, name: str, run_id: str, console: Console) -> dict:
         ("stage", pa.string()), ("model", pa.string()), ("id", pa.string()), ("input_id", pa.string()),
         ("sample", pa.int32()), ("passed", pa.bool_()), ("reason", pa.string()), ("answer", pa.string()),
         ("completion_tokens", pa.int32()), ("run_id", pa.string()), ("created_at", pa.timestamp("us"))]))
-    with pipeline.store.write() as con:
+    with ctx.store.write() as con:
         # history: earlier runs' results stay; synth.evaluations shows this run's once the stage is recorded
         Store.insert_arrow(con, "synth.evaluation_history", table, mode="")
-        record_stage(con, pipeline, name, "running", table.num_rows, run_id)
+        ctx.record(con, name, "running", table.num_rows)
         Store.replace_view(con, name, "SELECT model, id, input_id, sample, passed, reason, answer, completion_tokens "
                                       f"FROM synth.evaluations WHERE stage = {sql_str(name)}")
         result = summary(con, name, stage.models)
-        record_stage(con, pipeline, name, "done", table.num_rows, run_id, summary=result)
+        ctx.record(con, name, "done", table.num_rows, summary=result)
     for s in result:
         console.print(f"  {name}: {s['model']}: accuracy {s['accuracy']:.3f} "
                       f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}] over {s['n']} outputs")
@@ -105,9 +125,13 @@ def summary(con, name: str, models: list[str] | None = None) -> list[dict]:
 
 def wilson(correct: int, n: int) -> tuple[float, float]:
     """The 95% Wilson score interval of correct/n (scipy); (0, 0) when n is 0."""
-    from scipy.stats import binomtest
+    from scipy.stats import binomtest  # scipy takes ~0.3 s to import: only when a summary is made
 
     if not n:
         return 0.0, 0.0
     ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
     return float(ci.low), float(ci.high)
+
+
+KIND = Kind(name="evaluate", run=run, check=check, companions=companions,
+            teachers=lambda stage: [("models", list(stage.models))])
