@@ -163,10 +163,12 @@ class Graph:
         return p if p.is_absolute() else (self.base_dir / p)
 
     def where(self, name: str, key: str | None = None) -> str:
-        """"<file>:<line>: stage '<name>'", the line of `key` in the stage (or of the stage) when found.
-        Memoised: it is called per row where rows are rendered."""
+        """"<file>:<line>: stage '<name>'", the line of `key` in the stage (or of the stage) when found; a
+        companion stage is not in the file: the line of its owner. Memoised: called per rendered row."""
         if (name, key) not in self._lines:
-            self._lines[(name, key)] = line_of(self.text, ["stages", name] + ([key] if key else []))
+            in_file = self.owner_of.get(name, name)
+            self._lines[(name, key)] = line_of(self.text, ["stages", in_file] + ([key] if key and in_file == name
+                                                                                 else []))
         line = self._lines[(name, key)]
         return f"{self.path}{f':{line}' if line else ''}: stage '{name}'"
 
