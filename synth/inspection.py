@@ -54,7 +54,7 @@ def format_rows(table, fmt: str, console: Console, max_width: int = 60) -> None:
         return
     if fmt == "csv":
         buf = io.StringIO()
-        writer = csv.writer(buf)
+        writer = csv.writer(buf, lineterminator="\n")  # not the csv module's \r\n: ids piped into `synth why`
         writer.writerow(table.column_names)
         for row in rows:
             writer.writerow([_cell(v) for v in row.values()])

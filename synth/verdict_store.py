@@ -135,3 +135,15 @@ def write_verdicts(ctx: RunContext, name: str, table: pa.Table, filter_version: 
         ctx.record(con, name, "done", n, judged=n, passed=passed, version=filter_version)
     ctx.console.print(f"  {name}: {n} rows judged · {passed} passed · {n - passed} rejected")
     return {"rows": n, "judged": n, "passed": passed}
+
+
+def top_rejections(con, stages: list[str], limit: int = 3) -> str:
+    """The most frequent rejection reasons of filter stages' current verdicts, for a warning:
+    "judge: low_score 12, verify: wrong_answer 3" ('' when none). Reasons carrying a row id are grouped."""
+    if not stages:
+        return ""
+    rows = con.execute(
+        "SELECT stage, CASE WHEN reason LIKE 'duplicate_of:%' THEN 'duplicate_of' ELSE reason END AS r, count(*) AS n "
+        f"FROM synth.verdicts WHERE NOT passed AND stage IN ({', '.join(sql_str(s) for s in stages)}) "
+        "GROUP BY ALL ORDER BY n DESC, stage, r LIMIT ?", [limit]).fetchall()
+    return ", ".join(f"{stage}: {reason} {n}" for stage, reason, n in rows)

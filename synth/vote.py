@@ -8,6 +8,8 @@ group| (samples without an answer count in the denominator). Verdicts:
 - not in the plurality class                -> failed, `minority_answer`, score = its share;
 - plurality class but share < min_agreement -> failed, `low_agreement`;
 - a tie for the plurality                   -> failed, `low_agreement` (no class wins);
+- every sample of the group the same text   -> failed, `identical_samples`: copies are not independent
+  votes (a server that ignores temperature, greedy decoding), so their agreement is no evidence;
 - otherwise                                 -> passed, score = share.
 """
 
@@ -19,8 +21,10 @@ from synth import verify
 from synth.store import quote_ident
 
 
-def vote(con, source: str, answer: str, group_by: str, method: str, min_agreement: float) -> pa.Table:
-    """Verdict table (row_id, passed, score, reason, details) for every row of `source`."""
+def vote(con, source: str, answer: str, group_by: str, method: str, min_agreement: float,
+         text: str | None = None) -> pa.Table:
+    """Verdict table (row_id, passed, score, reason, details) for every row of `source`. `text`: the
+    column of the samples' whole texts, when the rows have one (a group of identical texts fails)."""
 
     a, g = quote_ident(answer), quote_ident(group_by)
     distinct = [r[0] for r in con.execute(f"SELECT DISTINCT CAST({a} AS VARCHAR) FROM {source} "
@@ -29,24 +33,30 @@ def vote(con, source: str, answer: str, group_by: str, method: str, min_agreemen
                      "class": pa.array([verify.canonical(x, method) for x in distinct], pa.string())})
     con.register("_synth_vote_keys", keys)
     try:
-        return con.sql(vote_sql(source, a, g, "_synth_vote_keys", min_agreement)).to_arrow_table()
+        return con.sql(vote_sql(source, a, g, "_synth_vote_keys", min_agreement,
+                                quote_ident(text) if text else None)).to_arrow_table()
     finally:
         con.unregister("_synth_vote_keys")
 
 
-def vote_sql(source: str, answer: str, group: str, keys: str, min_agreement: float) -> str:
+def vote_sql(source: str, answer: str, group: str, keys: str, min_agreement: float, text: str | None = None) -> str:
+    sample_text = f"CAST(i.{text} AS VARCHAR)" if text else "NULL::VARCHAR"
     return f"""
     WITH s AS (
-        SELECT CAST(i.id AS VARCHAR) AS row_id, i.{group} AS grp, k.class
+        SELECT CAST(i.id AS VARCHAR) AS row_id, i.{group} AS grp, k.class, {sample_text} AS sample_text
         FROM {source} i LEFT JOIN {keys} k ON k.answer = CAST(i.{answer} AS VARCHAR)),
     sizes AS (SELECT grp, class, count(*) AS n FROM s WHERE class IS NOT NULL GROUP BY ALL),
-    totals AS (SELECT grp, count(*) AS total FROM s GROUP BY ALL),
+    totals AS (SELECT grp, count(*) AS total,
+                      count(*) >= 2 AND count(sample_text) = count(*) AND count(DISTINCT sample_text) = 1 AS identical
+               FROM s GROUP BY ALL),
     top AS (SELECT grp, top_n, count(*) FILTER (WHERE n = top_n) AS tied FROM (
               SELECT grp, n, max(n) OVER (PARTITION BY grp) AS top_n FROM sizes) GROUP BY grp, top_n)
     SELECT s.row_id,
-           (s.class IS NOT NULL AND z.n = t.top_n AND t.tied = 1 AND z.n / o.total >= {min_agreement}) AS passed,
+           (s.class IS NOT NULL AND NOT o.identical AND z.n = t.top_n AND t.tied = 1
+            AND z.n / o.total >= {min_agreement}) AS passed,
            z.n / o.total AS score,
            CASE WHEN s.class IS NULL THEN 'no_answer'
+                WHEN o.identical THEN 'identical_samples'
                 WHEN z.n < t.top_n THEN 'minority_answer'
                 WHEN t.tied > 1 OR z.n / o.total < {min_agreement} THEN 'low_agreement'
            END AS reason,

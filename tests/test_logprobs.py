@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from conftest import query, synth, write
+from conftest import synth_run, query, synth, write
 from scripted_teacher import ScriptedTeacher
 
 
@@ -99,3 +99,14 @@ def test_hf_logprobs_match_a_forward_pass(workspace, tiny_model):
         logits = model(torch.tensor([prompt + generated])).logits[0].float().log_softmax(-1)
     expected = [logits[len(prompt) - 1 + t, token].item() for t, token in enumerate(generated)]
     assert [r[1] for r in rows] == pytest.approx(expected, abs=1e-3)
+
+
+def test_the_stored_tokenizer_is_an_absolute_path(workspace, tiny_model):
+    """A model given relative to the pipeline file is stored under its absolute path, the same whatever
+    directory synth ran from (token ids are only meaningful with the tokenizer they came from)."""
+    import shutil
+
+    shutil.copytree(tiny_model, workspace / "models" / "tiny")
+    synth_run(_pipeline(workspace, "{backend: hf, model: models/tiny, batch_size: 4}", k=2, max_tokens=4))
+    tokenizers = {r[0] for r in query(workspace / "out" / "run.duckdb", "SELECT DISTINCT tokenizer FROM synth.logprobs")}
+    assert tokenizers == {str((workspace / "models" / "tiny").resolve())}

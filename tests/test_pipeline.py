@@ -129,8 +129,10 @@ def test_inspection_commands(workspace, tiny_model):
     synth("run", pipeline, check=True)
     store = workspace / "out" / "run.duckdb"
 
-    out = synth("sql", pipeline, "select input_id, sample, answer from solutions order by input_id, sample",
-                "--format", "csv", check=True).stdout.splitlines()
+    csv = synth("sql", pipeline, "select input_id, sample, answer from solutions order by input_id, sample",
+                "--format", "csv", check=True).stdout
+    assert "\r" not in csv  # lines end in \n: a value piped on (`| xargs synth why ...`) carries no \r
+    out = csv.splitlines()
     assert out[0] == "input_id,sample,answer" and len(out) == 1 + len(SEEDS) * 2
     as_json = synth("sql", store, "select count(*) as n from solutions", "--format", "json", check=True).stdout
     assert json.loads(as_json.strip()) == {"n": len(SEEDS) * 2}

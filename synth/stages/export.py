@@ -37,6 +37,7 @@ from synth.errors import SynthError
 from synth.graph import Graph, Kind, Ref
 from synth.prompts import load_template
 from synth.store import Store, quote_ident, sql_str
+from synth.verdict_store import top_rejections
 
 
 def sft_messages(prompt: list[dict], text: str, *, system: bool, few_shot: bool) -> list[dict]:
@@ -114,6 +115,14 @@ def run(ctx: RunContext, name: str) -> dict:
             source = f"{reader}({sql_str(str(out))})"
         Store.replace_view(con, name, f"SELECT * FROM {source}")
         ctx.record(con, name, "done", len(records), path=str(out))
+        filters = [n for n in graph.upstream([name]) if graph.kind(n).verdicts]
+        reasons = top_rejections(con, filters) if not records else ""
+    if not records:
+        ctx.console.print(f"  [bold yellow]{name}: warning: wrote an empty {stage.format} file ({out}): "
+                          + (f"the filters rejected every row (most often: {reasons}); " if reasons else
+                             f"its input '{stage.input}' has no rows; ")
+                          + "a train stage on it would fail. `synth stats` shows the funnel[/bold yellow]",
+                          highlight=False)
     return {"rows": len(records), "path": str(out)}
 
 

@@ -37,7 +37,7 @@ from synth.prompts import Template, load_template
 from synth.requests import PAIR_COLUMNS, build_requests, cached_ids, input_rows
 from synth.store import fetch_one, Store, now, quote_ident, sql_str
 from synth.teachers import (Completion, OpenAITeacherConfig, Request, content_filtered, load_teacher,
-                            prompt_token_counter)
+                            prompt_token_counter, resolve_model_path)
 from synth.teachers.openai import resolve_api_key
 
 GENERATION_COLUMNS = ["id", "input_id", "sample", "teacher", "model", "text", "finish_reason",
@@ -96,6 +96,9 @@ def run(ctx: RunContext, name: str) -> dict:
     template = graph.templates[name]
     parse = PARSERS[template.spec.parse]
     model = ctx.teacher_config(stage.teacher).model
+    # whose vocabulary the stored logprobs' token ids are: a local model by its absolute path (a relative one
+    # would depend on the directory synth ran from), a hub model by its id
+    tokenizer = resolve_model_path(model, graph.base_dir)
     rows = input_rows(graph, name, from_store=True)
     if rows is None:
         raise SynthError(f"{graph.where(name)}: input '{stage.input}' has no rows in the store; run it first")
@@ -158,7 +161,7 @@ def run(ctx: RunContext, name: str) -> dict:
         try:
             with store.write(threads=1) as con:
                 Store.insert_arrow(con, "synth.completions", _completion_rows(good, stage.teacher, run_id))
-                Store.insert_arrow(con, "synth.logprobs", _logprob_rows(good, model))
+                Store.insert_arrow(con, "synth.logprobs", _logprob_rows(good, tokenizer))
                 Store.insert_arrow(con, "synth.generations", _membership(
                     name, stage.teacher, [by_id[c.request_id] for c in good], planned.input_of,
                     {c.request_id: c.text for c in good}, parse), mode="OR REPLACE")
@@ -265,10 +268,11 @@ def run(ctx: RunContext, name: str) -> dict:
         missing = len(ids) - done
         _create_view(con, graph, name)  # json parsers: columns for the keys seen
         stopped = {"stopped": "budget", "budget": budget.describe()} if missing and budget.reached() else {}
+        quality = answer_stats(con, graph, name)
         ctx.record(con, name, "done" if missing == 0 else "incomplete", done,
-                     total=len(ids), errors=missing, sent=sent, cached=len(cached), collapsed=planned.collapsed,
-                     recovered=len(recovered), unrendered=len(planned.unrendered),
-                     cost=budget.cost(), **stopped)
+                   total=len(ids), errors=missing, sent=sent, cached=len(cached), collapsed=planned.collapsed,
+                   recovered=len(recovered), unrendered=len(planned.unrendered),
+                   cost=budget.cost(), **quality, **stopped)
     elapsed = time.monotonic() - started
     console.print(f"  {name}: {done}/{len(ids)} rows · {len(cached)} cached · "
                   + (f"{len(recovered)} recovered from the journal · " if recovered else "")
@@ -279,12 +283,66 @@ def run(ctx: RunContext, name: str) -> dict:
         console.print(f"  [yellow]{name}: {len(planned.unrendered)} input rows not sent: a template variable is null "
                       f"or missing (first: row {rid!r}, column {exc.column!r}); fix those rows or give the variable a "
                       "default in the template; they are in synth.errors with cause missing_value[/yellow]")
+    for line in describe_answers(graph, name, quality):
+        console.print(line, highlight=False)
     if stopped:
         console.print(f"  {name}: stopped at its budget ({budget.describe()}); {missing} requests unsent — raise "
                       "the budget and re-run to continue")
     return {"rows": done, "total": len(ids), "cached": len(cached), "sent": sent, "errors": errors,
             "recovered": len(recovered), "unrendered": len(planned.unrendered),
-            "completion_tokens": tokens, "unsent": missing if stopped else 0, **stopped}
+            "completion_tokens": tokens, "unsent": missing if stopped else 0, **quality, **stopped}
+
+
+# Below these, the end of a generate stage warns (the answers are there, but most will not serve).
+LOW_PARSE_RATE = 0.8  # share of answers the template's parser could read
+HIGH_IDENTICAL = 0.5  # share of inputs whose samples are all the same text, at temperature > 0
+
+
+def answer_stats(con, graph: Graph, name: str) -> dict:
+    """What the stage's answers look like, from the store: `parsed` {readable, answers}: how many answers the
+    template's parser could read (its answer contract: a \\boxed{}, a `Score: N`, a JSON object; absent for
+    parse: text); `identical` {inputs, of}: of the inputs with two or more answers, how many got the same
+    text every time (absent with one sample or temperature 0, where that is expected)."""
+    stage: GenerateStage = graph.stage(name)
+    parse = graph.templates[name].spec.parse
+    out: dict = {}
+    answers = "FROM synth.generations g JOIN synth.completions c USING (id) WHERE g.stage = ?"
+    if parse != "text":
+        readable = ("json_extract(g.parsed, '$.parse_error') IS NULL" if parse == "json" else
+                    f"json_extract_string(g.parsed, {sql_str('$.' + json.dumps(PARSER_COLUMNS[parse][0]))}) IS NOT NULL")
+        n, ok = fetch_one(con, f"SELECT count(*), count(*) FILTER (WHERE {readable}) {answers}", [name])
+        out["parsed"] = {"readable": ok, "answers": n}
+    if stage.samples > 1 and stage.params.temperature > 0:
+        of, same = fetch_one(con, "SELECT count(*), count(*) FILTER (WHERE texts = 1) FROM (SELECT g.input_id, "
+                                  f"count(DISTINCT c.text) AS texts {answers} GROUP BY g.input_id HAVING count(*) >= 2)",
+                             [name])
+        out["identical"] = {"inputs": same, "of": of}
+    return out
+
+
+def describe_answers(graph: Graph, name: str, quality: dict) -> list[str]:
+    """The stats line of answer_stats, and a warning for each figure past its threshold."""
+    stage: GenerateStage = graph.stage(name)
+    lines = []
+    parsed, identical = quality.get("parsed"), quality.get("identical")
+    if parsed and parsed["answers"]:
+        parse = graph.templates[name].spec.parse
+        share = parsed["readable"] / parsed["answers"]
+        lines.append(f"  {name}: parser {parse} read {parsed['readable']}/{parsed['answers']} answers ({share:.0%})")
+        if share < LOW_PARSE_RATE:
+            lines.append(f"  [yellow]{name}: warning: only {share:.0%} of the answers follow the template's answer "
+                         f"format (parser {parse}), so filters that read the answer reject the rest; add few-shot "
+                         "examples to the template, ask for JSON (`parse: json`), or pick another parser — README, "
+                         "\"When answers do not parse\"[/yellow]")
+    if identical and identical["of"]:
+        share = identical["inputs"] / identical["of"]
+        lines.append(f"  {name}: {identical['inputs']}/{identical['of']} inputs got {stage.samples} identical samples")
+        if share >= HIGH_IDENTICAL:
+            lines.append(f"  [yellow]{name}: warning: {share:.0%} of the inputs got the same text in every sample at "
+                         f"temperature {stage.params.temperature:g}: the teacher did not sample. A server may ignore "
+                         "temperature or seed (`transformers serve` decodes greedily unless the model's "
+                         "generation_config sets do_sample: true); voting and pairs need samples that differ[/yellow]")
+    return lines
 
 
 def stage_teacher(ctx: RunContext, name: str):

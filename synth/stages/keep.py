@@ -9,6 +9,7 @@ from synth.context import RunContext
 from synth.errors import SynthError
 from synth.graph import ROWS, Graph, Kind, Ref
 from synth.store import Store, fetch_one, quote_ident, sql_str
+from synth.verdict_store import top_rejections
 
 
 def references(stage: KeepStage, stages) -> list[Ref]:
@@ -44,7 +45,12 @@ def run(ctx: RunContext, name: str) -> dict:
         rows = fetch_one(con, f"SELECT count(*) FROM {quote_ident(name)}")[0]
         total = fetch_one(con, f"SELECT count(*) FROM {src}")[0]
         ctx.record(con, name, "done", rows, of=total)
+        reasons = top_rejections(con, list(stage.pass_)) if total and not rows else ""
     ctx.console.print(f"  {name}: kept {rows} of {total} rows")
+    if total and not rows:
+        ctx.console.print(f"  [bold yellow]{name}: warning: kept none of {total} rows; the filters rejected them all "
+                          f"(most often: {reasons or 'no verdicts'}). `synth stats` shows the funnel, "
+                          f"`synth why <id>` one row[/bold yellow]", highlight=False)
     return {"rows": rows, "of": total}
 
 
