@@ -73,6 +73,7 @@ class RayOptions(BaseModel):
 
 class GenerateStage(_Stage):
     """input rows x template x samples -> requests -> completions."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     kind: Literal["generate"]
     input: str
     teacher: str
@@ -93,6 +94,10 @@ class GenerateStage(_Stage):
         "keep", description="error: an answer that reads as a refusal (the no_refusal filter's patterns) is an "
                             "error row with cause `refusal`, asked again by a re-run, instead of a sample")
     ray: RayOptions | None = Field(None, description="run the teacher on Ray workers (see RayOptions)")
+    schema_: dict[str, Any] | str | None = Field(
+        None, alias="schema", description="structured output: a JSON schema (inline, or a .json/.yaml file) the "
+        "answers must follow, enforced by the backend where it can be and checked on every answer (an answer "
+        "that breaks it is an error row, cause schema_violation); its properties become columns")
 
 
 class ExportStage(_Stage):
@@ -147,6 +152,7 @@ class VoteStage(_Stage):
 
 class JudgeStage(_Stage):
     """An LLM critic: a pointwise rubric score per row, or pairwise comparisons within a group."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     kind: Literal["judge"]
     input: str
     teacher: str
@@ -156,6 +162,9 @@ class JudgeStage(_Stage):
                                                        "(pairwise, default 0.5)")
     group_by: str = "input_id"
     params: StageParams = Field(default_factory=lambda: StageParams(temperature=0.0, max_tokens=256))
+    schema_: dict[str, Any] | str | None = Field(
+        "auto", alias="schema", description="the critic's structured output: auto (a score, or a winner, where "
+        "the backend can enforce a schema), none, or a JSON schema as for a generate stage")
 
 
 class DedupStage(_Stage):

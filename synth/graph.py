@@ -117,6 +117,7 @@ class Graph:
         self.columns: dict[str, list[str]] = {}
         self.templates: dict[str, Template] = {}
         self.seeds: dict[str, Seeds] = {}
+        self.schemas: dict[str, dict] = {}  # a stage with structured output -> its JSON schema (synth/schemas.py)
         self.stage_teachers: set[str] = set()  # teachers that are a stage's model (a train stage's)
         self._fingerprints: dict[tuple, dict[str, str]] = {}  # memo: (name, trained) -> parts
         self._lines: dict[tuple, int | None] = {}  # memo: (name, key) -> line in the file (where)
@@ -128,7 +129,7 @@ class Graph:
         super().__setattr__(key, value)
 
     def _seal(self) -> None:
-        for attr in ("inputs", "companions", "owner_of", "pairs_by", "columns", "templates", "seeds"):
+        for attr in ("inputs", "companions", "owner_of", "pairs_by", "columns", "templates", "seeds", "schemas"):
             setattr(self, attr, MappingProxyType(getattr(self, attr)))
         self.stage_teachers = frozenset(self.stage_teachers)
         self.order = tuple(self.order)
@@ -139,6 +140,9 @@ class Graph:
 
     def add_seeds(self, name: str, seeds: Seeds) -> None:
         self._unsealed().seeds[name] = seeds
+
+    def add_schema(self, name: str, schema: dict) -> None:
+        self._unsealed().schemas[name] = schema
 
     def _unsealed(self) -> "Graph":
         if self._sealed:
@@ -213,9 +217,7 @@ class Graph:
         if memo not in self._fingerprints:
             stage, kind = self.stage(name), self.kind(name)
             config = stage.model_dump(mode="json", exclude={"description", *kind.not_fingerprinted})
-            for key, default in kind.later_keys.items():
-                if config.get(key) == default:
-                    del config[key]
+            config = without_later_keys(kind, config)
             parts = {"config": content_hash(config), **kind.fingerprint(self, name, trained)}
             for inp in self.inputs[name]:
                 parts[f"input:{inp}"] = self.fingerprint(inp, trained)
@@ -224,6 +226,11 @@ class Graph:
 
     def fingerprint(self, name: str, trained: Mapping[str, str]) -> str:
         return content_hash(self.fingerprint_parts(name, trained))
+
+
+def without_later_keys(kind: Kind, config: dict) -> dict:
+    """A stage's config dump without the keys its kind gained later that are still at their default."""
+    return {k: v for k, v in config.items() if not (k in kind.later_keys and v == kind.later_keys[k])}
 
 
 # ---- building -----------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ class StageStatus:
 
 REASONS = {"config": "its config changed", "file": "its seed file changed", "prompt": "its prompt template changed",
            "teacher": "its teacher's model changed", "filter": "its filter's config or files changed",
-           "recipe": "its training recipe changed", "student": "its student model changed"}
+           "recipe": "its training recipe changed", "student": "its student model changed",
+           "schema": "its schema changed"}
 
 
 def staleness(graph: Graph, states: dict[str, dict] | None = None) -> dict[str, StageStatus]:

@@ -38,6 +38,8 @@ def build_requests(graph: Graph, name: str, rows: list[dict], model: str) -> Pla
     stage = graph.stage(name)
     template = graph.templates[name]
     params = stage.params.model_dump(exclude_none=True)
+    if name in graph.schemas:  # structured output: the schema is part of what is sent, hence of the ids
+        params["json_schema"] = graph.schemas[name]
     planned = Planned([], {}, {}, {}, 0, {})
     for row in rows:
         try:

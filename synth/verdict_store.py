@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from synth.context import RunContext
 from synth.errors import SynthError, one_line
-from synth.graph import Graph, Kind
+from synth.graph import Graph, Kind, without_later_keys
 from synth.ids import content_hash
 from synth.secrets import scrub
 from synth.store import Store, now, quote_ident, sql_str
@@ -31,8 +31,8 @@ VERDICT_COLUMNS = ["passed", "score", "reason"]
 
 def version(graph: Graph, name: str, files: dict | None = None) -> str:
     """A filter's version: the hash of its config and of what it reads from files (`files`)."""
-    return content_hash({"config": graph.stage(name).model_dump(mode="json", exclude={"description"}),
-                         **(files or {})})
+    config = without_later_keys(graph.kind(name), graph.stage(name).model_dump(mode="json", exclude={"description"}))
+    return content_hash({"config": config, **(files or {})})
 
 
 def need_column(graph: Graph, name: str, key: str, column: str | None) -> None:

@@ -32,8 +32,9 @@ from synth.filterfiles import refusal_judge
 from synth.graph import ROWS, Graph, Kind, Ref
 from synth.ids import content_hash
 from synth.journal import Journal, leftover_segments, remove_segments, replay
-from synth.parsers import PARSER_COLUMNS, PARSERS
-from synth.prompts import Template, load_template
+from synth import schemas
+from synth.parsers import PARSER_COLUMNS, PARSERS, parse_json
+from synth.prompts import load_template
 from synth.requests import PAIR_COLUMNS, build_requests, cached_ids, input_rows
 from synth.store import fetch_one, Store, now, quote_ident, sql_str
 from synth.teachers import (Completion, OpenAITeacherConfig, Request, content_filtered, load_teacher,
@@ -93,8 +94,7 @@ def estimate(graph: Graph, name: str, statuses, trained) -> dict:
 def run(ctx: RunContext, name: str) -> dict:
     graph, run_id, console, store = ctx.graph, ctx.run_id, ctx.console, ctx.store
     stage: GenerateStage = graph.stage(name)
-    template = graph.templates[name]
-    parse = PARSERS[template.spec.parse]
+    parse = answer_parser(graph, name)
     model = ctx.teacher_config(stage.teacher).model
     # whose vocabulary the stored logprobs' token ids are: a local model by its absolute path (a relative one
     # would depend on the directory synth ran from), a hub model by its id
@@ -392,6 +392,10 @@ class Policies:
         self.queue: list[Request] = []  # on_length retries, sent after the first pass
         self.requests = requests  # request id -> Request: the ones this run sends
         self.refusal = refusal_judge(graph.base_dir) if self.stage.on_refusal == "error" else None
+        # a schema the stage declares is a contract (checked); `auto` (a critic's) only asks the backend for it,
+        # so a server that ignores response_format still gets its prose read by the parser
+        self.schema = schemas.Checker(graph.schemas[name]) if name in graph.schemas and self.stage.schema_ != "auto" \
+            else None
 
     def __call__(self, c: Completion) -> Completion | None:
         c = content_filtered(c)
@@ -411,6 +415,9 @@ class Policies:
                               + f"; raise params.max_tokens or retry_max_tokens: {(c.text or '')[-120:]!r}")
         if self.refusal is not None and self.refusal(c.text or ""):
             return c.rejected("refusal", f"the answer reads as a refusal: {(c.text or '')[:200]!r}")
+        problem = self.schema.problem(c.text) if self.schema is not None else None
+        if problem:
+            return c.rejected("schema_violation", f"the answer does not follow the stage's schema: {problem}")
         return c
 
 
@@ -502,11 +509,11 @@ def _logprob_rows(completions: list[Completion], tokenizer: str) -> pa.Table:
 def _create_view(con, graph: Graph, name: str) -> None:
     stage: GenerateStage = graph.stage(name)
     parse = graph.templates[name].spec.parse
-    parsed_cols = list(PARSER_COLUMNS[parse])
+    parsed_cols = answer_columns(graph, name)
     if parse == "json":
         keys = con.execute("SELECT DISTINCT unnest(json_keys(parsed)) AS k FROM synth.generations "
                            "WHERE stage = ? AND parsed IS NOT NULL ORDER BY k", [name]).fetchall()
-        parsed_cols += [k[0] for k in keys if k[0] not in GENERATION_COLUMNS]
+        parsed_cols += [k[0] for k in keys if k[0] not in GENERATION_COLUMNS and k[0] not in parsed_cols]
     own = GENERATION_COLUMNS + parsed_cols
     select = ["g.id", "g.input_id", "g.sample", "g.teacher", "r.model", "c.text", "c.finish_reason",
               "c.prompt_tokens", "c.completion_tokens"]
@@ -522,10 +529,31 @@ def _create_view(con, graph: Graph, name: str) -> None:
 
 # ---- load time ------------------------------------------------------------------------------------------
 
-def generation_columns(template: Template, input_columns: list[str]) -> list[str]:
-    """A generate stage's columns: its own, the parser's, then the input row's (minus its id, which is
-    `input_id`); an input column whose name is taken is renamed input_<name>."""
-    own = GENERATION_COLUMNS + PARSER_COLUMNS[template.spec.parse]
+def answer_columns(graph: Graph, name: str) -> list[str]:
+    """The columns a stage reads out of each answer: its template's parser's, then its schema's properties."""
+    parsed = list(PARSER_COLUMNS[graph.templates[name].spec.parse])
+    return parsed + [p for p in schemas.properties(graph.schemas.get(name)) if p not in parsed + GENERATION_COLUMNS]
+
+
+def answer_parser(graph: Graph, name: str):
+    """text -> the answer's columns: the schema's properties read from the answer's JSON object (None when it
+    is not one), then the template's parser's columns (which win)."""
+    parse = PARSERS[graph.templates[name].spec.parse]
+    props = schemas.properties(graph.schemas.get(name))
+    if not props:
+        return parse
+
+    def parse_answer(text: str) -> dict:
+        value = parse_json(text)
+        found = {} if "parse_error" in value else value
+        return {**{p: found.get(p) for p in props}, **parse(text)}
+    return parse_answer
+
+
+def generation_columns(graph: Graph, name: str, input_columns: list[str]) -> list[str]:
+    """A generate stage's columns: its own, the answer's (parser, schema), then the input row's (minus its
+    id, which is `input_id`); an input column whose name is taken is renamed input_<name>."""
+    own = GENERATION_COLUMNS + answer_columns(graph, name)
     return own + [input_alias(c, own) for c in input_columns if c != "id"]
 
 
@@ -554,14 +582,22 @@ def check(graph: Graph, name: str) -> list[str]:
         columns = [c for c in columns if c not in PAIR_COLUMNS] + PAIR_COLUMNS
     template.check_columns(columns, graph.where(owner or name, "prompt"))
     graph.add_template(name, template)
-    return generation_columns(template, graph.columns[stage.input])
+    config = graph.teacher_config(stage.teacher, {})
+    schema = schemas.resolve(stage.schema_, template.spec.parse, config.capabilities().structured_output,
+                             graph.base_dir, graph.where(owner or name, "schema"))
+    if schema is not None:
+        graph.add_schema(name, schema)
+    return generation_columns(graph, name, graph.columns[stage.input])
 
 
 def fingerprint(graph: Graph, name: str, trained) -> dict[str, str]:
     """The template file's bytes and the teacher's backend and model (a trained student's model dir)."""
     teacher = graph.teacher_config(graph.stage(name).teacher, trained)
-    return {"prompt": graph.templates[name].file_hash,
-            "teacher": content_hash({"backend": teacher.backend, "model": teacher.model})}
+    parts = {"prompt": graph.templates[name].file_hash,
+             "teacher": content_hash({"backend": teacher.backend, "model": teacher.model})}
+    if name in graph.schemas:  # a schema file's content (an inline one is in the config too)
+        parts["schema"] = content_hash(graph.schemas[name])
+    return parts
 
 
 def preflight(graph: Graph, name: str, trained, console, will_run: bool) -> None:
@@ -594,4 +630,5 @@ KIND = Kind(
     estimate=estimate, teachers=lambda stage: [("teacher", [stage.teacher])],
     # budgets only let an incomplete stage go on; where requests run (ray) does not change their ids
     not_fingerprinted=frozenset({"max_cost", "max_tokens_total", "ray"}),
+    later_keys={"schema_": "auto"},  # a judge's critic calls: unchanged where auto resolves to no schema
 )

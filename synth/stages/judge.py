@@ -47,7 +47,7 @@ def companions(name: str, stage: JudgeStage) -> dict[str, Companion]:
     """The generate stage that makes a judge's critic calls (pairwise: over ordered pairs of samples)."""
     critic = GenerateStage(kind="generate", input=stage.input, teacher=stage.teacher,
                            prompt=stage.prompt or DEFAULT_PROMPT[stage.mode], samples=1, params=stage.params,
-                           description=f"critic calls of judge stage '{name}' ({stage.mode})")
+                           schema=stage.schema_, description=f"critic calls of judge stage '{name}' ({stage.mode})")
     return {critic_stage_name(name): Companion(critic, pairs_by=stage.group_by if stage.mode == "pairwise" else None)}
 
 
@@ -135,4 +135,4 @@ def _pairwise(graph: Graph, stage: JudgeStage, critic: str, rows: list[dict], ju
 
 
 KIND = filter_kind("judge", judge_rows=verdicts, check=check, companions=companions,
-                   teachers=lambda stage: [("teacher", [stage.teacher])])
+                   teachers=lambda stage: [("teacher", [stage.teacher])], later_keys={"schema_": "auto"})

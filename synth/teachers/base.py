@@ -7,6 +7,7 @@ package) re-exports it and dispatches to the backends (load_teacher), so the imp
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -232,7 +233,9 @@ class HFTeacherConfig(_TeacherConfig):
     batch_size: int = Field(16, ge=1)
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(n_samples=True, logprobs=True)
+        # structured output through xgrammar (synth/teachers/hf.py), when it is installed (the hf extra)
+        return Capabilities(n_samples=True, logprobs=True, structured_output=importlib.util.find_spec("xgrammar")
+                            is not None)
 
 
 class OpenAITeacherConfig(_TeacherConfig):
@@ -261,12 +264,15 @@ class OpenAITeacherConfig(_TeacherConfig):
     batch_max_requests: int = Field(50_000, ge=1, le=50_000, description="mode batch: most requests in one batch "
                                                                          "(the Batch API's limit is 50,000)")
     poll_interval_s: float = Field(30.0, gt=0, description="mode batch: seconds between status checks")
+    structured_output: bool = Field(True, description="the server enforces `response_format: json_schema` (OpenAI, "
+                                                      "vLLM and SGLang do); false: a stage's schema is only checked "
+                                                      "on the answers")
 
     def model_post_init(self, __context) -> None:
         register_env(self.api_key_env)  # its value is scrubbed from every message, log and stored string
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(n_samples=True, logprobs=self.logprobs)
+        return Capabilities(n_samples=True, logprobs=self.logprobs, structured_output=self.structured_output)
 
 
 class VLLMTeacherConfig(_TeacherConfig):
@@ -278,7 +284,7 @@ class VLLMTeacherConfig(_TeacherConfig):
     engine: dict = Field(default_factory=dict, description="extra keyword arguments for vllm.LLM")
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(n_samples=True, logprobs=True)
+        return Capabilities(n_samples=True, logprobs=True, structured_output=True)
 
 
 class EchoRule(BaseModel):

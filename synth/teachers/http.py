@@ -69,7 +69,14 @@ def request_body(model: str, request: Request) -> dict:
         body["top_k"] = p["top_k"]
     if p.get("logprobs") is not None:
         body["logprobs"], body["top_logprobs"] = True, p["logprobs"]
+    if p.get("json_schema") is not None:
+        body["response_format"] = response_format(p["json_schema"])
     return {k: v for k, v in body.items() if v is not None}
+
+
+def response_format(schema: dict) -> dict:
+    """Structured output as OpenAI's chat API (and vLLM's, SGLang's servers) take it."""
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
 
 
 def parse_logprobs(teacher_name: str, request: Request, choice: dict) -> list[dict] | None:

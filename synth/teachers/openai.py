@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 from synth.errors import SynthError, one_line
 from synth.secrets import key_problem, register_secret, scrub
 from synth.teachers.base import Completion, OpenAITeacherConfig, Request, TeacherBase, estimated_tokens
-from synth.teachers.http import HTTPClient, is_context_length, parse_logprobs
+from synth.teachers.http import HTTPClient, is_context_length, parse_logprobs, response_format
 from synth.teachers.limiter import Limiter
 
 _DONE = object()
@@ -130,6 +130,8 @@ class OpenAITeacher(TeacherBase):
         p = request.params
         extra_body = {"top_k": p["top_k"]} if "top_k" in p else None
         logprobs = {} if p.get("logprobs") is None else {"logprobs": True, "top_logprobs": p["logprobs"]}
+        if p.get("json_schema") is not None:
+            logprobs["response_format"] = response_format(p["json_schema"])
         started = time.monotonic()
         try:
             response = await client.chat.completions.create(

@@ -200,6 +200,8 @@ class VLLMTeacher(TeacherBase):
             top_k=p.get("top_k", -1) if p.get("top_k") is not None else -1, max_tokens=p["max_tokens"],
             stop=p.get("stop"), presence_penalty=p.get("presence_penalty", 0.0),
             frequency_penalty=p.get("frequency_penalty", 0.0), logprobs=p.get("logprobs"),
+            structured_outputs=(None if p.get("json_schema") is None else
+                                self._vllm.sampling_params.StructuredOutputsParams(json=p["json_schema"])),
             output_kind=self._final_only)  # one output per request, when it finishes (as LLM.chat asks)
 
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
