@@ -150,6 +150,12 @@ MIGRATIONS: list[str] = [
     CREATE VIEW synth.train_logs AS SELECT h.* FROM synth.train_log_history h
         JOIN synth.stages s ON s.name = h.stage AND s.run_id = h.run_id;
     """,
+    # 11: reasoning teachers: the trace apart from the answer (a server's reasoning_content, or <think>...</think>
+    # split from the text), and how many of the completion tokens it took when the server says
+    """
+    ALTER TABLE synth.completions ADD COLUMN reasoning VARCHAR;
+    ALTER TABLE synth.completions ADD COLUMN reasoning_tokens INTEGER;
+    """,
 ]
 
 

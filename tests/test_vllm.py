@@ -312,3 +312,14 @@ def test_a_rejected_request_does_not_fail_its_neighbours(teacher, engine_slots):
     assert got["long"].error == "context_length" and got["long"].prompt_tokens >= 512
     assert got["bad"].error == "bad_request" and "logprobs" in got["bad"].error_message
     assert all(c.ok and c.text is not None for rid, c in got.items() if rid not in ("long", "bad"))
+
+
+def test_structured_output_is_enforced_by_the_engine(teacher, engine_slots):
+    """params.json_schema (a stage's `schema`): vLLM's structured outputs constrain the random-weight
+    model's noise to the schema, on every sample."""
+    engine_slots(4)
+    schema = {"type": "object", "properties": {"verdict": {"type": "string", "enum": ["yes", "no"]}},
+              "required": ["verdict"], "additionalProperties": False}
+    done = list(teacher.generate(make_requests(3, samples=2, max_tokens=32, json_schema=schema)))
+    assert len(done) == 6 and all(c.ok for c in done), [c.error_message for c in done]
+    assert all(json.loads(c.text)["verdict"] in ("yes", "no") for c in done), [c.text for c in done]

@@ -38,11 +38,11 @@ from synth.prompts import load_template
 from synth.requests import PAIR_COLUMNS, build_requests, cached_ids, input_rows
 from synth.store import fetch_one, Store, now, quote_ident, sql_str
 from synth.teachers import (Completion, OpenAITeacherConfig, Request, content_filtered, load_teacher,
-                            prompt_token_counter, resolve_model_path)
+                            prompt_token_counter, resolve_model_path, split_reasoning)
 from synth.teachers.openai import resolve_api_key
 
 GENERATION_COLUMNS = ["id", "input_id", "sample", "teacher", "model", "text", "finish_reason",
-                      "prompt_tokens", "completion_tokens"]
+                      "prompt_tokens", "completion_tokens", "reasoning", "reasoning_tokens"]
 
 
 def flush_batch_rows() -> int:
@@ -396,9 +396,10 @@ class Policies:
         # so a server that ignores response_format still gets its prose read by the parser
         self.schema = schemas.Checker(graph.schemas[name]) if name in graph.schemas and self.stage.schema_ != "auto" \
             else None
+        self.reasoning_tags = graph.teacher_config(self.stage.teacher, {}).reasoning_tags
 
     def __call__(self, c: Completion) -> Completion | None:
-        c = content_filtered(c)
+        c = split_reasoning(content_filtered(c), self.reasoning_tags)
         if not c.ok:
             return c
         if c.request_id in self.retried:
@@ -480,6 +481,8 @@ def _completion_rows(completions: list[Completion], teacher: str, run_id: str) -
         "completion_tokens": pa.array([c.completion_tokens for c in completions], pa.int32()),
         "latency_s": pa.array([c.latency_s for c in completions], pa.float64()),
         "retry_max_tokens": pa.array([c.retry_max_tokens for c in completions], pa.int32()),
+        "reasoning": pa.array([c.reasoning for c in completions], pa.string()),
+        "reasoning_tokens": pa.array([c.reasoning_tokens for c in completions], pa.int32()),
         "teacher": [teacher] * len(completions), "run_id": [run_id] * len(completions),
         "created_at": [now()] * len(completions)})
 
@@ -516,7 +519,7 @@ def _create_view(con, graph: Graph, name: str) -> None:
         parsed_cols += [k[0] for k in keys if k[0] not in GENERATION_COLUMNS and k[0] not in parsed_cols]
     own = GENERATION_COLUMNS + parsed_cols
     select = ["g.id", "g.input_id", "g.sample", "g.teacher", "r.model", "c.text", "c.finish_reason",
-              "c.prompt_tokens", "c.completion_tokens"]
+              "c.prompt_tokens", "c.completion_tokens", "c.reasoning", "c.reasoning_tokens"]
     select += [f"json_extract_string(g.parsed, {sql_str('$.' + json.dumps(k))}) AS {quote_ident(k)}"
                for k in parsed_cols]
     select += [f"i.{quote_ident(c)} AS {quote_ident(input_alias(c, own))}"

@@ -15,14 +15,14 @@ from synth.teachers.base import (  # the package's public names (the backends im
     CHARS_PER_TOKEN, Capabilities, Completion, EchoRule, EchoTeacherConfig, HFTeacherConfig,
     OpenAITeacherConfig, POLICY_CAUSES, Prices, Request, SamplingParams, Teacher, TeacherBase, TeacherConfig,
     VLLMTeacherConfig, _TeacherConfig, approx_prompt_tokens, content_filtered, estimated_tokens,
-    model_signature, prompt_token_counter, resolve_model_path,
+    model_signature, prompt_token_counter, resolve_model_path, split_reasoning,
 )
 
 __all__ = ['CHARS_PER_TOKEN', 'Capabilities', 'Completion', 'EchoRule', 'EchoTeacherConfig', 'HFTeacherConfig',
            'OpenAITeacherConfig', 'POLICY_CAUSES', 'Prices', 'Request', 'SamplingParams', 'Teacher',
            'TeacherBase', 'TeacherConfig', 'VLLMTeacherConfig', '_TeacherConfig', 'approx_prompt_tokens',
            'content_filtered', 'estimated_tokens', 'model_signature', 'prompt_token_counter',
-           'resolve_model_path', 'load_teacher']
+           'resolve_model_path', 'split_reasoning', 'load_teacher']
 
 
 def load_teacher(name: str, config: _TeacherConfig, base_dir: Path) -> Teacher:

@@ -65,6 +65,8 @@ class Completion:
     # {"token": str, "token_id": int | None, "logprob": float, "top": [{"token", "token_id", "logprob"}, ...]}
     logprobs: list[dict] | None = None
     retry_max_tokens: int | None = None  # generated with this max_tokens, not the request's (on_length retry)
+    reasoning: str | None = None  # a reasoning model's trace: the server's reasoning_content, or <think>...</think>
+    reasoning_tokens: int | None = None  # of completion_tokens, those the trace took (when the server says)
 
     def __post_init__(self) -> None:
         # a server's or an exception's text may echo the API key (an Authorization header): never stored
@@ -80,6 +82,24 @@ class Completion:
         it was paid for, so it counts toward the stage's spend."""
         return Completion(self.request_id, prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
                           latency_s=self.latency_s, error=cause, error_message=message)
+
+
+def split_reasoning(c: Completion, tags: list[str]) -> Completion:
+    """A completion whose text holds its reasoning trace (`<think>...</think>answer`, or `...</think>answer`
+    when the chat template opened the tag in the prompt) with the trace moved to `reasoning` and the
+    answer left in `text`. An open trace that never closed (cut at max_tokens) is all reasoning. A
+    completion whose server gave the trace apart (reasoning_content) is left as it is."""
+    if not c.ok or c.reasoning is not None or len(tags) != 2 or not c.text:
+        return c
+    start, end = tags
+    body = c.text.lstrip()
+    if body.startswith(start):
+        body = body[len(start):]
+    elif end not in body:
+        return c
+    trace, closed, answer = body.partition(end)
+    c.reasoning, c.text = trace.strip(), answer.lstrip() if closed else ""
+    return c
 
 
 CHARS_PER_TOKEN = 4.0  # token estimate without a tokenizer: ~4 characters per token for English text
@@ -124,7 +144,7 @@ def prompt_token_counter(config, base_dir: Path):
 
 # causes of answers that came back and that the generate stage rejected by a policy (content_filtered
 # below, GenerateStage.on_length / on_refusal): a re-run asks them again rather than re-reading them
-POLICY_CAUSES = ("content_filter", "length", "refusal")
+POLICY_CAUSES = ("content_filter", "length", "refusal", "schema_violation")  # answers a stage rejected
 
 
 def content_filtered(c: Completion) -> Completion:
@@ -224,6 +244,10 @@ class _TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="hub id or local directory (relative to the pipeline file)")
     prices: Prices | None = Field(None, description="USD per million input/output tokens")
+    reasoning_tags: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["<think>", "</think>"], min_length=0, max_length=2,
+        description="the tags around a reasoning trace written in the text: it is moved to the `reasoning` column "
+                    "and the text keeps the answer; [] keeps the text whole")
 
 
 class HFTeacherConfig(_TeacherConfig):
@@ -236,6 +260,11 @@ class HFTeacherConfig(_TeacherConfig):
         # structured output through xgrammar (synth/teachers/hf.py), when it is installed (the hf extra)
         return Capabilities(n_samples=True, logprobs=True, structured_output=importlib.util.find_spec("xgrammar")
                             is not None)
+
+
+# OpenAI's reasoning families (a provider prefix like "openai/" allowed), and what they refuse
+REASONING_MODELS = re.compile(r"^(?:[\w.-]+/)?(?:o1|o3|o4|gpt-5)(?:\b|[-_.])")
+REASONING_REFUSES = {"temperature", "top_p", "presence_penalty", "frequency_penalty", "logprobs"}
 
 
 class OpenAITeacherConfig(_TeacherConfig):
@@ -267,12 +296,29 @@ class OpenAITeacherConfig(_TeacherConfig):
     structured_output: bool = Field(True, description="the server enforces `response_format: json_schema` (OpenAI, "
                                                       "vLLM and SGLang do); false: a stage's schema is only checked "
                                                       "on the answers")
+    reasoning: bool | None = Field(None, description="a reasoning model (OpenAI's o-series, gpt-5): max_tokens is sent "
+                                   "as max_completion_tokens (it covers the hidden reasoning too) and temperature, "
+                                   "top_p, the penalties and logprobs, which such models refuse, are left out; unset: "
+                                   "by the model's name (o1, o3, o4, gpt-5...)")
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
+        None, description="sent as reasoning_effort (reasoning models)")
+    omit: list[Literal["temperature", "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty",
+                       "max_tokens", "logprobs"]] = Field(
+        default_factory=list, description="request parameters never sent to this server (one it refuses)")
 
     def model_post_init(self, __context) -> None:
         register_env(self.api_key_env)  # its value is scrubbed from every message, log and stored string
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(n_samples=True, logprobs=self.logprobs, structured_output=self.structured_output)
+        return Capabilities(n_samples=True, logprobs=self.logprobs and not self.is_reasoning(),
+                            structured_output=self.structured_output)
+
+    def is_reasoning(self) -> bool:
+        return self.reasoning if self.reasoning is not None else bool(REASONING_MODELS.match(self.model))
+
+    def left_out(self) -> set[str]:
+        """The request parameters this teacher never sends."""
+        return set(self.omit) | (REASONING_REFUSES if self.is_reasoning() else set())
 
 
 class VLLMTeacherConfig(_TeacherConfig):

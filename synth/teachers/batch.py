@@ -64,7 +64,7 @@ from typing import Iterator, Sequence
 from synth.errors import SynthError
 from synth.secrets import scrub
 from synth.teachers.base import POLICY_CAUSES, Completion, OpenAITeacherConfig, Request, TeacherBase
-from synth.teachers.http import http_cause, parse_logprobs, request_body
+from synth.teachers.http import http_cause, parse_logprobs, reasoning_of, request_body
 from synth.teachers.openai import _short, error_cause, resolve_api_key
 
 log = logging.getLogger("synth")
@@ -275,7 +275,7 @@ class BatchTeacher(TeacherBase):
         size, n = 0, 0
         out = None
         for r in requests:
-            body = request_body(self.model, r)  # the online body, logprobs / top_logprobs included
+            body = request_body(self.model, r, self.config)  # the online body, logprobs / top_logprobs included
             line = (json.dumps({"custom_id": r.id, "method": "POST", "url": ENDPOINT, "body": body},
                                ensure_ascii=False) + "\n").encode()
             if chunk and (len(chunk) >= self.config.batch_max_requests or size + len(line) > MAX_FILE_BYTES):
@@ -533,9 +533,11 @@ class BatchTeacher(TeacherBase):
         try:
             choice = body["choices"][0]
             usage = body.get("usage") or {}
+            reasoning, reasoning_tokens = reasoning_of(choice["message"], usage)
             return Completion(rid, text=choice["message"].get("content") or "",
                               finish_reason=choice.get("finish_reason"), prompt_tokens=usage.get("prompt_tokens"),
-                              completion_tokens=usage.get("completion_tokens"),
+                              completion_tokens=usage.get("completion_tokens"), reasoning=reasoning,
+                              reasoning_tokens=reasoning_tokens,
                               logprobs=parse_logprobs(self.name, request, choice))
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
             return Completion(rid, error="malformed_response", error_message=scrub(f"{type(exc).__name__}: {exc}"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 
 from synth.errors import SynthError
@@ -59,19 +60,57 @@ def http_cause(status: int, text: str) -> str:
     return "bad_request" if 400 <= status < 500 else "api_error"
 
 
-def request_body(model: str, request: Request) -> dict:
-    """The chat-completions body: the keys the openai client sends for the same call, None omitted."""
+def request_body(model: str, request: Request, config=None) -> dict:
+    """The chat-completions body: the keys the openai client sends for the same call, None omitted, and
+    those the teacher's config leaves out (OpenAITeacherConfig.left_out: `omit`, a reasoning model's
+    refusals) dropped; a reasoning model gets max_completion_tokens and reasoning_effort."""
     p = request.params
+    omit = config.left_out() if config is not None else set()
+    reasoning = config is not None and config.is_reasoning()
     body = {"messages": request.messages, "model": model, "frequency_penalty": p.get("frequency_penalty"),
-            "max_tokens": p.get("max_tokens"), "presence_penalty": p.get("presence_penalty"), "seed": request.seed,
+            "max_completion_tokens" if reasoning else "max_tokens": p.get("max_tokens"),
+            "presence_penalty": p.get("presence_penalty"), "seed": request.seed,
             "stop": p.get("stop"), "temperature": p.get("temperature"), "top_p": p.get("top_p")}
     if "top_k" in p:
         body["top_k"] = p["top_k"]
-    if p.get("logprobs") is not None:
+    if p.get("logprobs") is not None and "logprobs" not in omit:
         body["logprobs"], body["top_logprobs"] = True, p["logprobs"]
     if p.get("json_schema") is not None:
         body["response_format"] = response_format(p["json_schema"])
+    if config is not None and config.reasoning_effort:
+        body["reasoning_effort"] = config.reasoning_effort
+    for key in omit:
+        body.pop("max_completion_tokens" if key == "max_tokens" and reasoning else key, None)
     return {k: v for k, v in body.items() if v is not None}
+
+
+def reasoning_of(message: dict, usage: dict) -> tuple[str | None, int | None]:
+    """A reasoning model's trace (vLLM's reasoning parsers and DeepSeek's API: `reasoning_content`; others:
+    `reasoning`) and its token count (usage.completion_tokens_details.reasoning_tokens)."""
+    trace = message.get("reasoning_content") or message.get("reasoning")
+    details = usage.get("completion_tokens_details") or {}
+    return (trace if isinstance(trace, str) and trace else None), details.get("reasoning_tokens")
+
+
+def refused_parameter(teacher_name: str, status: int, text: str) -> SynthError | None:
+    """A 400 that says the server refuses a request parameter (OpenAI: code unsupported_parameter /
+    unsupported_value, with `param`): one line naming it, since every request would fail the same way."""
+    try:
+        error = json.loads(text).get("error") or {}
+    except (ValueError, AttributeError):
+        error = {}
+    message = str(error.get("message") or text)
+    param = error.get("param")
+    if status != 400 or not (error.get("code") in ("unsupported_parameter", "unsupported_value") or
+                             "nsupported parameter" in message):
+        return None
+    if not param:
+        match = re.search(r"parameter:? '?\"?([A-Za-z_]+)", message)
+        param = match.group(1) if match else "?"
+    key = "max_tokens" if param == "max_completion_tokens" else param
+    return SynthError(f"teacher '{teacher_name}': the server refuses the parameter '{param}' "
+                      f"({' '.join(message.split())[:200]}); leave it out with `omit: [{key}]` on the teacher"
+                      + ("" if key == "max_tokens" else ", or set `reasoning: true` for a reasoning model"))
 
 
 def response_format(schema: dict) -> dict:
@@ -113,7 +152,7 @@ class HTTPClient:
     async def complete(self, model: str, request: Request) -> Completion:
         from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-        body = json.dumps(request_body(model, request), ensure_ascii=False).encode()
+        body = json.dumps(request_body(model, request, self.config), ensure_ascii=False).encode()
         tokens = estimated_tokens(request)
         started = time.monotonic()
         try:
@@ -134,10 +173,12 @@ class HTTPClient:
         try:
             choice = data["choices"][0]
             usage = data.get("usage") or {}
+            reasoning, reasoning_tokens = reasoning_of(choice["message"], usage)
             return Completion(request.id, text=choice["message"].get("content") or "",
                               finish_reason=choice.get("finish_reason"), prompt_tokens=usage.get("prompt_tokens"),
                               completion_tokens=usage.get("completion_tokens"), latency_s=latency,
-                              logprobs=parse_logprobs(self.name, request, choice))
+                              logprobs=parse_logprobs(self.name, request, choice), reasoning=reasoning,
+                              reasoning_tokens=reasoning_tokens)
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
             return Completion(request.id, error="malformed_response",
                               error_message=scrub(f"{type(exc).__name__}: {exc}")[:500],
@@ -185,6 +226,9 @@ class HTTPClient:
         if status == 404:
             raise SynthError(scrub(f"teacher '{self.name}': {self.url} answered 404 ({message}); check base_url "
                                    "and model"))
+        refused = refused_parameter(self.name, status, text)
+        if refused is not None:
+            raise refused
         if status in RETRY_STATUS:
             exc = _Retryable("server_error" if status == 409 else http_cause(status, text), message, retry_after)
             exc.headers = headers  # a 429's x-ratelimit-* tell the limiter when the budget resets

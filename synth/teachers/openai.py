@@ -16,6 +16,7 @@ Ollama, `transformers serve`), through the official `openai` client, or for a se
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import queue
 import threading
@@ -26,7 +27,8 @@ from typing import Iterator, Sequence
 from synth.errors import SynthError, one_line
 from synth.secrets import key_problem, register_secret, scrub
 from synth.teachers.base import Completion, OpenAITeacherConfig, Request, TeacherBase, estimated_tokens
-from synth.teachers.http import HTTPClient, is_context_length, parse_logprobs, response_format
+from synth.teachers.http import (HTTPClient, is_context_length, parse_logprobs, reasoning_of, refused_parameter,
+                                request_body)
 from synth.teachers.limiter import Limiter
 
 _DONE = object()
@@ -127,18 +129,13 @@ class OpenAITeacher(TeacherBase):
     async def _one(self, client, request: Request) -> Completion:
         import openai
 
-        p = request.params
-        extra_body = {"top_k": p["top_k"]} if "top_k" in p else None
-        logprobs = {} if p.get("logprobs") is None else {"logprobs": True, "top_logprobs": p["logprobs"]}
-        if p.get("json_schema") is not None:
-            logprobs["response_format"] = response_format(p["json_schema"])
+        # the same keys as the raw HTTP path (request_body: omit, a reasoning model's keys, response_format);
+        # what the SDK has no argument for goes in extra_body
+        body = request_body(self.model, request, self.config)
+        extra_body = {k: body.pop(k) for k in ("top_k",) if k in body} or None
         started = time.monotonic()
         try:
-            response = await client.chat.completions.create(
-                model=self.model, messages=request.messages, temperature=p.get("temperature"),
-                top_p=p.get("top_p"), max_tokens=p.get("max_tokens"), seed=request.seed, stop=p.get("stop"),
-                presence_penalty=p.get("presence_penalty"), frequency_penalty=p.get("frequency_penalty"),
-                extra_body=extra_body, **logprobs)
+            response = await client.chat.completions.create(**body, extra_body=extra_body)
         except openai.AuthenticationError as exc:
             raise SynthError(f"teacher '{self.name}': the server refused the API key "
                              f"({_short(exc)}); check {self.config.api_key_env or 'the key'}") from None
@@ -146,6 +143,11 @@ class OpenAITeacher(TeacherBase):
             raise SynthError(f"teacher '{self.name}': model {self.model!r} not found at "
                              f"{self.config.base_url or 'the OpenAI API'} ({_short(exc)})") from None
         except openai.APIError as exc:
+            refused = refused_parameter(self.name, getattr(exc, "status_code", None) or 0,
+                                        json.dumps({"error": getattr(exc, "body", None) or {}}) if isinstance(
+                                            getattr(exc, "body", None), dict) else str(exc))
+            if refused is not None:
+                raise refused from None
             return Completion(request.id, error=error_cause(exc), error_message=_short(exc),
                               latency_s=time.monotonic() - started)
         except ValueError as exc:  # a 200 whose body is not the JSON it claims (json.JSONDecodeError)
@@ -158,10 +160,12 @@ class OpenAITeacher(TeacherBase):
         try:
             choice = response.choices[0]
             usage = response.usage
+            reasoning, reasoning_tokens = reasoning_of(choice.message.model_dump(), usage.model_dump() if usage else {})
             return Completion(request.id, text=choice.message.content or "", finish_reason=choice.finish_reason,
                               prompt_tokens=usage.prompt_tokens if usage else None,
                               completion_tokens=usage.completion_tokens if usage else None, latency_s=latency,
-                              logprobs=parse_logprobs(self.name, request, choice.model_dump()))
+                              logprobs=parse_logprobs(self.name, request, choice.model_dump()), reasoning=reasoning,
+                              reasoning_tokens=reasoning_tokens)
         except (AttributeError, IndexError, TypeError) as exc:
             return Completion(request.id, error="malformed_response", error_message=_short(exc), latency_s=latency)
 

@@ -79,6 +79,9 @@ class VLLMTeacher(TeacherBase):
             kwargs["enforce_eager"] = True
         if config.max_model_len:
             kwargs["max_model_len"] = config.max_model_len
+        # structured output (a stage's schema) as compact JSON, as the hf backend's: free whitespace lets a weak
+        # model pad until max_tokens. An engine-wide setting in vLLM; `engine:` may override it.
+        kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
         kwargs.update(config.engine)
         try:
             self.llm = vllm.LLM(model=path, **kwargs)
