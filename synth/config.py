@@ -119,6 +119,12 @@ class ExportStage(_Stage):
         "whole", description="dpo: the rejected answer whole, or cut after its first line that differs from the "
                              "chosen answer (step-level pairs: DPO then pushes down the step that went wrong, not "
                              "the sound steps written after it)")
+    reasoning: Literal["drop", "think", "both"] = Field(
+        "drop", description="sft of a reasoning teacher's rows: the answer only (drop), the trace in the student's "
+                            "think tags before the answer (think), or both as two examples")
+    think_tags: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["<think>", "</think>"], min_length=2, max_length=2,
+        description="reasoning think/both: the student's tags around its trace")
 
 
 # ---- filters: each writes one verdict (passed, score, reason) per input row; none deletes ---------

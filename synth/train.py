@@ -12,6 +12,8 @@ TRL's documentation is the reference), plus two synth-only keys:
 
 Data: SFT rows carry `messages` (a list of {role, content}); DPO rows carry `prompt`, `chosen`,
 `rejected`, either conversational (lists of messages) or plain strings. The file is .parquet or .jsonl.
+An SFT recipe's `assistant_only_loss: true` works with any chat template: by TRL's {% generation %}
+markers where the template has them, else on prompt-completion rows (loss_mask, below).
 torch, transformers, trl and peft are imported inside the functions that need them (seconds of start-up).
 """
 
@@ -93,8 +95,9 @@ def check_recipe(path: Path, method: str, student: str | Path | None = None) -> 
     """Validate a recipe before anything runs, without importing torch or TRL: the file reads as a
     YAML mapping; every key is a field of TRL's config for `method` (read from TRL's source, see
     config_fields) or a synth key, with a value of the field's type (an enum field: one of its
-    values); and `assistant_only_loss: true` has a chat template with {% generation %} markers to
-    work with (when `student` is a local model directory). Raises SynthError with one line:
+    values); and `assistant_only_loss: true` has a chat template to tell the assistant's turns by
+    (when `student` is a local model directory; with or without {% generation %} markers: see
+    loss_mask). Raises SynthError with one line:
     `recipe:line: key 'k': what is wrong; what to do`. Returns the recipe (numbers normalised).
     What only TRL's __post_init__ knows (combinations of values) is checked by load_recipe at training."""
     if method not in METHODS:
@@ -108,9 +111,8 @@ def check_recipe(path: Path, method: str, student: str | Path | None = None) -> 
         problem = _template_problem(Path(student))
         if problem:
             raise SynthError(f"{_at(path, lines, 'assistant_only_loss')}: key 'assistant_only_loss': {problem}; "
-                             "put {% generation %}...{% endgeneration %} around the assistant turn in the student's "
-                             "chat template, point chat_template_path at a template that has them, or remove "
-                             "assistant_only_loss")
+                             "start from an instruct model, add a chat_template.jinja to the student, point "
+                             "chat_template_path at one, or remove assistant_only_loss")
     return recipe
 
 
@@ -243,24 +245,15 @@ def _chat_template(model_dir: Path) -> str | None:
 
 
 def _template_problem(model_dir: Path) -> str | None:
-    """Why assistant_only_loss cannot work with this student's chat template, or None (fine, or not
-    knowable here: a hub id, a directory without tokenizer files). TRL swaps in a training template
-    for the chat templates it ships (trl/chat_templates/*.jinja: Qwen, Llama 3, Gemma, ...), so those
-    pass without markers."""
+    """Why assistant_only_loss cannot work with this student, or None (fine, or not knowable here: a hub
+    id, a directory without tokenizer files). Any chat template will do: with {% generation %} markers
+    (or one TRL ships a training version of) TRL masks by them, without them synth trains on
+    prompt-completion rows (loss_mask); only a student without a chat template has no turns to mask by."""
     if not model_dir.is_dir() or not (model_dir / "tokenizer_config.json").is_file():
         return None
-    template = _chat_template(model_dir)
-    if template is None:
-        return f"the student ({model_dir}) has no chat template"
-    if GENERATION_MARKER.search(template):
-        return None
-    trl_dir = _Source.package_dir("trl")
-    known = trl_dir / "chat_templates" if trl_dir else None
-    if known and known.is_dir() and any(template == f.read_text(encoding="utf-8", errors="replace")
-                                        for f in known.glob("*.jinja")):
-        return None
-    return f"the student's chat template ({model_dir}) has no {{% generation %}} markers, so no token would count " \
-           "as the assistant's"
+    if _chat_template(model_dir) is None:
+        return f"the student ({model_dir}) has no chat template, so no turn can be told apart as the assistant's"
+    return None
 
 
 _BAD = object()
@@ -698,6 +691,68 @@ def latest_checkpoint(checkpoint_dir: Path, *, prune: bool = True) -> Path | Non
 
 
 # --------------------------------------------------------------------------------------------------
+# Assistant-only loss on any chat template
+#
+# TRL's assistant_only_loss takes the assistant's tokens from {% generation %} markers in the chat
+# template (or from a training version of the template that TRL ships for a few model families). Most
+# real models' templates have neither. For those, each SFT conversation becomes a conversational
+# prompt-completion row (prompt: every turn before the final assistant turn; completion: that turn)
+# and TRL's completion_only_loss masks the prompt: TRL renders the prompt with the generation prompt
+# and the whole conversation with the same template, and only the tokens after their common prefix
+# (the assistant's text and its end-of-turn token) count in the loss. What differs from the marker
+# path: an assistant turn before the last one (a multi-turn row, a few-shot example) is context, not
+# trained on.
+
+def loss_mask(tokenizer, recipe: dict) -> str | None:
+    """How an SFT recipe's assistant_only_loss is carried out with this student's tokenizer: None (the
+    recipe does not ask for it), "markers" (TRL's assistant mask: the template has {% generation %}
+    markers, TRL ships a training version of it, or the recipe's chat_template_path names a model whose
+    template TRL clones), or "completion" (prompt-completion rows and TRL's completion_only_loss)."""
+    if recipe.get("assistant_only_loss") is not True:
+        return None
+    path = recipe.get("chat_template_path")
+    if path and not (Path(path).is_file() and str(path).endswith((".jinja", ".j2"))):
+        return "markers"  # TRL copies another model's template (clone_chat_template); its own checks apply
+    template = Path(path).read_text(encoding="utf-8") if path else tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not template:
+        raise SynthError(f"the student's tokenizer ({tokenizer.name_or_path}) has no chat template, so no turn can "
+                         "be told apart as the assistant's: start from an instruct model, add a chat_template.jinja, "
+                         "or remove assistant_only_loss from the recipe")
+    if GENERATION_MARKER.search(template):
+        return "markers"
+    from trl.chat_template_utils import get_training_chat_template  # TRL: seconds to import; train imports it anyway
+
+    saved = tokenizer.chat_template
+    tokenizer.chat_template = template
+    try:
+        get_training_chat_template(tokenizer)  # a training template TRL ships for this one, or ValueError
+        return "markers"
+    except ValueError:
+        return "completion"
+    finally:
+        tokenizer.chat_template = saved
+
+
+def prompt_completion_rows(rows: list[dict], data_path: Path | None = None) -> list[dict]:
+    """SFT `messages` rows as TRL's conversational prompt-completion rows: prompt = the turns before the
+    final assistant turn, completion = [that turn]."""
+    out = []
+    for n, row in enumerate(rows, 1):
+        messages = list(row["messages"])
+        last = messages[-1] if messages else None
+        if not isinstance(last, dict) or last.get("role") != "assistant" or len(messages) < 2:
+            where = f"{data_path}: row {n}" if data_path else f"row {n}"
+            what = "has nothing before it" if len(messages) == 1 and isinstance(last, dict) and \
+                last.get("role") == "assistant" else "does not end with one"
+            raise SynthError(f"{where}: assistant_only_loss trains on the final assistant turn, and this row {what}; "
+                             "export rows that end with the assistant's answer, or remove assistant_only_loss")
+        out.append({"prompt": messages[:-1], "completion": [last]})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Training
 
 @contextlib.contextmanager
@@ -718,19 +773,26 @@ def _quiet():
             datasets.enable_progress_bars()
 
 
-def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path, init: str | None = None,
-          on_log: Callable[[int, dict], None] | None = None, *, checkpoint_dir: Path | None = None,
-          resume: bool = False, on_resume: Callable[[int, Path], None] | None = None) -> dict:
-    """Train `init` (or else `model`) on `data_path` with TRL and save the result to out_dir/model.
-    DPO's reference model is the starting model, frozen (TRL's default). on_log(step, logs) is called
-    at every logging event.
+@dataclasses.dataclass
+class Prepared:
+    """A trainer ready to train (what `train` runs; tests inspect its batches)."""
+    trainer: Any
+    tokenizer: Any
+    ready: dict
+    loss_mask: str | None      # see loss_mask
+    checkpoint: Path | None    # the checkpoint training resumes from
+    resumed_from: int | None
+    log: list[dict]            # every logging step, the resumed-from run's first
+    lora: bool
+    began: float               # time.perf_counter() when the trainer was being built
 
-    Checkpoints go to checkpoint_dir (default out_dir/checkpoints). resume: continue from the newest
-    complete checkpoint there (the caller vouches that it was written by this same training: same
-    recipe, data and model); incomplete ones are removed, and on_resume(step, checkpoint) is called.
-    Without resume, checkpoints already there are removed and training starts at step 0. After the
-    model is saved the checkpoints are deleted. result["resumed_from"] is the step resumed from or None;
-    result["log"] holds every logging step of the whole training, the resumed-from run's included."""
+
+def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path, init: str | None = None,
+            on_log: Callable[[int, dict], None] | None = None, *, checkpoint_dir: Path | None = None,
+            resume: bool = False, on_resume: Callable[[int, Path], None] | None = None) -> Prepared:
+    """Everything `train` does before trainer.train(): data read and checked against max_length, the
+    recipe turned into TRL's config, the checkpoint to resume from chosen (or the old ones removed),
+    assistant_only_loss mapped onto the student's chat template (loss_mask), and TRL's trainer built."""
     cls = _config_class(method)
     start = str(init or model)
     out_dir = Path(out_dir)
@@ -738,7 +800,6 @@ def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path,
     if not Path(start).exists():
         raise SynthError(f"no student model at {start}: build one (python -m synth.tiny DIR) or pass a model directory")
 
-    import torch
     import transformers
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -757,6 +818,11 @@ def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path,
             f"{data_path}: {ready['truncated']} of {ready['rows']} rows ({ready['truncated_share']:.1%}) exceed "
             f"max_length {max_length} (longest {ready['max']} tokens, p99 {ready['p99']}); raise max_length in "
             f"the recipe or filter long rows (or raise max_truncated_share, now {max_share:g})")
+    mask = loss_mask(tokenizer, recipe) if method == "sft" else None
+    if mask == "completion":
+        rows = prompt_completion_rows(rows, data_path)
+        recipe["assistant_only_loss"] = False
+        recipe["completion_only_loss"] = True
 
     if recipe.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
         print("synth: warning: the recipe asks for use_liger_kernel but liger_kernel is not installed; "
@@ -801,12 +867,8 @@ def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path,
     else:
         from trl import DPOTrainer as Trainer
 
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    model_dir = out_dir / "model"
+    began = time.perf_counter()
     with _quiet():
-        began = time.perf_counter()
         # The model goes in as a path: TRL loads it (float32 unless model_init_kwargs says otherwise)
         # and, for DPO, loads a second frozen copy as the reference model.
         try:
@@ -814,13 +876,43 @@ def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path,
                               callbacks=[_Log()], peft_config=peft_config)
         except ValueError as exc:  # a combination of settings TRL refuses (padding_free without packing, ...)
             raise SynthError(f"{Trainer.__name__} rejects the recipe: {_clipped_line(exc)}") from None
-        # With disable_tqdm, transformers prints every log dict to stdout; on_log is the channel.
-        trainer.remove_callback(PrinterCallback)
+    # With disable_tqdm, transformers prints every log dict to stdout; on_log is the channel.
+    trainer.remove_callback(PrinterCallback)
+    return Prepared(trainer=trainer, tokenizer=tokenizer, ready=ready, loss_mask=mask, checkpoint=checkpoint,
+                    resumed_from=resumed_from, log=log, lora=peft_config is not None, began=began)
+
+
+def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path, init: str | None = None,
+          on_log: Callable[[int, dict], None] | None = None, *, checkpoint_dir: Path | None = None,
+          resume: bool = False, on_resume: Callable[[int, Path], None] | None = None) -> dict:
+    """Train `init` (or else `model`) on `data_path` with TRL and save the result to out_dir/model.
+    DPO's reference model is the starting model, frozen (TRL's default). on_log(step, logs) is called
+    at every logging event. An SFT recipe's assistant_only_loss works with any chat template (loss_mask:
+    result["loss_mask"] says how).
+
+    Checkpoints go to checkpoint_dir (default out_dir/checkpoints). resume: continue from the newest
+    complete checkpoint there (the caller vouches that it was written by this same training: same
+    recipe, data and model); incomplete ones are removed, and on_resume(step, checkpoint) is called.
+    Without resume, checkpoints already there are removed and training starts at step 0. After the
+    model is saved the checkpoints are deleted. result["resumed_from"] is the step resumed from or None;
+    result["log"] holds every logging step of the whole training, the resumed-from run's included."""
+    out_dir = Path(out_dir)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    prepared = prepare(method, data_path, model, recipe, out_dir, init, on_log, checkpoint_dir=checkpoint_dir,
+                       resume=resume, on_resume=on_resume)
+    trainer, tokenizer, log, checkpoint = prepared.trainer, prepared.tokenizer, prepared.log, prepared.checkpoint
+    model_dir = out_dir / "model"
+    with _quiet():
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        seconds = time.perf_counter() - began
+        seconds = time.perf_counter() - prepared.began
 
         final = trainer.model
-        if peft_config is not None:
+        if prepared.lora:
             final = final.merge_and_unload()
         final.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
@@ -832,10 +924,11 @@ def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path,
     return {
         "model_dir": str(model_dir),
         "steps": int(output.global_step),
-        "resumed_from": resumed_from,
+        "resumed_from": prepared.resumed_from,
         "train_loss": float(output.training_loss),
         "log": log,
-        "readiness": ready,
+        "readiness": prepared.ready,
+        "loss_mask": prepared.loss_mask,
         "seconds": seconds,
         "tokens_per_s": float(tokens) / runtime if tokens else None,
         "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,

@@ -114,3 +114,32 @@ def test_reasoning_models_are_known_by_name():
     assert config("o3").left_out() >= {"temperature", "top_p"} and config("m", omit=["seed"]).left_out() == {"seed"}
     assert not config("o3").capabilities().logprobs  # a stage asking o3 for logprobs fails before sending
     json.dumps(config("o3").model_dump())
+
+
+@pytest.mark.parametrize("mode, contents", [
+    ("drop", [["\\boxed{ 1 }"]]),
+    ("think", [["<think>\nadd 0 and 1\n</think>\n\n\\boxed{ 1 }"]]),
+    ("both", [["[t]\nadd 0 and 1\n[/t]\n\n\\boxed{ 1 }"], ["\\boxed{ 1 }"]]),
+])
+def test_an_export_writes_the_trace_in_the_students_think_format(workspace, mode, contents):
+    rules = [{"match": r"Q(\d+): what is (\d+) \+ (\d+)", "reply": "<think>add {{ match[2] }} and {{ match[3] }}</think>"
+                                                                  "\\boxed{ {{ match[1] | int * 2 + 1 }} }"}]
+    tags = ', think_tags: ["[t]", "[/t]"]' if mode == "both" else ""
+    pipeline = make_pipeline(workspace, teachers={"t": echo_teacher(rules)}, stages={
+        "problems": "kind: load, path: seeds.jsonl, limit: 1",
+        "solutions": "kind: generate, input: problems, teacher: t, prompt: solve",
+        "sft": f"kind: export, input: solutions, path: out/sft.jsonl, reasoning: {mode}{tags}"})
+    synth_run(pipeline)
+    rows = [json.loads(line) for line in (workspace / "out" / "sft.jsonl").read_text().splitlines()]
+    assert [[m["content"] for m in r["messages"] if m["role"] == "assistant"] for r in rows] == contents
+    if mode == "both":
+        assert [r["id"].rsplit(":", 1)[1] for r in rows] == ["think", "answer"]
+
+
+def test_reasoning_on_an_export_of_dataset_rows_is_one_line(workspace):
+    pipeline = make_pipeline(workspace, stages={
+        "problems": "kind: load, path: seeds.jsonl",
+        "sft": "kind: export, input: problems, path: out/sft.jsonl, prompt: solve, response: answer_gold, "
+               "reasoning: think"})
+    with pytest.raises(SynthError, match="stage 'sft': key 'reasoning' .* format: sft of generated rows"):
+        synth_run(pipeline)

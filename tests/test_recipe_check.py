@@ -39,8 +39,6 @@ BAD = {  # recipe text -> what the one line must say
     "owned": ("output_dir: elsewhere\n", ["sft.yaml:1:", "'output_dir' cannot be set"]),
     "lora": ("lora: {r: 8, dropuot: 0.1}\n", ["sft.yaml:1:", "'lora.dropuot'", "'dropout'"]),
     "missing": (None, ["no such file", "sft.yaml"]),  # check_references finds this one first
-    "markers": (GOOD + "assistant_only_loss: true\n", ["sft.yaml:5:", "key 'assistant_only_loss'",
-                                                       "no {% generation %} markers", "chat_template_path"]),
 }
 
 
@@ -121,8 +119,12 @@ def test_template_check_knows_trl_s_patchable_templates(tmp_path, plain_student)
     (student / "chat_template.jinja").write_text(shipped.read_text())
     recipe = write(tmp_path / "r.yaml", "assistant_only_loss: true\n")
     assert check_recipe(recipe, "sft", student) == {"assistant_only_loss": True}
-    with pytest.raises(SynthError, match="no {% generation %} markers"):
-        check_recipe(recipe, "sft", plain_student)
+    assert check_recipe(recipe, "sft", plain_student) == {"assistant_only_loss": True}  # prompt-completion rows
+    no_template = tmp_path / "no-template"
+    shutil.copytree(plain_student, no_template)
+    (no_template / "chat_template.jinja").unlink()
+    with pytest.raises(SynthError, match="has no chat template"):
+        check_recipe(recipe, "sft", no_template)
     assert check_recipe(recipe, "sft", "some-org/some-hub-model") == {"assistant_only_loss": True}  # not knowable
 
 

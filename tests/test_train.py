@@ -214,3 +214,124 @@ def test_lora_merges_into_a_loadable_model(work, student, sft_data):
     assert [k for k in _changed(_weights(student), weights) if "q_proj" in k]
     model = AutoModelForCausalLM.from_pretrained(result["model_dir"])
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+# --------------------------------------------------------------------------------------------------
+# assistant_only_loss on a chat template without {% generation %} markers (synth.train.loss_mask)
+
+MASK_ROWS = [
+    [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "2+3=5. \\boxed{5}"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 4+4?"},
+     {"role": "assistant", "content": "\\boxed{8}"}],
+    [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "EARLIER TURN 2"},
+     {"role": "user", "content": "And 2+2?"}, {"role": "assistant", "content": "2+2=4. \\boxed{4}"}],
+]
+
+
+@pytest.fixture(scope="module")
+def plain_student(work, student) -> Path:
+    """The tiny student with its {% generation %} markers taken out of the chat template."""
+    import shutil
+
+    out = work / "plain-student"
+    shutil.copytree(student, out)
+    template = (out / "chat_template.jinja").read_text()
+    assert "{% generation %}" in template
+    plain = template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    (out / "chat_template.jinja").write_text(plain)
+    return out
+
+
+def _mask_data(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in MASK_ROWS))
+    return path
+
+
+def _labelled(model_dir: Path, data: Path, out: Path) -> tuple[str | None, list[tuple[list[int], list[int]]]]:
+    """synth.train.prepare's trainer on `data` with assistant_only_loss: its loss mask mode and, per row in
+    data order, the collated batch's (input_ids, labels) without padding."""
+    from synth.train import prepare
+
+    recipe = {"assistant_only_loss": True, "max_steps": 1, "max_length": 512, "per_device_train_batch_size": 4,
+              "logging_steps": 1}
+    prepared = prepare("sft", data, str(model_dir), recipe, out)
+    trainer = prepared.trainer
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    rows = []
+    for ids, labels, attention in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
+                                      batch["attention_mask"].tolist()):
+        keep = [i for i, a in enumerate(attention) if a]
+        rows.append(([ids[i] for i in keep], [labels[i] for i in keep]))
+    return prepared.loss_mask, rows
+
+
+def _assert_only_the_final_answer_counts(tokenizer, rows, end: str) -> None:
+    for messages, (ids, labels) in zip(MASK_ROWS, rows):
+        counted = [i for i, label in enumerate(labels) if label != -100]
+        assert counted, messages
+        # one run of positions at the end of the sequence (give or take the template's trailing newline)
+        assert counted == list(range(counted[0], counted[-1] + 1))
+        assert tokenizer.decode(ids[counted[-1] + 1:]).strip() == ""
+        assert all(labels[i] == ids[i] for i in counted)
+        text = tokenizer.decode([ids[i] for i in counted])
+        assert text.strip() == messages[-1]["content"] + end, text
+        prompt = tokenizer.decode(ids[:counted[0]])
+        assert messages[-2]["content"] in prompt and "EARLIER TURN" not in text
+
+
+def test_assistant_only_loss_without_markers_counts_only_the_final_assistant_turn(work, student, plain_student):
+    """A student whose chat template has no {% generation %} markers trains on prompt-completion rows:
+    in the collated batch every prompt position (system, user, earlier turns, the assistant header) is
+    -100 and exactly the final assistant turn and its end-of-turn token count; the same tokens the marker
+    template counts on the same data."""
+    from transformers import AutoTokenizer
+
+    from synth.train import check_recipe
+
+    data = _mask_data(work / "mask.jsonl")
+    mode, rows = _labelled(plain_student, data, work / "mask-plain")
+    assert mode == "completion"
+    tokenizer = AutoTokenizer.from_pretrained(plain_student)
+    _assert_only_the_final_answer_counts(tokenizer, rows, "<|end|>")
+
+    marked_mode, marked = _labelled(student, data, work / "mask-marked")
+    assert marked_mode == "markers"
+    for (ids, labels), (marked_ids, marked_labels) in zip(rows[:2], marked[:2]):  # single-turn rows: the same loss
+        plain = [t for t, label in zip(ids, labels) if label != -100]
+        marks = [t for t, label in zip(marked_ids, marked_labels) if label != -100]
+        # the prompt-completion split also counts the template's newline after <|end|>
+        assert plain[:len(marks)] == marks and tokenizer.decode(plain[len(marks):]).strip() == ""
+
+    recipe = work / "aol.yaml"
+    recipe.write_text("assistant_only_loss: true\n")
+    assert check_recipe(recipe, "sft", plain_student) == {"assistant_only_loss": True}  # no longer refused
+
+
+def test_assistant_only_loss_without_markers_trains(work, plain_student, sft_data):
+    recipe = dict(load_recipe(REPO / "train/sft-tiny.yaml", "sft"), max_steps=3)
+    assert recipe["assistant_only_loss"] is True
+    result = train("sft", sft_data, str(plain_student), recipe, work / "plain-sft")
+    assert result["loss_mask"] == "completion" and result["steps"] == 3
+    assert len(_losses(result)) == 3 and all(loss > 0 for loss in _losses(result))
+    assert _changed(_weights(plain_student), _weights(result["model_dir"]))
+
+
+def test_assistant_only_loss_refuses_rows_without_a_final_assistant_turn(work, plain_student):
+    data = work / "no-answer.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"},
+                                             {"role": "user", "content": "and?"}]}) + "\n")
+    with pytest.raises(SynthError, match="row 1: assistant_only_loss trains on the final assistant turn") as exc:
+        train("sft", data, str(plain_student), {"assistant_only_loss": True, "max_steps": 1}, work / "no-answer")
+    _one_line_error(exc)
+
+
+@pytest.mark.slow
+def test_assistant_only_loss_on_the_real_model_s_template(work, real_model):
+    """SmolLM2-135M-Instruct's ChatML template has no markers: only the final answer and <|im_end|> count."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    assert "generation" not in tokenizer.chat_template.replace("add_generation_prompt", "")
+    mode, rows = _labelled(real_model, _mask_data(work / "mask-real.jsonl"), work / "mask-real")
+    assert mode == "completion"
+    _assert_only_the_final_answer_counts(tokenizer, rows, "<|im_end|>")

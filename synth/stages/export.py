@@ -97,11 +97,12 @@ def run(ctx: RunContext, name: str) -> dict:
         answer = quote_ident(stage.answer) if stage.target != "text" else "NULL"
         with ctx.store.read() as con:
             rows = con.execute(
-                f"SELECT s.id, p.messages, s.text, CAST({answer} AS VARCHAR) FROM {quote_ident(stage.input)} s "
+                f"SELECT s.id, p.messages, s.text, CAST({answer} AS VARCHAR), s.reasoning "
+                f"FROM {quote_ident(stage.input)} s "
                 "JOIN synth.requests r ON r.id = s.id JOIN synth.prompts p ON p.id = r.prompt_id "
                 "ORDER BY s.input_id, s.sample, s.id").fetchall()
-        records = [rec for rid, msgs, text, ans in rows
-                   for rec in sft_records(rid, json.loads(msgs), text, ans, stage)]
+        records = [rec for rid, msgs, text, ans, trace in rows for suffix, target in with_reasoning(text, trace, stage)
+                   for rec in sft_records(rid + suffix, json.loads(msgs), target, ans, stage)]
     if out.suffix == "":
         _write_dataset_dir(out, records, stage.format, dataset_card(ctx, name, len(records)))
     else:
@@ -124,6 +125,16 @@ def run(ctx: RunContext, name: str) -> dict:
                           + "a train stage on it would fail. `synth stats` shows the funnel[/bold yellow]",
                           highlight=False)
     return {"rows": len(records), "path": str(out)}
+
+
+def with_reasoning(text: str, trace: str | None, stage: ExportStage) -> list[tuple[str, str]]:
+    """(id suffix, assistant text) per example of one sample: its answer text (reasoning: drop, or no
+    trace), the trace in the student's think tags before it (think), or both as two examples."""
+    if stage.reasoning == "drop" or not trace:
+        return [("", text)]
+    start, end = stage.think_tags
+    thought = f"{start}\n{trace}\n{end}\n\n{text}"
+    return [("", thought)] if stage.reasoning == "think" else [(":think", thought), (":answer", text)]
 
 
 def sft_records(rid: str, prompt: list[dict], text: str, answer: str | None, stage: ExportStage) -> list[dict]:
@@ -241,6 +252,9 @@ def check(graph: Graph, name: str) -> None:
     dpo: pairs), its path is a .parquet/.jsonl file or a dataset directory (not one holding the store or
     the pipeline), and a target answer/both names an input column."""
     stage: ExportStage = graph.stage(name)
+    if stage.reasoning != "drop" and (stage.format == "dpo" or graph.stage(graph.root(stage.input)).kind != "generate"):
+        raise SynthError(f"{graph.where(name, 'reasoning')}: key 'reasoning' exports a reasoning teacher's traces; "
+                         "it needs format: sft of generated rows")
     if stage.format != "dpo" and stage.rejected != "whole":
         raise SynthError(f"{graph.where(name, 'rejected')}: key 'rejected' cuts the rejected answers of DPO pairs; "
                          f"it needs format: dpo (this export is format: {stage.format})")
@@ -311,5 +325,5 @@ KIND = Kind(
         {"prompt": graph.templates[name].file_hash} if graph.stage(name).prompt else {}),
     missing_output=lambda graph, name, state: (
         None if graph.resolve(graph.stage(name).path).exists() else "its output file is missing"),
-    later_keys={"rejected": "whole"},
+    later_keys={"rejected": "whole", "reasoning": "drop", "think_tags": ["<think>", "</think>"]},
 )

