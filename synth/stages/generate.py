@@ -539,8 +539,8 @@ def answer_columns(graph: Graph, name: str) -> list[str]:
 
 
 def answer_parser(graph: Graph, name: str):
-    """text -> the answer's columns: the schema's properties read from the answer's JSON object (None when it
-    is not one), then the template's parser's columns (which win)."""
+    """text -> the answer's columns: the template's parser's, then the schema's properties read from the
+    answer's JSON object (a property the answer has wins over a parser column of the same name)."""
     parse = PARSERS[graph.templates[name].spec.parse]
     props = schemas.properties(graph.schemas.get(name))
     if not props:
@@ -549,7 +549,8 @@ def answer_parser(graph: Graph, name: str):
     def parse_answer(text: str) -> dict:
         value = parse_json(text)
         found = {} if "parse_error" in value else value
-        return {**{p: found.get(p) for p in props}, **parse(text)}
+        parsed = parse(text)
+        return {**parsed, **{p: found.get(p) for p in props if found.get(p) is not None or p not in parsed}}
     return parse_answer
 
 
