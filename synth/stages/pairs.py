@@ -53,7 +53,7 @@ def rule_of(graph: Graph, name: str) -> str:
 
 def candidates_sql(graph: Graph, name: str) -> str:
     """SELECT grp, chosen_id, rejected_id, margin, chosen_text, rejected_text: every candidate pair of
-    the rule (texts for the distinct-by-text selection in run_stage)."""
+    the rule (texts for the distinct-by-text selection in run)."""
     stage: PairsStage = graph.stage(name)
     src, g = quote_ident(stage.input), quote_ident(stage.group_by)
     rule = rule_of(graph, name)
