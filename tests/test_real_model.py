@@ -182,3 +182,52 @@ def test_structured_output_makes_the_real_model_answer_in_the_schema(pipeline):
     answers = query(_store(pipeline), "SELECT answer, text FROM structured")
     assert len(answers) == len(ROWS) and all(re.fullmatch(r"-?\d+", a) and json.loads(t) == {"answer": int(a)}
                                              for a, t in answers), answers
+
+
+def test_transformers_serve_as_it_ships_does_not_sample_and_synth_says_so(real_model, tmp_path):
+    """`transformers serve` takes the temperature but decodes greedily unless the model's generation
+    config says do_sample: every sample of a question is the same text. synth's diversity figure sees
+    it and warns, and a vote over those samples fails them identical_samples instead of reporting 100%
+    agreement. With do_sample: true in a copy of the model's generation_config.json, the samples differ."""
+    import io
+    import shutil
+    import sys
+
+    from rich.console import Console
+
+    from conftest import free_port, start_server, stop_server
+
+    exe = shutil.which("transformers", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("transformers[serving] is not installed")
+    sampling = tmp_path / "sampling-model"
+    shutil.copytree(real_model, sampling, symlinks=True)
+    config = json.loads((sampling / "generation_config.json").read_text()) \
+        if (sampling / "generation_config.json").is_file() else {}
+    (sampling / "generation_config.json").write_text(json.dumps({**config, "do_sample": True}))
+    identical = {}
+    for label, model in (("as shipped", real_model), ("do_sample", sampling)):
+        port = free_port()
+        proc = start_server([exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", str(model)],
+                            f"http://127.0.0.1:{port}/health", tmp_path / f"{label}.log", timeout=300)
+        try:
+            work = tmp_path / label.replace(" ", "_")
+            work.mkdir()
+            pipeline = make_pipeline(work, teachers={"served": {"backend": "openai", "model": str(model),
+                                                                "base_url": f"http://127.0.0.1:{port}/v1",
+                                                                "max_concurrency": 2}},
+                                     files={"two.jsonl": ROWS, "prompts/solve.yaml": "user: '{{ question }}'\n"},
+                                     stages={"problems": "kind: load, path: two.jsonl",
+                                             "solutions": "kind: generate, input: problems, teacher: served, "
+                                                          "prompt: solve, samples: 3, "
+                                                          "params: {temperature: 0.8, max_tokens: 8, seed: 0}",
+                                             "agree": "kind: vote, input: solutions, answer: text"})
+            out = io.StringIO()
+            counts = synth_run(pipeline, console=Console(file=out, width=400, color_system=None))
+        finally:
+            stop_server(proc)
+        identical[label] = (counts["stages"]["solutions"]["identical"], out.getvalue())
+    shipped, shipped_out = identical["as shipped"]
+    assert shipped == {"inputs": 2, "of": 2} and "the teacher did not sample" in shipped_out
+    assert "identical_samples" in shipped_out
+    assert identical["do_sample"][0]["inputs"] < 2 and "did not sample" not in identical["do_sample"][1]
