@@ -1,4 +1,4 @@
-"""Tokens/s of a real pretrained model (SmolLM2-135M-Instruct, tests/real_model.py) through synth vs
+"""Tokens/s of a real pretrained model (SmolLM2-135M-Instruct, tests/pretrained.py) through synth vs
 each backend's own raw loop: same prompts, same chat template, same sampling, same batch size or
 concurrency.
 
@@ -42,18 +42,17 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO / "tests"))  # tests/conftest.py's server helpers, tests/pretrained.py (appended: this
+# folder's modules keep their names)
 for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
 
@@ -67,13 +66,9 @@ STAGE = "solutions"
 def model_dir(arg: str | None) -> Path:
     if arg:
         return Path(arg).resolve()
-    # tests/real_model.py (converts the GGUF model once, cached), loaded by path: this file has its name
-    import importlib.util
+    from pretrained import real_model_dir  # tests/pretrained.py: converts the GGUF model once, cached
 
-    spec = importlib.util.spec_from_file_location("tests_real_model", REPO / "tests" / "real_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.real_model_dir()
+    return real_model_dir()
 
 
 def seed_rows(n: int) -> list[dict]:
@@ -153,50 +148,25 @@ def run_synth(pipeline: Path, n: int | None = None, check: bool = True) -> dict:
             "log": out.getvalue()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_serve(model: Path, log: Path, threads: int | None = None, timeout: float = 300):
-    """`transformers serve` for `model` on a free loopback port, as tests/conftest.py starts it; returns
-    (process, base_url, model name it answers to: the path it was given)."""
-    port = free_port()
+    """`transformers serve` for `model` on a free loopback port, started by tests/conftest.py's own helper;
+    returns (process, base_url, model name it answers to: the path it was given)."""
+    from conftest import cli_env, free_port, start_server
+
     exe = Path(sys.executable).parent / "transformers"
     if not exe.exists():
         raise RuntimeError("transformers serve is not installed (transformers[serving])")
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    fh = open(log, "w")
-    proc = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-                             str(model)], stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"transformers serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            stop_serve(proc)
-            raise RuntimeError(f"transformers serve not ready after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    port = free_port()
+    env = cli_env(**({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    proc = start_server([str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", str(model)],
+                        f"http://127.0.0.1:{port}/health", log, timeout=timeout, env=env)
     return proc, f"http://127.0.0.1:{port}/v1", str(model)
 
 
 def stop_serve(proc) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    from conftest import stop_server
+
+    stop_server(proc)
 
 
 # ---- raw loops -----------------------------------------------------------------------------------------
@@ -381,7 +351,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4, help="serve: requests in flight on both sides")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (bench process, vllm workers, server)")
     ap.add_argument("--max-model-len", type=int, default=512, help="vllm: max_model_len on both sides")
-    ap.add_argument("--model", help="model directory (default: tests/real_model.py's SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", help="model directory (default: tests/pretrained.py's SmolLM2-135M-Instruct)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

@@ -1,5 +1,5 @@
 """The figures of README's "Real models" section, measured on a real pretrained model
-(SmolLM2-135M-Instruct, tests/real_model.py), printed as a small table and one JSON line.
+(SmolLM2-135M-Instruct, tests/pretrained.py), printed as a small table and one JSON line.
 
     .venv/bin/python bench/real_model_figures.py [--task1 OUT] [--max-tokens 96] [--threads 1] [--model DIR]
 
@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96, help="(i): max_tokens of the hf teacher")
     ap.add_argument("--batch-size", type=int, default=12, help="(i): the hf teacher's batch_size")
     ap.add_argument("--threads", type=int, default=1, help="torch threads here and in the server")
-    ap.add_argument("--model", help="model directory (default: tests/real_model.py's SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", help="model directory (default: tests/pretrained.py's SmolLM2-135M-Instruct)")
     args = ap.parse_args()
 
     import torch

