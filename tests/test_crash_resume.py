@@ -105,11 +105,12 @@ def test_kill_9_then_rerun_loses_nothing_and_resends_nothing(workspace, tiny_mod
 
 
 def uncommitted_run(workspace, tiny_model):
-    """A longer generation (32 samples per seed) whose batched commit never comes due, with progress lines
-    every 0.2 s: (pipeline, store, total requests, env)."""
-    longer = PIPELINE.replace("MODEL", str(tiny_model)).replace(f"samples: {SAMPLES}", "samples: 32")
+    """A longer generation (16 samples per seed) whose batched commit never comes due, with progress lines
+    every 0.2 s: (pipeline, store, total requests, env). The tests stop it once 6 answers have arrived,
+    so its length only needs to outlast that by far; the re-run generates the rest."""
+    longer = PIPELINE.replace("MODEL", str(tiny_model)).replace(f"samples: {SAMPLES}", "samples: 16")
     env = cli_env(SYNTH_FLUSH_ROWS="100000", SYNTH_FLUSH_SECONDS="100000", SYNTH_PROGRESS_SECONDS="0.2")
-    return (write(workspace / "pipeline.yaml", longer), workspace / "out" / "run.duckdb", len(SEEDS) * 32, env)
+    return (write(workspace / "pipeline.yaml", longer), workspace / "out" / "run.duckdb", len(SEEDS) * 16, env)
 
 
 def test_kill_9_loses_no_answer_that_arrived(workspace, tiny_model):

@@ -241,6 +241,8 @@ def test_a_later_key_at_its_default_leaves_the_fingerprint_alone(workspace):
         fingerprints[value] = pipeline.fingerprint_parts("out", {})["config"]
         if value is None:
             dump = pipeline.stage("out").model_dump(mode="json", exclude={"description", "max_cost", "max_tokens_total",
-                                                                           "batch_size", "ray", "rejected"})
-            assert fingerprints[None] == content_hash(dump)  # what synth before `rejected` computed
+                                                                           "batch_size", "ray", "rejected",
+                                                                           "reasoning", "think_tags"})
+            # what synth before `rejected` (and the later `reasoning`, `think_tags`) computed
+            assert fingerprints[None] == content_hash(dump)
     assert fingerprints[None] == fingerprints["whole"] != fingerprints["first_difference"]

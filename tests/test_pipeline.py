@@ -5,12 +5,13 @@ template-edit partial re-run that `synth plan` predicts, and the inspection comm
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SEEDS, query, synth, write
+from conftest import SEEDS, fill_workspace, query, synth, write
 
 PIPELINE = """\
 store: out/run.duckdb
@@ -42,14 +43,29 @@ def make_pipeline(workspace: Path, model: Path, samples: int = 2) -> Path:
     return write(workspace / "pipeline.yaml", PIPELINE.format(model=model, samples=samples))
 
 
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_model) -> Path:
+    """A workspace after its first `synth run` (samples 2), made once for this module."""
+    ws = fill_workspace(tmp_path_factory.mktemp("first_run"))
+    synth("run", make_pipeline(ws, tiny_model, samples=2), check=True)
+    return ws
+
+
+@pytest.fixture()
+def ran(first_run, tmp_path) -> Path:
+    """A copy of `first_run` for one test to read and change: the same files and store as if this test had
+    run `synth run` itself (a copied workspace is fresh: no path in it is absolute)."""
+    return Path(shutil.copytree(first_run, tmp_path / "ws"))
+
+
 def last_run(store: Path) -> dict:
     (counts,) = query(store, "SELECT counts FROM synth.runs ORDER BY started_at DESC LIMIT 1")[0]
     return json.loads(counts)
 
 
-def test_run_writes_every_stage_and_rerun_sends_nothing(workspace, tiny_model):
-    pipeline = make_pipeline(workspace, tiny_model, samples=2)
-    synth("run", pipeline, check=True)
+def test_run_writes_every_stage_and_rerun_sends_nothing(ran, tiny_model):
+    workspace = ran  # after `synth run` of make_pipeline(workspace, tiny_model, samples=2)
+    pipeline = workspace / "pipeline.yaml"
     store = workspace / "out" / "run.duckdb"
 
     rows = query(store, "SELECT id, input_id, sample, teacher, model, text, finish_reason, prompt_tokens, "
@@ -81,9 +97,9 @@ def test_run_writes_every_stage_and_rerun_sends_nothing(workspace, tiny_model):
     assert query(store, "SELECT count(*) FROM synth.runs WHERE status = 'ok'")[0][0] == 2
 
 
-def test_template_edit_resends_only_changed_rows(workspace, tiny_model):
-    pipeline = make_pipeline(workspace, tiny_model, samples=2)
-    synth("run", pipeline, check=True)
+def test_template_edit_resends_only_changed_rows(ran, tiny_model):
+    workspace = ran  # after `synth run` of make_pipeline(workspace, tiny_model, samples=2)
+    pipeline = workspace / "pipeline.yaml"
     store = workspace / "out" / "run.duckdb"
     before = {r[0]: r[1] for r in query(store, "SELECT id, text FROM synth.completions")}
 
@@ -124,9 +140,9 @@ def test_run_one_stage_runs_its_upstream_only(workspace, tiny_model):
     assert last_run(store)["stages_run"] == ["solutions"]
 
 
-def test_inspection_commands(workspace, tiny_model):
-    pipeline = make_pipeline(workspace, tiny_model, samples=2)
-    synth("run", pipeline, check=True)
+def test_inspection_commands(ran, tiny_model):
+    workspace = ran  # after `synth run` of make_pipeline(workspace, tiny_model, samples=2)
+    pipeline = workspace / "pipeline.yaml"
     store = workspace / "out" / "run.duckdb"
 
     csv = synth("sql", pipeline, "select input_id, sample, answer from solutions order by input_id, sample",

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,24 @@ class SlowTeacher(ScriptedTeacher):
     async def _chat(self, request: web.Request) -> web.Response:
         await asyncio.sleep(self.delay)
         return await super()._chat(request)
+
+
+class GatedTeacher(ScriptedTeacher):
+    """The scripted teacher, holding every answer until `release()`: a run that has sent its first
+    requests is certainly still running (and writing) until the test lets it finish."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.gate = threading.Event()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        response = await super()._chat(request)  # counted on arrival
+        while not self.gate.is_set():
+            await asyncio.sleep(0.01)
+        return response
 
 
 def seeds(workspace: Path, rows=QUESTIONS) -> Path:
@@ -132,7 +151,7 @@ def test_two_runs_on_one_store_never_send_twice(workspace):
     every request is sent exactly once."""
     seeds(workspace)
     store = workspace / "out" / "run.duckdb"
-    with SlowTeacher(delay=0.15) as teacher:
+    with GatedTeacher() as teacher:  # the first run's answers wait until the second run was refused
         pipeline = write(workspace / "pipeline.yaml", generate_pipeline(teacher.base_url))
         first = subprocess.Popen([sys.executable, "-m", "synth.cli", "run", str(pipeline)], env=cli_env(),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -147,9 +166,12 @@ def test_two_runs_on_one_store_never_send_twice(workspace):
             assert str(store) in line
             # the other commands that never write go on working meanwhile
             assert synth("status", pipeline).returncode == 0
+            assert first.poll() is None  # it was writing all along
+            teacher.release()
             _, err = first.communicate(timeout=300)
             assert first.returncode == 0, err
         finally:
+            teacher.release()
             if first.poll() is None:
                 first.kill()
         assert teacher.requests == len(QUESTIONS) * 2
