@@ -17,15 +17,16 @@ from rich.table import Table
 from rich.text import Text
 
 from synth.errors import SynthError, one_line
-from synth.config import read_pipeline_file
-from synth.graph import store_path_of
 from synth.ids import sample_seed
-from synth.pipeline import staleness
-from synth.store import fetch_one, Store, quote_ident
+from synth.store import fetch_one, Store, quote_ident, rejection_reasons
 
 
 def store_for(path: Path) -> Store:
     """A .duckdb file is the store itself; a pipeline file names its store."""
+    # the pipeline file's schema and the store-path rules only when a pipeline file is given: `synth sql
+    # out/run.duckdb` and synth.open on a store skip their ~0.2 s of imports
+    from synth.config import read_pipeline_file
+    from synth.graph import store_path_of
 
     path = Path(path).resolve()
     if path.suffix in (".duckdb", ".db"):
@@ -81,6 +82,8 @@ def _cell(value, limit: int | None = None) -> str:
 def status_rows(pipeline) -> list[dict]:
     """Per stage: kind, fresh/stale and why, rows, and for generate stages requests done, failed,
     pending and tokens, counted live from the store."""
+    # the orchestrator imports every stage kind (~0.8 s): only `synth status` needs it, not sql/show/why
+    from synth.pipeline import staleness
 
     store = pipeline.store
     states = store.stage_states()
@@ -311,12 +314,8 @@ def stats_rows(pipeline) -> list[dict]:
                 continue
             judged, passed = fetch_one(con, "SELECT count(*), count(*) FILTER (WHERE passed) FROM synth.verdicts "
                                             "WHERE stage = ?", [name])
-            reasons = con.execute(
-                "SELECT CASE WHEN reason LIKE 'duplicate_of:%' THEN 'duplicate_of' ELSE reason END AS r, count(*) AS n "
-                "FROM synth.verdicts WHERE stage = ? AND NOT passed GROUP BY r ORDER BY n DESC, r LIMIT 5",
-                [name]).fetchall()
             out.append({**row, "judged": judged, "passed": passed, "rejected": judged - passed,
-                        "reasons": [{"reason": r, "rows": n} for r, n in reasons]})
+                        "reasons": [{"reason": r, "rows": n} for _, r, n in rejection_reasons(con, [name], 5)]})
     return out
 
 

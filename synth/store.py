@@ -433,3 +433,15 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def rejection_reasons(con, stages: list[str], limit: int) -> list[tuple[str, str, int]]:
+    """(stage, reason, rows) of filter stages' current rejections (synth.verdicts), most frequent first:
+    `synth stats`, and the warnings of an empty keep or export. Reasons carrying a row id
+    (duplicate_of:<id>) are grouped."""
+    if not stages:
+        return []
+    return con.execute(
+        "SELECT stage, CASE WHEN reason LIKE 'duplicate_of:%' THEN 'duplicate_of' ELSE reason END AS r, count(*) AS n "
+        f"FROM synth.verdicts WHERE NOT passed AND stage IN ({', '.join(sql_str(s) for s in stages)}) "
+        "GROUP BY ALL ORDER BY n DESC, stage, r LIMIT ?", [limit]).fetchall()

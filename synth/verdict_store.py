@@ -23,7 +23,7 @@ from synth.errors import SynthError, one_line
 from synth.graph import Graph, Kind, without_later_keys
 from synth.ids import content_hash
 from synth.secrets import scrub
-from synth.store import Store, now, quote_ident, sql_str
+from synth.store import Store, now, quote_ident, rejection_reasons, sql_str
 from synth.verdicts import Verdict
 
 VERDICT_COLUMNS = ["passed", "score", "reason"]
@@ -138,12 +138,6 @@ def write_verdicts(ctx: RunContext, name: str, table: pa.Table, filter_version: 
 
 
 def top_rejections(con, stages: list[str], limit: int = 3) -> str:
-    """The most frequent rejection reasons of filter stages' current verdicts, for a warning:
-    "judge: low_score 12, verify: wrong_answer 3" ('' when none). Reasons carrying a row id are grouped."""
-    if not stages:
-        return ""
-    rows = con.execute(
-        "SELECT stage, CASE WHEN reason LIKE 'duplicate_of:%' THEN 'duplicate_of' ELSE reason END AS r, count(*) AS n "
-        f"FROM synth.verdicts WHERE NOT passed AND stage IN ({', '.join(sql_str(s) for s in stages)}) "
-        "GROUP BY ALL ORDER BY n DESC, stage, r LIMIT ?", [limit]).fetchall()
-    return ", ".join(f"{stage}: {reason} {n}" for stage, reason, n in rows)
+    """The most frequent rejection reasons, for a warning: "judge: low_score 12, verify: wrong_answer 3"
+    ('' when none)."""
+    return ", ".join(f"{stage}: {reason} {n}" for stage, reason, n in rejection_reasons(con, stages, limit))

@@ -49,6 +49,10 @@ LAZY = {
     ("synth.teachers", "synth.teachers.batch"): "a backend is imported only when a teacher uses it",
     ("synth.teachers", "synth.teachers.echo"): "a backend is imported only when a teacher uses it",
     ("synth.stages.generate", "synth.teachers.ray"): "ray (heavy, optional) only for a stage with `ray:`",
+    ("synth.inspection", "synth.pipeline"): "staleness for `synth status` only: the stage kinds take ~0.8 s to "
+                                            "import, which `synth sql/show/why` and synth.open do not need",
+    ("synth.inspection", "synth.config"): "a pipeline file's schema, only when store_for is given one",
+    ("synth.inspection", "synth.graph"): "the store-path rules, only when store_for is given a pipeline file",
 }
 # the CLI imports each command's modules inside the command: `synth --help` loads no torch, duckdb,
 # pyarrow (tests/test_startup.py)

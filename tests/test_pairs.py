@@ -121,18 +121,24 @@ def test_pairs_config_errors(workspace, stage, must):
     assert must in message, message
 
 
+def graded_pipeline(workspace, questions: int, p: float, samples: int, **stages: str):
+    """`questions` rows "Q<i>: what is it?" (gold i), `samples` solutions each from the scripted teacher (right
+    with probability p), graded by a verify stage; then `stages`."""
+    rows = [{"id": f"q{i}", "question": f"Q{i}: what is it?", "gold": str(i)} for i in range(questions)]
+    return make_pipeline(workspace, files={"questions.jsonl": rows},
+                         teachers={"scripted": echo_teacher(scripted_answers(p=p), model="scripted")}, stages={
+        "problems": "kind: load, path: questions.jsonl",
+        "solutions": f"kind: generate, input: problems, teacher: scripted, prompt: solve, samples: {samples}, "
+                     "params: {temperature: 1.0, max_tokens: 16, seed: 0}",
+        "graded": "kind: verify, input: solutions, method: math, answer: answer, reference: gold", **stages})
+
+
 def test_dpo_export_from_verified_pairs(workspace):
     """Scripted teacher samples -> verify -> pairs -> export dpo in TRL's conversational preference
     format; the chosen answer is right and the rejected one wrong."""
-    questions = [{"id": f"q{i}", "question": f"Q{i}: what is it?", "gold": str(i)} for i in range(10)]
-    synth_run(make_pipeline(workspace, files={"questions.jsonl": questions},
-                            teachers={"scripted": echo_teacher(scripted_answers(p=0.5), model="scripted")}, stages={
-        "problems": "kind: load, path: questions.jsonl",
-        "solutions": "kind: generate, input: problems, teacher: scripted, prompt: solve, samples: 4, "
-                     "params: {temperature: 1.0, max_tokens: 16, seed: 0}",
-        "graded": "kind: verify, input: solutions, method: math, answer: answer, reference: gold",
-        "prefs": "kind: pairs, input: solutions, by: graded, max_per_input: 2",
-        "dpo": "kind: export, input: prefs, format: dpo, path: out/dpo.parquet"}))
+    synth_run(graded_pipeline(workspace, questions=10, p=0.5, samples=4,
+                              prefs="kind: pairs, input: solutions, by: graded, max_per_input: 2",
+                              dpo="kind: export, input: prefs, format: dpo, path: out/dpo.parquet"))
     import pyarrow.parquet as pq
 
     rows = pq.read_table(workspace / "out" / "dpo.parquet").to_pylist()
@@ -150,16 +156,10 @@ def test_export_targets_hf_dataset_card_and_sidecar(workspace):
     dataset with a dataset card; every export has a sidecar naming the runs behind it."""
     from datasets import load_from_disk
 
-    questions = [{"id": f"q{i}", "question": f"Q{i}: what is it?", "gold": str(i)} for i in range(5)]
-    synth_run(make_pipeline(workspace, files={"questions.jsonl": questions},
-                            teachers={"scripted": echo_teacher(scripted_answers(p=1.0), model="scripted")}, stages={
-        "problems": "kind: load, path: questions.jsonl",
-        "solutions": "kind: generate, input: problems, teacher: scripted, prompt: solve, samples: 2, "
-                     "params: {temperature: 1.0, max_tokens: 16, seed: 0}",
-        "graded": "kind: verify, input: solutions, method: math, answer: answer, reference: gold",
-        "kept": "kind: keep, input: solutions, pass: [graded]",
-        "steps": "kind: export, input: kept, format: sft, target: both, path: out/both_ds",
-        "answers": "kind: export, input: kept, format: sft, target: answer, path: out/answers.jsonl"}))
+    synth_run(graded_pipeline(
+        workspace, questions=5, p=1.0, samples=2, kept="kind: keep, input: solutions, pass: [graded]",
+        steps="kind: export, input: kept, format: sft, target: both, path: out/both_ds",
+        answers="kind: export, input: kept, format: sft, target: answer, path: out/answers.jsonl"))
     ds = load_from_disk(str(workspace / "out" / "both_ds"))
     assert len(ds) == 2 * 5 * 2
     by_id = {r["id"]: r["messages"] for r in ds}

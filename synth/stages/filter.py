@@ -40,12 +40,13 @@ def check(graph: Graph, name: str) -> None:
     if path.suffix == ".sql" and stage.args:
         raise SynthError(f"{graph.where(name, 'args')}: key 'args': {path.name} is a SQL filter; args are for .py "
                          "filters")
-    decode_utf8(path.read_bytes(), path)
-    if path.suffix == ".sql":
-        expr = sql_expression(path)
-        if not expr.strip():
-            raise SynthError(f"{path}: holds no SQL expression (one boolean expression over the input's columns)")
-        _check_sql(graph, name, expr, "use")
+    if path.suffix != ".sql":
+        decode_utf8(path.read_bytes(), path)  # a .py file is imported by `synth run` before it writes (preflight)
+        return
+    expr = sql_expression(path)  # UTF-8 checked
+    if not expr.strip():
+        raise SynthError(f"{path}: holds no SQL expression (one boolean expression over the input's columns)")
+    _check_sql(graph, name, expr, "use")
 
 
 def _check_sql(graph: Graph, name: str, expr: str, key: str) -> None:

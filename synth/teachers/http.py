@@ -92,13 +92,12 @@ def reasoning_of(message: dict, usage: dict) -> tuple[str | None, int | None]:
     return (trace if isinstance(trace, str) and trace else None), details.get("reasoning_tokens")
 
 
-def refused_parameter(teacher_name: str, status: int, text: str) -> SynthError | None:
+def refused_parameter(teacher_name: str, status: int | None, body, text: str) -> SynthError | None:
     """A 400 that says the server refuses a request parameter (OpenAI: code unsupported_parameter /
-    unsupported_value, with `param`): one line naming it, since every request would fail the same way."""
-    try:
-        error = json.loads(text).get("error") or {}
-    except (ValueError, AttributeError):
-        error = {}
+    unsupported_value, with `param`): one line naming it, since every request would fail the same way.
+    `body`: the error response's JSON ({"error": {...}} or the error object itself), `text` its text."""
+    error = body.get("error", body) if isinstance(body, dict) else None
+    error = error if isinstance(error, dict) else {}
     message = str(error.get("message") or text)
     param = error.get("param")
     if status != 400 or not (error.get("code") in ("unsupported_parameter", "unsupported_value") or
@@ -226,7 +225,11 @@ class HTTPClient:
         if status == 404:
             raise SynthError(scrub(f"teacher '{self.name}': {self.url} answered 404 ({message}); check base_url "
                                    "and model"))
-        refused = refused_parameter(self.name, status, text)
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        refused = refused_parameter(self.name, status, body, text)
         if refused is not None:
             raise refused
         if status in RETRY_STATUS:

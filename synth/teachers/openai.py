@@ -16,7 +16,6 @@ Ollama, `transformers serve`), through the official `openai` client, or for a se
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import queue
 import threading
@@ -143,9 +142,7 @@ class OpenAITeacher(TeacherBase):
             raise SynthError(f"teacher '{self.name}': model {self.model!r} not found at "
                              f"{self.config.base_url or 'the OpenAI API'} ({_short(exc)})") from None
         except openai.APIError as exc:
-            refused = refused_parameter(self.name, getattr(exc, "status_code", None) or 0,
-                                        json.dumps({"error": getattr(exc, "body", None) or {}}) if isinstance(
-                                            getattr(exc, "body", None), dict) else str(exc))
+            refused = refused_parameter(self.name, getattr(exc, "status_code", None), exc.body, str(exc))
             if refused is not None:
                 raise refused from None
             return Completion(request.id, error=error_cause(exc), error_message=_short(exc),
