@@ -100,12 +100,23 @@ class GenerateStage(_Stage):
         "that breaks it is an error row, cause schema_violation); its properties become columns")
 
 
+class ScoreStage(_Stage):
+    """A teacher scores sequences it did not write (on-policy distillation): for each generated row of its input
+    (typically the student's samples), the teacher's log-prob of each token of the completion and its best
+    `logprobs` alternatives at every position, into synth.token_logprobs."""
+    kind: Literal["score"]
+    input: str = Field(description="generated rows (a generate stage, or a keep/filter over one)")
+    teacher: str
+    logprobs: int = Field(8, ge=0, description="k: the teacher's best alternatives stored at each position")
+
+
 class ExportStage(_Stage):
     """Training data in TRL's conversational formats: sft (a generate or keep stage's rows, or a load
-    stage's rows with `prompt` and `response`) or dpo (a pairs stage's pairs)."""
+    stage's rows with `prompt` and `response`) or dpo (a pairs stage's pairs); kd: token-level targets
+    (the completion's token ids and the teacher's top-k at each position) for a `method: kd` train stage."""
     kind: Literal["export"]
     input: str
-    format: Literal["sft", "dpo"] = "sft"
+    format: Literal["sft", "dpo", "kd"] = "sft"
     path: str
     prompt: str | None = Field(None, description="input is a load stage: the template that renders each "
                                                  "row's prompt turns (a dataset with its own answers)")
@@ -252,18 +263,22 @@ class TrainStage(_Stage):
     """Fine-tune a student with TRL on an export stage's file; the result is usable as a teacher by
     this stage's name (`teacher: sft`)."""
     kind: Literal["train"]
-    method: Literal["sft", "dpo"]
-    data: str = Field(description="an export stage: format sft for method sft, dpo for dpo")
+    method: Literal["sft", "dpo", "kd"]
+    data: str = Field(description="an export stage: format sft for method sft, dpo for dpo, kd for kd")
     student: str | None = Field(None, description="the base model: a teacher's name, a local dir or a hub id")
     init: str | None = Field(None, description="a train stage to start from (dpo after sft)")
     recipe: str = Field(description="a YAML file of TRL config fields (train/*.yaml), relative to the pipeline")
     batch_size: int = Field(16, ge=1, description="when the trained model generates (as a teacher, or in an "
                                                    "evaluate stage): requests per batch")
+    seeds: list[int] | None = Field(None, min_length=1, description="replication: train the recipe once per seed, as "
+                                    "stages <name>_s<seed> (each a model and a teacher); the stages that read this "
+                                    "one are replicated with it, and an evaluate stage evaluates every replica")
+    seed: int | None = Field(None, description="the recipe's seed, overridden (what each replica of `seeds` sets)")
 
 
 # A stage kind's config model is listed here once; each has its module in synth/stages (KINDS there).
-Stage = Annotated[Union[LoadStage, GenerateStage, ExportStage, VerifyStage, VoteStage, JudgeStage, DedupStage,
-                        DecontaminateStage, FilterStage, KeepStage, PairsStage, EvaluateStage, TrainStage],
+Stage = Annotated[Union[LoadStage, GenerateStage, ScoreStage, ExportStage, VerifyStage, VoteStage, JudgeStage,
+                        DedupStage, DecontaminateStage, FilterStage, KeepStage, PairsStage, EvaluateStage, TrainStage],
                   Field(discriminator="kind")]
 # kind -> its config model, read from the union (as TEACHER_MODELS below)
 STAGE_MODELS = {get_args(model.model_fields["kind"].annotation)[0]: model for model in get_args(get_args(Stage)[0])}

@@ -119,6 +119,10 @@ class Graph:
         self.seeds: dict[str, Seeds] = {}
         self.schemas: dict[str, dict] = {}  # a stage with structured output -> its JSON schema (synth/schemas.py)
         self.stage_teachers: set[str] = set()  # teachers that are a stage's model (a train stage's)
+        # replication (a train stage's `seeds`): stage in the file -> its replicas <name>_s<seed>, in seed order;
+        # and each replica -> the stage in the file it was made from (for lines and reports)
+        self.replicas: dict[str, tuple[str, ...]] = {}
+        self.replica_of: dict[str, str] = {}
         self._fingerprints: dict[tuple, dict[str, str]] = {}  # memo: (name, trained) -> parts
         self._lines: dict[tuple, int | None] = {}  # memo: (name, key) -> line in the file (where)
         self._sealed = False
@@ -129,7 +133,8 @@ class Graph:
         super().__setattr__(key, value)
 
     def _seal(self) -> None:
-        for attr in ("inputs", "companions", "owner_of", "pairs_by", "columns", "templates", "seeds", "schemas"):
+        for attr in ("inputs", "companions", "owner_of", "pairs_by", "columns", "templates", "seeds", "schemas",
+                     "replicas", "replica_of"):
             setattr(self, attr, MappingProxyType(getattr(self, attr)))
         self.stage_teachers = frozenset(self.stage_teachers)
         self.order = tuple(self.order)
@@ -170,8 +175,9 @@ class Graph:
         """"<file>:<line>: stage '<name>'", the line of `key` in the stage (or of the stage) when found; a
         companion stage is not in the file: the line of its owner. Memoised: called per rendered row."""
         if (name, key) not in self._lines:
-            in_file = self.owner_of.get(name, name)
-            self._lines[(name, key)] = line_of(self.text, ["stages", in_file] + ([key] if key and in_file == name
+            owner = self.owner_of.get(name, name)
+            in_file = self.replica_of.get(owner, owner)
+            self._lines[(name, key)] = line_of(self.text, ["stages", in_file] + ([key] if key and owner == name
                                                                                  else []))
         line = self._lines[(name, key)]
         return f"{self.path}{f':{line}' if line else ''}: stage '{name}'"
@@ -245,6 +251,7 @@ def build(path: Path, kinds: Mapping[str, Kind]) -> Graph:
         raise AssertionError(f"stage kinds without a module in synth/stages: {sorted(missing)}")
     text = path.read_text(encoding="utf-8")
     graph = Graph(path, text, spec, Store(store_path_of(path, spec)), kinds)
+    _expand_replicas(graph)
     _add_provided_teachers(graph)
     _add_companions(graph)
     _wire(graph)
@@ -256,6 +263,79 @@ def build(path: Path, kinds: Mapping[str, Kind]) -> Graph:
     check_outputs(graph)
     graph._seal()
     return graph
+
+
+def _named(graph: Graph, config) -> list[tuple[str, str]]:
+    """(key, stage or teacher name) for every key of a stage's config that names a stage or a teacher."""
+    kind = graph.kinds[config.kind]
+    out = [(ref.key, n) for ref in kind.references(config, graph.spec.stages) for n in ref.names]
+    return out + [(key, t) for key, teachers in kind.teachers(config) for t in teachers]
+
+
+def _expand_replicas(graph: Graph) -> None:
+    """Replication: a train stage with `seeds: [s, ...]` becomes one train stage per seed, <name>_s<seed>
+    (the recipe's seed set to s), each a model and a teacher under its own name. A stage that reads a
+    replicated stage (its input, teacher, init, data, ...) is replicated with it, replica s reading replica
+    s, so a block of stages downstream of a replicated student (its samples, their pairs or scores, the
+    next training from `init:`) is repeated per seed; an evaluate stage instead evaluates every replica of
+    a model it lists. Replicas are ordinary stages (stored, fingerprinted, shown by `synth status` under
+    their names); `graph.replicas` groups them for reports. Done on the config, before anything else."""
+    stages = graph.spec.stages
+    seeds_of: dict[str, tuple[int, ...]] = {}
+    for name, config in stages.items():
+        if config.kind == "train" and config.seeds:
+            if len(set(config.seeds)) != len(config.seeds):
+                raise SynthError(f"{graph.where(name, 'seeds')}: key 'seeds': a seed is listed twice")
+            seeds_of[name] = tuple(config.seeds)
+    if not seeds_of:
+        return
+    changed = True
+    while changed:  # replication flows down the references until nothing new is reached
+        changed = False
+        for name, config in stages.items():
+            if config.kind == "evaluate":
+                continue
+            found = {(n, seeds_of[n]) for _, n in _named(graph, config) if n in seeds_of and n != name}
+            seed_sets = {s for _, s in found}
+            if len(seed_sets) > 1:
+                (a, sa), (b, sb) = sorted(found)[:2]
+                raise SynthError(f"{graph.where(name)}: reads '{a}' (seeds {list(sa)}) and '{b}' (seeds {list(sb)}); "
+                                 "stages read together must be replicated with the same seeds")
+            if seed_sets and name not in seeds_of:
+                seeds_of[name], changed = seed_sets.pop(), True
+            elif seed_sets and seeds_of[name] != next(iter(seed_sets)):
+                raise SynthError(f"{graph.where(name, 'seeds')}: key 'seeds': {list(seeds_of[name])} differs from the "
+                                 f"seeds of the replicated stage it reads ({list(next(iter(seed_sets)))}); drop it "
+                                 "(it follows them) or make them equal")
+    expanded: dict[str, object] = {}
+    for name, config in stages.items():
+        if config.kind == "evaluate":
+            models = [r for m in config.models for r in (
+                [f"{m}_s{s}" for s in seeds_of[m]] if m in seeds_of else [m])]
+            expanded[name] = config.model_copy(update={"models": models})
+            continue
+        if name not in seeds_of:
+            expanded[name] = config
+            continue
+        replicas = []
+        for seed in seeds_of[name]:
+            replica = f"{name}_s{seed}"
+            if replica in stages:
+                raise SynthError(f"{graph.where(replica)}: the name is taken by a replica of '{name}' (seed {seed}); "
+                                 "rename one of them")
+            data = config.model_dump(by_alias=True)
+            for key, target in _named(graph, config):
+                if target in seeds_of:
+                    value = data[key]
+                    data[key] = [f"{v}_s{seed}" if v == target else v for v in value] if isinstance(value, list) \
+                        else f"{target}_s{seed}" if value == target else value
+            if config.kind == "train":
+                data.update(seeds=None, seed=seed)
+            expanded[replica] = type(config).model_validate(data)
+            graph.replica_of[replica] = name
+            replicas.append(replica)
+        graph.replicas[name] = tuple(replicas)
+    graph.spec.stages = expanded
 
 
 def _add_provided_teachers(graph: Graph) -> None:

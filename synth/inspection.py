@@ -81,7 +81,8 @@ def _cell(value, limit: int | None = None) -> str:
 
 def status_rows(pipeline) -> list[dict]:
     """Per stage: kind, fresh/stale and why, rows, and for generate stages requests done, failed,
-    pending and tokens, counted live from the store."""
+    pending and tokens (score stages: sequences scored, failed, pending and tokens scored), counted live
+    from the store."""
     # the orchestrator imports every stage kind (~0.8 s): only `synth status` needs it, not sql/show/why
     from synth.pipeline import staleness
 
@@ -99,6 +100,15 @@ def status_rows(pipeline) -> list[dict]:
                     "FROM synth.generations g LEFT JOIN synth.completions c USING (id) GROUP BY g.stage").fetchall():
                 counts[r[0]] = {"requests": r[1], "done": r[2], "failed": r[3], "pending": r[1] - r[2] - r[3],
                                 "completion_tokens": int(r[4]), "prompt_tokens": int(r[5])}
+            if fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'synth' "
+                              "AND table_name = 'scores'")[0]:  # a store from before migration 13 has none
+                for r in con.execute(  # score stages: sequences to score, scored, failed; tokens scored
+                        "SELECT s.stage, count(*), count(t.id), count(*) FILTER (WHERE t.id IS NULL AND s.score_id IN "
+                        "(SELECT request_id FROM synth.errors e WHERE e.stage = s.stage)), "
+                        "coalesce(sum(len(t.token_ids)), 0) FROM synth.scores s "
+                        "LEFT JOIN synth.token_logprobs t ON t.id = s.score_id GROUP BY s.stage").fetchall():
+                    counts[r[0]] = {"requests": r[1], "done": r[2], "failed": r[3], "pending": r[1] - r[2] - r[3],
+                                    "completion_tokens": int(r[4]), "prompt_tokens": 0}
     for name, c in counts.items():  # spend: the stage's tokens at its teacher's prices, when it has them
         prices = pipeline.prices(name)
         c["cost"] = prices.cost(c["prompt_tokens"], c["completion_tokens"]) if prices else None

@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 
 from synth.errors import SynthError
-from synth.teachers import Completion
+from synth.teachers import Completion, logprobs_from_entries
 
 _SEGMENT = re.compile(r"^(?P<stage>\w+)\.(?P<run>[\w-]+)\.(?P<n>\d+)\.jsonl$")
 
@@ -134,6 +134,10 @@ def replay(segments: list[Path], wanted: set[str]) -> list[Completion]:
                 continue
             rid = record["request_id"]
             if rid in wanted and rid not in found:
+                if isinstance(record.get("logprobs"), list):  # one dict per token: a journal of synth before 12
+                    entries = record["logprobs"]
+                    record["logprobs"] = logprobs_from_entries(entries, max((len(e.get("top") or ()) for e in entries),
+                                                                            default=0))
                 found[rid] = Completion(**record)
     return list(found.values())
 

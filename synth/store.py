@@ -156,7 +156,64 @@ MIGRATIONS: list[str] = [
     ALTER TABLE synth.completions ADD COLUMN reasoning VARCHAR;
     ALTER TABLE synth.completions ADD COLUMN reasoning_tokens INTEGER;
     """,
+    # 12: token log-probabilities, compact: one row per sequence (a generated completion, keyed by its request
+    # id, or a sequence a score stage scored, keyed by its score id) with flat arrays, instead of one row per
+    # token with the token strings repeated (migration 7). Position t's k alternatives are top_*[t*k+1 ..
+    # (t+1)*k] (1-based); a position with fewer than k is padded with id -1 / NULL token and log-prob -inf.
+    # Ids where the backend gives them (hf, vllm, a vLLM server); token strings (tokens, top_tokens) only where
+    # it gives strings. `tokenizer`: whose vocabulary the ids are. synth.logprobs stays, as a view with one row
+    # per token, for queries written against it.
+    """
+    CREATE TABLE synth.token_logprobs (
+        id VARCHAR PRIMARY KEY, tokenizer VARCHAR, k INTEGER, token_ids INTEGER[], tokens VARCHAR[],
+        logprobs FLOAT[], top_ids INTEGER[], top_tokens VARCHAR[], top_logprobs FLOAT[]);
+    INSERT INTO synth.token_logprobs
+    WITH per AS (
+        SELECT l.*, max(len(top)) OVER w AS k, bool_and(token_id IS NOT NULL) OVER w AS ids
+        FROM synth.logprobs l WINDOW w AS (PARTITION BY request_id))
+    SELECT request_id, any_value(tokenizer), any_value(k),
+        CASE WHEN bool_and(ids) THEN list(token_id ORDER BY position) END,
+        CASE WHEN NOT bool_and(ids) THEN list(token ORDER BY position) END,
+        list(logprob::FLOAT ORDER BY position),
+        CASE WHEN bool_and(ids) THEN
+            flatten(list(list_resize([e.token_id for e in top], k, -1) ORDER BY position)) END,
+        CASE WHEN NOT bool_and(ids) THEN
+            flatten(list(list_resize([e.token for e in top], k, NULL) ORDER BY position)) END,
+        flatten(list(list_resize([e.logprob::FLOAT for e in top], k, '-inf'::FLOAT) ORDER BY position))
+    FROM per GROUP BY request_id;
+    DROP TABLE synth.logprobs;
+    CREATE VIEW synth.logprobs AS
+    SELECT t.id AS request_id, r.i - 1 AS position, t.tokens[r.i] AS token, t.token_ids[r.i] AS token_id,
+        t.logprobs[r.i]::DOUBLE AS logprob,
+        [{'token': t.top_tokens[(r.i - 1) * t.k + j], 'token_id': t.top_ids[(r.i - 1) * t.k + j],
+          'logprob': t.top_logprobs[(r.i - 1) * t.k + j]::DOUBLE} for j in range(1, t.k + 1)] AS top,
+        t.tokenizer
+    FROM synth.token_logprobs t, unnest(range(1, len(t.logprobs) + 1)) r(i);
+    """,
+    # 13: score stages: which sequence each of a score stage's rows is (its score id: the teacher, the prompt,
+    # the exact token ids and k; the scores themselves are synth.token_logprobs rows under that id). Stage
+    # membership, re-derived per run like synth.generations.
+    """
+    CREATE TABLE synth.scores (
+        stage VARCHAR, id VARCHAR, score_id VARCHAR, tokens_from VARCHAR, PRIMARY KEY (stage, id));
+    """,
 ]
+
+
+LOGPROB_COLUMNS = ("token_ids", "tokens", "logprobs", "top_ids", "top_tokens", "top_logprobs")
+
+
+def logprob_rows(ids: list[str], logprobs: list[dict], tokenizer: str | None):
+    """synth.token_logprobs rows (migration 12) as an Arrow table: one per sequence, from its
+    teachers.token_logprobs dict (int32 ids, float32 log-probs)."""
+    import pyarrow as pa  # `synth --help` imports no pyarrow (tests/test_startup.py)
+
+    types = {"token_ids": pa.int32(), "tokens": pa.string(), "logprobs": pa.float32(), "top_ids": pa.int32(),
+             "top_tokens": pa.string(), "top_logprobs": pa.float32()}
+    schema = pa.schema([("id", pa.string()), ("tokenizer", pa.string()), ("k", pa.int32())]
+                       + [(c, pa.list_(types[c])) for c in LOGPROB_COLUMNS])
+    return pa.table({"id": ids, "tokenizer": [tokenizer] * len(ids), "k": [lp["k"] for lp in logprobs],
+                     **{c: [lp[c] for lp in logprobs] for c in LOGPROB_COLUMNS}}, schema=schema)
 
 
 def now() -> datetime:

@@ -1,4 +1,4 @@
-"""The train stage: fine-tune a student on exported data with TRL (SFT, then DPO).
+"""The train stage: fine-tune a student on exported data with TRL (SFT, then DPO; KD from teacher log-probs).
 
 A recipe is a YAML file of TRL's own config fields (`SFTConfig` / `DPOConfig` names, unchanged, so
 TRL's documentation is the reference), plus two synth-only keys:
@@ -38,12 +38,16 @@ from typing import Any, Callable
 
 import yaml
 
+from synth import kd_train
 from synth.errors import SynthError, one_line
 
-METHODS = ("sft", "dpo")
+METHODS = ("sft", "dpo", "kd")
 DEFAULT_MAX_TRUNCATED_SHARE = 0.05
 LORA_KEYS = {"r": int, "alpha": float, "dropout": float, "target_modules": (str, list)}
-SYNTH_KEYS = ("lora", "max_truncated_share")
+SYNTH_KEYS = ("lora", "max_truncated_share", "kd")
+# keys of TRL's SFTConfig that method kd does not take: it pads its batches itself (teacher targets with them)
+KD_REFUSED = {"packing": "packs sequences", "padding_free": "flattens the batch",
+              "assistant_only_loss": "masks by chat turns", "completion_only_loss": "masks the prompt"}
 # Fields synth sets itself: the recipe describes how to train, not where the files go.
 OWNED_KEYS = {"output_dir": "synth puts the checkpoints and the model under <store folder>/models/"}
 # Checkpoints, unless the recipe sets save_strategy/save_steps/save_total_limit: every tenth of the run
@@ -62,7 +66,7 @@ DEFAULT_SAVE_TOTAL_LIMIT = 2
 # Recipes
 
 def _config_class(method: str):
-    if method == "sft":
+    if method in ("sft", "kd"):  # kd: SFTConfig plus the recipe's `kd:` keys (synth/kd_train.py)
         from trl import SFTConfig
         return SFTConfig
     if method == "dpo":
@@ -170,6 +174,14 @@ def _check_keys(path: Path, method: str, data: dict, lines: dict[str, int], fiel
             raise SynthError(f"{at}: key {key!r} cannot be set in a recipe: {OWNED_KEYS[key]}; remove it")
         if key == "lora":
             recipe[key] = _check_lora(path, value, lines)
+        elif key == "kd":
+            if method != "kd":
+                raise SynthError(f"{at}: key 'kd' sets a token-level distillation loss; it needs method kd "
+                                 f"(this recipe is for {method})")
+            recipe[key] = kd_train.check_kd(value, at)
+        elif method == "kd" and key in KD_REFUSED and value not in (False, None):
+            raise SynthError(f"{at}: key {key!r} {KD_REFUSED[key]}; method kd builds its own batches (the teacher's "
+                             "targets padded with them, the loss on completion tokens only): remove it")
         elif key == "max_truncated_share":
             share = _coerce(value, float)
             if share is _BAD or not 0 <= share <= 1:
@@ -349,6 +361,9 @@ def build_config(method: str, recipe: dict, out_dir: Path, checkpoint_dir: Path 
     kwargs.setdefault("save_total_limit", DEFAULT_SAVE_TOTAL_LIMIT)
     kwargs.setdefault("disable_tqdm", True)
     kwargs.setdefault("seed", 0)
+    if method == "kd":  # the examples arrive tokenised with their teacher targets (synth/kd_train.py)
+        kwargs["dataset_kwargs"] = {**(kwargs.get("dataset_kwargs") or {}), "skip_prepare_dataset": True}
+        kwargs["remove_unused_columns"] = False
     if torch.cuda.is_available():
         kwargs.setdefault("bf16", not kwargs.get("fp16", False))
     else:
@@ -375,7 +390,8 @@ def build_config(method: str, recipe: dict, out_dir: Path, checkpoint_dir: Path 
 # real classes check the recipe again (load_recipe) before training.
 
 CONFIG_CLASSES = {"sft": ("trl", "trainer/sft_config.py", "SFTConfig"),
-                  "dpo": ("trl", "trainer/dpo_config.py", "DPOConfig")}
+                  "dpo": ("trl", "trainer/dpo_config.py", "DPOConfig"),
+                  "kd": ("trl", "trainer/sft_config.py", "SFTConfig")}
 
 
 class _Source:
@@ -579,7 +595,8 @@ def load_rows(data_path: Path, method: str) -> list[dict]:
         raise SynthError(f"{data_path}: training data must be a .parquet or .jsonl file")
     if not rows:
         raise SynthError(f"{data_path}: no rows to train on")
-    columns = ("messages",) if method == "sft" else ("prompt", "chosen", "rejected")
+    columns = {"sft": ("messages",), "dpo": ("prompt", "chosen", "rejected"),
+               "kd": ("prompt", "completion_ids", "teacher_ids", "teacher_logprobs")}[method]
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict) or any(row.get(c) in (None, "", []) for c in columns):
             missing = [c for c in columns if not isinstance(row, dict) or row.get(c) in (None, "", [])]
@@ -812,7 +829,10 @@ def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Pat
 
     rows = load_rows(data_path, method)
     tokenizer = AutoTokenizer.from_pretrained(start)
-    ready = _readiness(rows, tokenizer, method, max_length)
+    if method == "kd":
+        rows, ready, collator, kd = kd_train.kd_setup(rows, tokenizer, recipe, max_length, data_path)
+    else:
+        ready, collator, kd = _readiness(rows, tokenizer, method, max_length), None, None
     if ready["truncated_share"] > max_share:
         raise SynthError(
             f"{data_path}: {ready['truncated']} of {ready['rows']} rows ({ready['truncated_share']:.1%}) exceed "
@@ -862,8 +882,11 @@ def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Pat
                 on_log(state.global_step, dict(logs or {}))
 
     dataset = Dataset.from_list(rows)
+    extra = {}
     if method == "sft":
         from trl import SFTTrainer as Trainer
+    elif method == "kd":
+        Trainer, extra = kd_train.kd_trainer_class(), {"kd": kd, "data_collator": collator}
     else:
         from trl import DPOTrainer as Trainer
 
@@ -873,7 +896,7 @@ def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Pat
         # and, for DPO, loads a second frozen copy as the reference model.
         try:
             trainer = Trainer(model=start, args=config, train_dataset=dataset, processing_class=tokenizer,
-                              callbacks=[_Log()], peft_config=peft_config)
+                              callbacks=[_Log()], peft_config=peft_config, **extra)
         except ValueError as exc:  # a combination of settings TRL refuses (padding_free without packing, ...)
             raise SynthError(f"{Trainer.__name__} rejects the recipe: {_clipped_line(exc)}") from None
     # With disable_tqdm, transformers prints every log dict to stdout; on_log is the channel.

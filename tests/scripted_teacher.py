@@ -29,10 +29,11 @@ from synth.parsers import last_boxed
 
 
 class ScriptedTeacher(LoopbackServer):
-    def __init__(self, p: float = 0.7, wrong: int = 2, logprobs: bool = True):
+    def __init__(self, p: float = 0.7, wrong: int = 2, logprobs: bool = True, token_ids: bool = False):
         super().__init__()
-        self.p, self.wrong, self.logprobs = p, wrong, logprobs
+        self.p, self.wrong, self.logprobs, self.token_ids = p, wrong, logprobs, token_ids
         self.requests = 0
+        self.bodies: list[dict] = []  # every request body, in arrival order
 
     def answer(self, question_number: int, seed: int | None, salt: str) -> int:
         rng = random.Random(f"{seed}:{salt}")
@@ -65,6 +66,7 @@ class ScriptedTeacher(LoopbackServer):
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests += 1
+        self.bodies.append(body)
         return web.json_response(self.response(body))
 
     def response(self, body: dict) -> dict:
@@ -80,11 +82,19 @@ class ScriptedTeacher(LoopbackServer):
         choice = {"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": text}}
         if self.logprobs and body.get("logprobs"):
             k = body.get("top_logprobs") or 0
-            # word t has logprob -0.1*(t+1); its alternatives are "alt1".."altk", less likely
+            # word t has logprob -0.1*(t+1); its alternatives are "alt1".."altk", less likely. As vLLM's server
+            # asked for return_tokens_as_token_ids (and made with token_ids=True): "token_id:N" (word t: id 10+t,
+            # alternative j: 100+j)
+            ids = self.token_ids and body.get("return_tokens_as_token_ids")
+
+            def token(t: int, w: str) -> str:
+                return f"token_id:{10 + t}" if ids else (" " if t else "") + w
+
             choice["logprobs"] = {"content": [
-                {"token": (" " if t else "") + w, "logprob": -0.1 * (t + 1), "bytes": None,
-                 "top_logprobs": [{"token": (" " if t else "") + w, "logprob": -0.1 * (t + 1), "bytes": None}]
-                 + [{"token": f"alt{j}", "logprob": -0.1 * (t + 1) - j, "bytes": None} for j in range(1, k)]}
+                {"token": token(t, w), "logprob": -0.1 * (t + 1), "bytes": None,
+                 "top_logprobs": [{"token": token(t, w), "logprob": -0.1 * (t + 1), "bytes": None}]
+                 + [{"token": f"token_id:{100 + j}" if ids else f"alt{j}", "logprob": -0.1 * (t + 1) - j,
+                     "bytes": None} for j in range(1, k)]}
                 for t, w in enumerate(words)]}
         return {"id": f"chatcmpl-{self.requests}", "object": "chat.completion", "created": int(time.time()),
                 "model": body["model"], "choices": [choice],

@@ -54,12 +54,14 @@ def test_max_tokens_cuts_words_and_stop_strings_cut_text():
 def test_logprobs_shape():
     c = teacher().answer(request(0, logprobs=3, max_tokens=4))
     words = c.text.split()
-    assert len(c.logprobs) == len(words) == c.completion_tokens == 4
-    for t, entry in enumerate(c.logprobs):
-        assert entry["token"] == (" " if t else "") + words[t]
-        assert entry["logprob"] == pytest.approx(-0.1 * (t + 1))
-        assert [a["token"] for a in entry["top"]] == [entry["token"], "alt1", "alt2"]
-        assert entry["top"][0]["logprob"] == entry["logprob"] > entry["top"][1]["logprob"]
+    lp = c.logprobs  # the compact form (teachers.token_logprobs): strings, no ids
+    assert lp["k"] == 3 and lp["token_ids"] is None and lp["top_ids"] is None
+    assert len(lp["tokens"]) == len(words) == c.completion_tokens == 4 == len(lp["top_tokens"]) // 3
+    for t, token in enumerate(lp["tokens"]):
+        assert token == (" " if t else "") + words[t]
+        assert lp["logprobs"][t] == pytest.approx(-0.1 * (t + 1))
+        assert lp["top_tokens"][3 * t:3 * t + 3] == [token, "alt1", "alt2"]
+        assert lp["top_logprobs"][3 * t] == lp["logprobs"][t] > lp["top_logprobs"][3 * t + 1]
     assert teacher().answer(request(0)).logprobs is None  # not asked
     assert teacher(logprobs=False).capabilities.logprobs is False
 

@@ -53,6 +53,7 @@ LAZY = {
                                             "import, which `synth sql/show/why` and synth.open do not need",
     ("synth.inspection", "synth.config"): "a pipeline file's schema, only when store_for is given one",
     ("synth.inspection", "synth.graph"): "the store-path rules, only when store_for is given a pipeline file",
+    ("synth.kd_train", "synth.kd_loss"): "the loss imports torch; the kd recipe checks (synth plan) must not",
 }
 # the CLI imports each command's modules inside the command: `synth --help` loads no torch, duckdb,
 # pyarrow (tests/test_startup.py)

@@ -1,7 +1,7 @@
 """kill -9 at random moments across every stage kind, then the invariants, in SQL.
 
 One pipeline holds a stage of every kind (load, generate, verify, vote, judge with its critic calls,
-dedup, decontaminate, filter, keep, pairs, export sft and dpo, evaluate, train). It runs once
+dedup, decontaminate, filter, keep, pairs, score, export sft, dpo and kd, evaluate, train sft and kd). It runs once
 uninterrupted in a reference workspace, which also measures how long a run takes. In a second
 workspace `synth run` is killed with SIGKILL at seeded random moments within that duration, again and
 again, checking after each kill that the store is consistent; then it runs to the end. The result must
@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, cli_env, query, synth, write
@@ -42,6 +43,8 @@ def make_workspace(root: Path, base_url: str, tiny_model: Path) -> Path:
                                            'user: "{{ question }}"\nparse: boxed\n')
     recipe = (REPO / "train" / "sft-tiny.yaml").read_text().replace("max_steps: 30", "max_steps: 12")
     write(root / "sft.yaml", recipe.replace("assistant_only_loss: true", "assistant_only_loss: false"))
+    write(root / "kd.yaml", "max_steps: 12\nlearning_rate: 1.0e-3\nper_device_train_batch_size: 8\nmax_length: 128\n"
+                            "logging_steps: 1\nseed: 0\nkd: {alpha: 0.5, chunk_size: 64}\n")
     return write(root / "pipeline.yaml", f"""\
 store: out/run.duckdb
 teachers:
@@ -63,6 +66,9 @@ stages:
   prefs: {{kind: pairs, input: solutions, by: graded, max_per_input: 2}}
   dpo_data: {{kind: export, input: prefs, format: dpo, path: out/dpo.jsonl}}
   student: {{kind: train, method: sft, data: sft_data, student: base, recipe: sft.yaml}}
+  scored: {{kind: score, input: kept, teacher: base, logprobs: 4}}
+  kd_data: {{kind: export, input: scored, format: kd, path: out/kd.parquet}}
+  student_kd: {{kind: train, method: kd, data: kd_data, student: base, recipe: kd.yaml}}
   report: {{kind: evaluate, input: heldout, models: [t], prompt: solve,
            verify: {{answer: answer, reference: answer_gold, method: numeric}}}}
 """)
@@ -82,6 +88,8 @@ def invariants(store: Path) -> None:
         "pairs once per run": "SELECT count(*) - count(DISTINCT (stage, run_id, chosen_id, rejected_id)) "
                               "FROM synth.pair_history",
         "current verdicts unique": "SELECT count(*) - count(DISTINCT (stage, row_id)) FROM synth.verdicts",
+        "scores unique": "SELECT count(*) - count(DISTINCT (stage, id)) FROM synth.scores",
+        "token log-probs unique": "SELECT count(*) - count(DISTINCT id) FROM synth.token_logprobs",
     }
     for name, sql in checks.items():
         try:
@@ -112,6 +120,11 @@ def outcome(root: Path) -> dict:
         "kept": sorted(query(store, "SELECT id FROM kept")),
         "sft": sorted((root / "out" / "sft.jsonl").read_text().splitlines()),
         "dpo": sorted((root / "out" / "dpo.jsonl").read_text().splitlines()),
+        # the scored tokens (their log-probs: batches may differ after a kill, so only to float noise; below)
+        "scores": sorted(query(store, "SELECT s.id, t.token_ids FROM synth.scores s JOIN synth.token_logprobs t "
+                                      "ON t.id = s.score_id")),
+        "kd": sorted((r["id"], tuple(r["completion_ids"])) for r in
+                     pq.read_table(root / "out" / "kd.parquet").to_pylist()),
         "stages": sorted(query(store, "SELECT name, status FROM synth.stages")),
     }
 
@@ -158,6 +171,10 @@ def test_random_kills_lose_duplicate_and_resend_nothing(tmp_path, tiny_model, se
         got = outcome(pipeline.parent)
         for key in expected:
             assert got[key] == expected[key], key  # nothing lost, nothing duplicated
+        scores = "SELECT s.id, t.logprobs FROM synth.scores s JOIN synth.token_logprobs t ON t.id = s.score_id"
+        reference_scores = dict(query(reference.parent / "out" / "run.duckdb", scores))
+        for rid, logprobs in query(store, scores):
+            assert logprobs == pytest.approx(reference_scores[rid], abs=1e-4)
         resent = teacher.requests - reference_requests
         # only requests in flight at a kill are sent again: at most the teacher's concurrency per kill
         assert 0 <= resent <= kills * CONCURRENCY, (resent, kills)

@@ -1,8 +1,11 @@
-"""Token logprobs (params.logprobs = k) land in synth.logprobs, one row per generated token with its k
-best alternatives and the tokenizer named; a backend that cannot give them fails before sending
-anything. The hf backend runs a real tiny model and its numbers are checked against a forward pass;
-the openai backend talks to the scripted server (tests/scripted_teacher.py), whose logprobs are
-scripted (one token per word), on both client paths."""
+"""Token logprobs (params.logprobs = k) land in synth.token_logprobs, one row per completion with flat
+arrays (token ids, float32 log-probs, the k best alternatives per position) and the tokenizer named;
+synth.logprobs is a per-token view of it. A backend that cannot give them, or k above an API's limit,
+fails before sending anything. The hf backend runs a real tiny model and its numbers are checked
+against a forward pass; the openai backend talks to the scripted server (tests/scripted_teacher.py),
+whose logprobs are scripted (one token per word), on both client paths, and as vLLM's server does
+with return_tokens_as_token_ids. A store written with the per-token table of migration 7 is migrated
+without losing a row."""
 
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ def test_openai_logprobs_are_stored_per_token(workspace, client):
                         "ORDER BY request_id, position")
     assert len(rows) == sum(words.values())
     for rid, position, token, token_id, logprob, top, tokenizer in rows:
-        assert position < words[rid] and token_id is None and tokenizer == "m"
+        assert position < words[rid] and token_id is None and tokenizer is None  # strings: no vocabulary known
         assert logprob == pytest.approx(-0.1 * (position + 1))
         assert [a["token"] for a in top] == [token, "alt1", "alt2"]  # k = 3, best first
 
@@ -66,6 +69,81 @@ def test_asking_a_backend_without_logprobs_fails_before_sending(workspace):
     assert not (workspace / "out" / "run.duckdb").exists()  # nothing written
 
 
+def test_more_alternatives_than_an_api_returns_fails_before_sending(workspace):
+    with ScriptedTeacher(p=1.0) as teacher:
+        run = synth("run", _pipeline(workspace, f'{{backend: openai, model: m, base_url: "{teacher.base_url}"}}',
+                                     k=21))
+    assert run.returncode == 2 and teacher.requests == 0, run.stderr
+    line = run.stderr.strip().splitlines()[-1]
+    assert "params.logprobs" in line and "at most 20" in line and "Traceback" not in run.stderr
+    assert not (workspace / "out" / "run.duckdb").exists()
+
+
+def test_a_vllm_server_gives_token_ids(workspace, tiny_model):
+    """`vllm_server: true`: the request asks for return_tokens_as_token_ids, and `token_id:N` tokens are
+    stored as ids under the teacher's declared tokenizer."""
+    store = workspace / "out" / "run.duckdb"
+    with ScriptedTeacher(p=1.0, token_ids=True) as teacher:
+        synth("run", _pipeline(workspace, f'{{backend: openai, model: m, base_url: "{teacher.base_url}", '
+                                          f'vllm_server: true, tokenizer: "{tiny_model}"}}', k=2), check=True)
+    assert teacher.bodies and all(b.get("return_tokens_as_token_ids") is True for b in teacher.bodies)
+    rows = query(store, "SELECT tokenizer, k, token_ids, tokens, top_ids, top_tokens, len(top_logprobs), "
+                        "len(logprobs) FROM synth.token_logprobs")
+    assert len(rows) == 12
+    for tokenizer, k, ids, tokens, top_ids, top_tokens, n_top, n in rows:
+        assert tokenizer == str(tiny_model) and k == 2 and tokens is None and top_tokens is None
+        assert len(ids) == n and len(top_ids) == n_top == 2 * n and all(isinstance(i, int) for i in ids)
+
+
+def test_compact_storage_and_the_per_token_view(workspace, tiny_model):
+    """One row per completion: n token ids and log-probs, n*k alternatives (position-major), no strings for
+    an id backend; synth.logprobs unfolds it into one row per token with its k alternatives."""
+    store = workspace / "out" / "run.duckdb"
+    synth_run(_pipeline(workspace, f"{{backend: hf, model: '{tiny_model}', batch_size: 4}}", k=4, max_tokens=8))
+    rows = query(store, "SELECT id, k, token_ids, tokens, logprobs, top_ids, top_tokens, top_logprobs "
+                        "FROM synth.token_logprobs")
+    assert len(rows) == 12
+    for rid, k, ids, tokens, lps, top_ids, top_tokens, top_lps in rows:
+        assert k == 4 and tokens is None and top_tokens is None and len(ids) == len(lps) == len(top_ids) // 4
+        per_token = query(store, f"SELECT position, token_id, logprob, top FROM synth.logprobs WHERE request_id = "
+                                 f"'{rid}' ORDER BY position")
+        assert [r[1] for r in per_token] == ids
+        for position, _, logprob, top in per_token:
+            assert logprob == pytest.approx(lps[position])
+            assert [a["token_id"] for a in top] == top_ids[position * 4:(position + 1) * 4]
+            assert [a["logprob"] for a in top] == pytest.approx(top_lps[position * 4:(position + 1) * 4])
+
+
+def test_a_store_with_the_per_token_table_is_migrated(tmp_path):
+    """Migration 12 folds migration 7's rows (one per token) into one row per completion: every token and
+    alternative kept, ids or strings as they were, ragged alternatives padded (id -1, log-prob -inf)."""
+    import duckdb
+
+    from synth.store import MIGRATIONS, Store
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))  # a store as synth left it at migration 11
+    con.execute("CREATE SCHEMA synth")
+    con.execute("CREATE TABLE synth.migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMP)")
+    for version, sql in enumerate(MIGRATIONS[:11], start=1):
+        con.execute(sql)
+        con.execute("INSERT INTO synth.migrations VALUES (?, now())", [version])
+    con.execute("""INSERT INTO synth.logprobs VALUES
+        ('a', 1, 'y', 5, -0.2, [{'token': 'y', 'token_id': 5, 'logprob': -0.2}], 'tok'),
+        ('a', 0, 'x', 4, -0.1, [{'token': 'x', 'token_id': 4, 'logprob': -0.1},
+                                {'token': 'w', 'token_id': 3, 'logprob': -2.0}], 'tok'),
+        ('b', 0, ' hi', NULL, -0.3, [{'token': ' hi', 'token_id': NULL, 'logprob': -0.3}], NULL)""")
+    con.close()
+    with Store(path).write() as con:  # applies migration 12
+        rows = con.execute("SELECT id, tokenizer, k, token_ids, tokens, top_ids, top_tokens, top_logprobs "
+                           "FROM synth.token_logprobs ORDER BY id").fetchall()
+        per_token = con.execute("SELECT count(*) FROM synth.logprobs").fetchall()
+    assert rows[0][:7] == ("a", "tok", 2, [4, 5], None, [4, 3, 5, -1], None)
+    assert rows[0][7][:3] == pytest.approx([-0.1, -2.0, -0.2]) and rows[0][7][3] == float("-inf")
+    assert rows[1][:7] == ("b", None, 1, None, [" hi"], None, [" hi"])
+    assert per_token == [(3,)]
+
+
 def test_hf_logprobs_match_a_forward_pass(workspace, tiny_model):
     """The hf backend's stored logprobs are log_softmax of the model's logits at each generated position:
     recomputed here with one forward pass over prompt + completion."""
@@ -76,7 +154,7 @@ def test_hf_logprobs_match_a_forward_pass(workspace, tiny_model):
     synth("run", _pipeline(workspace, f"{{backend: hf, model: '{tiny_model}', batch_size: 4}}", k=5,
                            max_tokens=12), check=True)
     counts = dict(query(store, "SELECT id, completion_tokens FROM synth.completions"))
-    per_request = dict(query(store, "SELECT request_id, count(*) FROM synth.logprobs GROUP BY 1"))
+    per_request = dict(query(store, "SELECT id, len(token_ids) FROM synth.token_logprobs"))
     assert per_request == counts  # one row per generated token, the end-of-sequence token included
     rid = sorted(counts)[0]
     rows = query(store, f"SELECT token_id, logprob, top, tokenizer FROM synth.logprobs WHERE request_id = '{rid}' "

@@ -22,12 +22,7 @@ class JSONServer(ScriptedTeacher):
     """The scripted OpenAI-compatible server, recording each request body; asked for a schema it answers
     JSON (a critic's score, else a verdict)."""
 
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.bodies: list[dict] = []
-
-    def reply(self, body: dict) -> str:
-        self.bodies.append(body)
+    def reply(self, body: dict) -> str:  # ScriptedTeacher records each body in self.bodies
         schema = (body.get("response_format") or {}).get("json_schema", {}).get("schema")
         if schema is None:
             return super().reply(body)

@@ -71,7 +71,7 @@ def test_offline_vllm_through_the_cli(workspace, tiny_model):
     positions: dict[str, list[int]] = {}
     for request_id, position, token, token_id, logprob, top, tokenizer in lp:
         positions.setdefault(request_id, []).append(position)
-        assert isinstance(token, str) and token_id is not None and logprob <= 0 and tokenizer == str(tiny_model)
+        assert token is None and token_id is not None and logprob <= 0 and tokenizer == str(tiny_model)
         assert len(top) == 3 and [a["logprob"] for a in top] == sorted((a["logprob"] for a in top), reverse=True)
         assert all(a["token_id"] is not None and a["logprob"] <= 0 for a in top)
         assert logprob <= top[0]["logprob"] + 1e-6
@@ -266,6 +266,14 @@ def test_logprobs_k_best_per_token(teacher, engine_slots, tiny_model):
     by_id = {r.id: r for r in requests}
     completions = {c.request_id: c for c in teacher.generate(requests)}
     assert completions["plain"].logprobs is None
+    for c in completions.values():  # the compact form as one entry per token (ids only: no strings)
+        if c.logprobs is not None:
+            lp = c.logprobs
+            k = lp["k"]
+            c.logprobs = [{"token_id": i, "logprob": v, "top": [
+                {"token_id": a, "logprob": w} for a, w in zip(lp["top_ids"][t * k:(t + 1) * k],
+                                                               lp["top_logprobs"][t * k:(t + 1) * k])]}
+                for t, (i, v) in enumerate(zip(lp["token_ids"], lp["logprobs"]))]
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     tok = teacher.tokenizer
     for rid, c in completions.items():
@@ -282,7 +290,6 @@ def test_logprobs_k_best_per_token(teacher, engine_slots, tiny_model):
             assert len(top) == k and t["logprob"] <= 0 and all(a["logprob"] <= 0 for a in top)
             assert [a["logprob"] for a in top] == sorted((a["logprob"] for a in top), reverse=True)
             assert sum(math.exp(a["logprob"]) for a in top) <= 1 + 1e-5
-            assert t["token"] == tok.decode([t["token_id"]])
             match = [a for a in top if a["token_id"] == t["token_id"]]
             if match:
                 assert match[0]["logprob"] == t["logprob"]
@@ -326,3 +333,51 @@ def test_structured_output_is_enforced_by_the_engine(teacher, engine_slots):
     done = list(teacher.generate(make_requests(3, samples=2, max_tokens=32, json_schema=schema)))
     assert len(done) == 6 and all(c.ok for c in done), [c.error_message for c in done]
     assert all(json.loads(c.text)["verdict"] in ("yes", "no") for c in done), [c.text for c in done]
+
+
+# ---- scoring sequences (the score stage): prompt log-probs ----------------------------------------------
+
+def test_the_engine_scores_its_own_samples_as_it_generated_them(teacher, engine_slots):
+    """VLLMTeacher.score (prompt_logprobs) of the engine's own samples gives back the log-probs captured when
+    it generated them; k alternatives per position; a sequence past the context is a context_length row."""
+    from synth.teachers import ScoreRequest
+
+    engine_slots(4)
+    requests = make_requests(3, max_tokens=10, logprobs=3)
+    generated = {c.request_id: c for c in teacher.generate(requests)}
+    by_id = {r.id: r for r in requests}
+    asks = [ScoreRequest(rid, by_id[rid].messages, c.logprobs["token_ids"], 3) for rid, c in generated.items()]
+    asks.append(ScoreRequest("long", requests[0].messages, [5] * 600, 3))
+    scored = {c.request_id: c for c in teacher.score(asks)}
+    assert scored["long"].error == "context_length"
+    for rid, c in generated.items():
+        s = scored[rid]
+        assert s.ok and s.logprobs["token_ids"] == c.logprobs["token_ids"] and s.logprobs["k"] == 3
+        assert s.logprobs["logprobs"] == pytest.approx(c.logprobs["logprobs"], abs=2e-3)
+        assert s.logprobs["top_logprobs"] == pytest.approx(c.logprobs["top_logprobs"], abs=2e-3)
+
+
+def test_scoring_through_vllm_server(workspace, vllm_server, tiny_model):
+    """A score stage on vLLM's own server (`vllm_server: true`, the model's tokenizer declared): prompt_logprobs
+    on /completions; the scores agree with the offline hf teacher's forward pass on the same tokens."""
+    server = json.dumps({"backend": "openai", "model": "tiny", "base_url": vllm_server, "vllm_server": True,
+                         "tokenizer": str(tiny_model), "max_concurrency": 4})
+    local = json.dumps({"backend": "hf", "model": str(tiny_model)})
+    pipeline = write(workspace / "pipeline.yaml", f"""\
+        store: out/run.duckdb
+        teachers:
+          served: {server}
+          local: {local}
+        stages:
+          problems: {{kind: load, path: seeds.jsonl}}
+          samples: {{kind: generate, input: problems, teacher: local, prompt: solve, samples: 1,
+                     params: {{temperature: 1.0, max_tokens: 8, seed: 0, logprobs: 2}}}}
+          by_server: {{kind: score, input: samples, teacher: served, logprobs: 2}}
+        """)
+    synth("run", pipeline, check=True)
+    store = workspace / "out" / "run.duckdb"
+    rows = query(store, "SELECT g.logprobs, t.logprobs, t.token_ids, g.token_ids, t.k FROM synth.scores s "
+                        "JOIN synth.token_logprobs g ON g.id = s.id JOIN synth.token_logprobs t ON t.id = s.score_id")
+    assert len(rows) == len(SEEDS)
+    for captured, served, ids, generated, k in rows:
+        assert ids == generated and k == 2 and served == pytest.approx(captured, abs=2e-3)

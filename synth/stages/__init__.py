@@ -13,12 +13,13 @@ from synth.config import STAGE_MODELS
 from synth.errors import SynthError
 from synth.graph import Kind
 from synth.stages import (decontaminate, dedup, evaluate, export, filter as filter_, generate, judge, keep, load,
-                          pairs, train, verify, vote)
+                          pairs, score, train, verify, vote)
 
 # Literal, in the order `synth stats` and error messages list them.
 KINDS: dict[str, Kind] = {
     "load": load.KIND,
     "generate": generate.KIND,
+    "score": score.KIND,
     "export": export.KIND,
     "verify": verify.KIND,
     "vote": vote.KIND,

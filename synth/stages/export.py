@@ -1,4 +1,7 @@
-"""The export stage: training data in TRL's conversational formats.
+"""The export stage: training data in TRL's conversational formats, and token-level targets for KD.
+
+`format: kd` writes one row per sequence with teacher log-probs (kd_records): prompt turns, the completion's
+token ids as generated, and the teacher's top-k ids and log-probs per position (.parquet or a directory).
 
 `format: dpo` writes one row per preference pair of a pairs stage:
     {"id": <chosen id>:<rejected id>, "prompt": [turns], "chosen": [assistant turn], "rejected": [...]}
@@ -35,9 +38,11 @@ from synth.config import ExportStage
 from synth.context import RunContext
 from synth.errors import SynthError
 from synth.graph import Graph, Kind, Ref
+from synth.paths import export_sidecar
 from synth.prompts import load_template
 from synth.store import Store, quote_ident, sql_str
 from synth.verdict_store import top_rejections
+from synth.vocab import ids_of_strings
 
 
 def sft_messages(prompt: list[dict], text: str, *, system: bool, few_shot: bool) -> list[dict]:
@@ -84,6 +89,8 @@ def run(ctx: RunContext, name: str) -> dict:
         cut = first_difference if stage.rejected == "first_difference" else (lambda _, rejected: rejected)
         records = [dpo_record(rid, json.loads(msgs), chosen, cut(chosen, rejected), system=stage.system,
                               few_shot=stage.few_shot) for rid, msgs, chosen, rejected in rows]
+    elif stage.format == "kd":
+        records = kd_records(ctx, name)
     elif stage.prompt:  # a dataset's own rows: the template renders the prompt, a column is the response
         template = graph.templates[name]
         with ctx.store.read() as con:
@@ -107,7 +114,9 @@ def run(ctx: RunContext, name: str) -> dict:
         _write_dataset_dir(out, records, stage.format, dataset_card(ctx, name, len(records)))
     else:
         _write_atomic(out, records, stage.format)
-    _write_atomic_text(sidecar_path(out), json.dumps(provenance(ctx, name, len(records)), indent=2, default=str))
+    vocabulary = records[0]["tokenizer"] if stage.format == "kd" and records else None
+    _write_atomic_text(export_sidecar(out), json.dumps(provenance(ctx, name, len(records), vocabulary), indent=2,
+                                                     default=str))
     with ctx.store.write() as con:
         if out.suffix == "":
             source = f"read_parquet({sql_str(str(out / 'data.parquet'))})"
@@ -125,6 +134,61 @@ def run(ctx: RunContext, name: str) -> dict:
                           + "a train stage on it would fail. `synth stats` shows the funnel[/bold yellow]",
                           highlight=False)
     return {"rows": len(records), "path": str(out)}
+
+
+def kd_records(ctx: RunContext, name: str) -> list[dict]:
+    """format kd: one row per sequence with teacher log-probs: the prompt turns (trimmed as sft's), the
+    completion's token ids exactly as the teacher wrote or scored them (never re-tokenised: the positions
+    would drift), and at each position the teacher's k best ids and log-probs (padding: id -1, log-prob -inf)
+    and the log-prob of the token taken. From a generate/keep stage: the log-probs captured when the teacher
+    generated (params.logprobs); from a score stage: the teacher's scores of another model's sequences.
+    Token strings (an OpenAI-compatible teacher) are mapped to ids with its declared tokenizer; without one
+    the export refuses. Rows without log-probs (captured without them, or not scored yet) are left out and
+    counted in a warning."""
+    graph, stage = ctx.graph, ctx.graph.stage(name)
+    scored = graph.stage(stage.input).kind == "score"
+    join = (f"JOIN synth.scores m ON m.id = s.id AND m.stage = {sql_str(stage.input)} "
+            "JOIN synth.token_logprobs t ON t.id = m.score_id") if scored else "JOIN synth.token_logprobs t ON t.id = s.id"
+    with ctx.store.read() as con:
+        total = con.execute(f"SELECT count(*) FROM {quote_ident(stage.input)}").fetchall()[0][0]
+        rows = con.execute(
+            f"SELECT s.id, p.messages, c.text, t.tokenizer, t.k, t.token_ids, t.tokens, t.logprobs, t.top_ids, "
+            f"t.top_tokens, t.top_logprobs FROM {quote_ident(stage.input)} s "
+            "JOIN synth.requests r ON r.id = s.id JOIN synth.prompts p ON p.id = r.prompt_id "
+            f"JOIN synth.completions c ON c.id = s.id {join} ORDER BY s.input_id, s.sample, s.id").fetchall()
+    vocabularies = {r[3] for r in rows}
+    if len(vocabularies) > 1:
+        raise SynthError(f"{graph.where(name, 'input')}: key 'input': the rows of {stage.input!r} carry log-probs in "
+                         f"{len(vocabularies)} vocabularies ({', '.join(sorted(map(str, vocabularies)))}); a kd export "
+                         "needs one: export each teacher's rows apart")
+    records = []
+    for rid, msgs, text, vocabulary, k, ids, tokens, lps, top_ids, top_tokens, top_lps in rows:
+        if ids is None or top_ids is None:
+            if vocabulary is None:
+                raise SynthError(f"{graph.where(name, 'input')}: row {rid!r}: the teacher returned token strings, not "
+                                 "ids, and declares no tokenizer to map them with; set `tokenizer:` on the teacher (it "
+                                 "must be the student's), or use a teacher that returns ids (hf, vllm, vllm_server)")
+            try:
+                ids = ids if ids is not None else ids_of_strings(vocabulary, tokens)
+                top_ids = top_ids if top_ids is not None else ids_of_strings(vocabulary, top_tokens)
+            except SynthError as exc:
+                raise SynthError(f"{graph.where(name)}: row {rid!r}: {exc}") from None
+        n = len(ids)
+        records.append({
+            "id": rid, "prompt": sft_messages(json.loads(msgs), "", system=stage.system, few_shot=stage.few_shot)[:-1],
+            "completion": text or "", "completion_ids": list(ids), "logprobs": list(lps),
+            "teacher_ids": [list(top_ids[t * k:(t + 1) * k]) for t in range(n)],
+            "teacher_logprobs": [list(top_lps[t * k:(t + 1) * k]) for t in range(n)], "tokenizer": vocabulary})
+    if len(records) < total:
+        ctx.console.print(f"  [yellow]{name}: {total - len(records)} of the {total} rows of '{stage.input}' have no "
+                          "teacher log-probs " + ("(not scored: see `synth status`)" if scored else
+                                                  "(generated without params.logprobs)") + "; left out[/yellow]",
+                          highlight=False)
+    return records
+
+
+KD_SCHEMA_FIELDS = [("completion", "string"), ("completion_ids", "ids"), ("logprobs", "floats"),
+                    ("teacher_ids", "ids2"), ("teacher_logprobs", "floats2"), ("tokenizer", "string")]
 
 
 def with_reasoning(text: str, trace: str | None, stage: ExportStage) -> list[tuple[str, str]]:
@@ -156,9 +220,10 @@ def sft_records(rid: str, prompt: list[dict], text: str, answer: str | None, sta
     return [record(":answer", "[answer]", answer), record(":rationale", "[rationale]", text)]
 
 
-def provenance(ctx: RunContext, name: str, rows: int) -> dict:
+def provenance(ctx: RunContext, name: str, rows: int, vocabulary: str | None = None) -> dict:
     """What the export was made from: the pipeline, its teachers, templates and filters, the run that
-    last wrote each upstream stage, and the row counts. Written beside the export (the sidecar)."""
+    last wrote each upstream stage, and the row counts (kd: the tokenizer its ids are in). Written beside
+    the export (the sidecar)."""
     graph = ctx.graph
     upstream = graph.upstream([name])
     with ctx.store.read() as con:
@@ -168,6 +233,7 @@ def provenance(ctx: RunContext, name: str, rows: int) -> dict:
     return {
         "pipeline": str(graph.path), "store": str(ctx.store.path), "stage": name, "rows": rows,
         "format": graph.stage(name).format,
+        **({"tokenizer": vocabulary} if graph.stage(name).format == "kd" else {}),
         "teachers": {t: ctx.teacher_config(t).model for t in sorted({getattr(s, "teacher", None)
                                                                             for s in stages.values()} - {None})},
         "templates": sorted({s.prompt for s in stages.values() if getattr(s, "prompt", None)}),
@@ -184,11 +250,6 @@ def dataset_card(ctx: RunContext, name: str, rows: int) -> str:
              "## Filters and stages (rows, last run)",
              *[f"- {n} ({s['kind']}): {s['rows']} rows, run {s['run_id']}" for n, s in p["stages"].items()], ""]
     return "\n".join(lines)
-
-
-def sidecar_path(out: Path) -> Path:
-    """Where an export's provenance goes: <file>.synth.json, or synth.json inside a directory export."""
-    return out / "synth.json" if out.suffix == "" else out.with_name(out.name + ".synth.json")
 
 
 def _write_atomic_text(path: Path, text: str) -> None:
@@ -225,9 +286,13 @@ def _write_atomic(out: Path, records: list[dict], fmt: str = "sft") -> None:
     try:
         if out.suffix == ".parquet":
             turns = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-            columns = ["messages"] if fmt == "sft" else ["prompt", "chosen", "rejected"]
-            table = pa.table({"id": [r["id"] for r in records], **{c: [r[c] for r in records] for c in columns}},
-                             schema=pa.schema([("id", pa.string())] + [(c, turns) for c in columns]))
+            columns = {"sft": ["messages"], "dpo": ["prompt", "chosen", "rejected"], "kd": ["prompt"]}[fmt]
+            types = {"string": pa.string(), "ids": pa.list_(pa.int32()), "floats": pa.list_(pa.float32()),
+                     "ids2": pa.list_(pa.list_(pa.int32())), "floats2": pa.list_(pa.list_(pa.float32()))}
+            extra = [(c, types[t]) for c, t in KD_SCHEMA_FIELDS] if fmt == "kd" else []
+            table = pa.table({"id": [r["id"] for r in records], **{c: [r[c] for r in records] for c in columns},
+                              **{c: [r[c] for r in records] for c, _ in extra}},
+                             schema=pa.schema([("id", pa.string())] + [(c, turns) for c in columns] + extra))
             pq.write_table(table, tmp)
         else:
             with open(tmp, "w", encoding="utf-8") as fh:
@@ -242,8 +307,8 @@ def _write_atomic(out: Path, records: list[dict], fmt: str = "sft") -> None:
 # ---- load time ------------------------------------------------------------------------------------------
 
 def references(stage: ExportStage, stages) -> list[Ref]:
-    sources = ("pairs",) if stage.format == "dpo" else ("generate", "keep", "load") if stage.prompt else \
-        ("generate", "keep")
+    sources = ("pairs",) if stage.format == "dpo" else ("generate", "keep", "score") if stage.format == "kd" else \
+        ("generate", "keep", "load") if stage.prompt else ("generate", "keep")
     return [Ref("input", (stage.input,), sources, hint=f" for format {stage.format}")]
 
 
@@ -255,6 +320,15 @@ def check(graph: Graph, name: str) -> None:
     if stage.reasoning != "drop" and (stage.format == "dpo" or graph.stage(graph.root(stage.input)).kind != "generate"):
         raise SynthError(f"{graph.where(name, 'reasoning')}: key 'reasoning' exports a reasoning teacher's traces; "
                          "it needs format: sft of generated rows")
+    if stage.format == "kd":
+        if stage.prompt or stage.response or stage.target != "text" or stage.reasoning != "drop":
+            key = "prompt" if stage.prompt else "response" if stage.response else \
+                "target" if stage.target != "text" else "reasoning"
+            raise SynthError(f"{graph.where(name, key)}: key {key!r}: a kd export carries the tokens the teacher "
+                             "wrote or scored, as they are; it takes no prompt/response/target/reasoning")
+        if graph.resolve(stage.path).suffix == ".jsonl":
+            raise SynthError(f"{graph.where(name, 'path')}: key 'path': a kd export is arrays of token ids and "
+                             "log-probs: write .parquet (or a dataset directory), not .jsonl")
     if stage.format != "dpo" and stage.rejected != "whole":
         raise SynthError(f"{graph.where(name, 'rejected')}: key 'rejected' cuts the rejected answers of DPO pairs; "
                          f"it needs format: dpo (this export is format: {stage.format})")
@@ -282,6 +356,12 @@ def _check_source(graph: Graph, name: str) -> None:
     stage: ExportStage = graph.stage(name)
     where = graph.where
     root_kind = graph.stage(graph.root(stage.input)).kind
+    if stage.format == "kd":
+        rows_of = graph.stage(stage.input).input if graph.stage(stage.input).kind == "score" else stage.input
+        if graph.stage(graph.root(rows_of)).kind != "generate":
+            raise SynthError(f"{where(name, 'input')}: key 'input': format 'kd' exports generated rows with the "
+                             f"teacher's log-probs; {stage.input!r} carries {graph.root(stage.input)!r}'s rows")
+        return
     if stage.format == "dpo":
         if stage.prompt or stage.response:
             raise SynthError(f"{where(name, 'prompt')}: keys 'prompt'/'response' export a dataset's own rows "
@@ -316,7 +396,7 @@ def preflight(graph: Graph, name: str, trained, console, will_run: bool) -> None
 
 def _writes(graph: Graph, name: str) -> list[Path]:
     out = graph.resolve(graph.stage(name).path)
-    return [out, sidecar_path(out)]
+    return [out, export_sidecar(out)]
 
 
 KIND = Kind(

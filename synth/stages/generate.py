@@ -36,10 +36,12 @@ from synth import schemas
 from synth.parsers import PARSER_COLUMNS, PARSERS, parse_json
 from synth.prompts import load_template
 from synth.requests import PAIR_COLUMNS, build_requests, cached_ids, input_rows
-from synth.store import fetch_one, Store, now, quote_ident, sql_str
+from synth.store import fetch_one, logprob_rows, Store, now, quote_ident, sql_str
 from synth.teachers import (Completion, OpenAITeacherConfig, Request, content_filtered, load_teacher,
-                            prompt_token_counter, resolve_model_path, split_reasoning)
+                            prompt_token_counter, split_reasoning, vocabulary_of)
 from synth.teachers.openai import resolve_api_key
+
+MAX_API_LOGPROBS = 20  # top_logprobs: the most OpenAI's chat API (and vLLM's server, by default) return
 
 GENERATION_COLUMNS = ["id", "input_id", "sample", "teacher", "model", "text", "finish_reason",
                       "prompt_tokens", "completion_tokens", "reasoning", "reasoning_tokens"]
@@ -95,10 +97,9 @@ def run(ctx: RunContext, name: str) -> dict:
     graph, run_id, console, store = ctx.graph, ctx.run_id, ctx.console, ctx.store
     stage: GenerateStage = graph.stage(name)
     parse = answer_parser(graph, name)
-    model = ctx.teacher_config(stage.teacher).model
-    # whose vocabulary the stored logprobs' token ids are: a local model by its absolute path (a relative one
-    # would depend on the directory synth ran from), a hub model by its id
-    tokenizer = resolve_model_path(model, graph.base_dir)
+    config = ctx.teacher_config(stage.teacher)
+    model = config.model
+    tokenizer = vocabulary_of(config, graph.base_dir)
     rows = input_rows(graph, name, from_store=True)
     if rows is None:
         raise SynthError(f"{graph.where(name)}: input '{stage.input}' has no rows in the store; run it first")
@@ -161,7 +162,9 @@ def run(ctx: RunContext, name: str) -> dict:
         try:
             with store.write(threads=1) as con:
                 Store.insert_arrow(con, "synth.completions", _completion_rows(good, stage.teacher, run_id))
-                Store.insert_arrow(con, "synth.logprobs", _logprob_rows(good, tokenizer))
+                with_lp = [c for c in good if c.logprobs is not None]
+                Store.insert_arrow(con, "synth.token_logprobs", logprob_rows(
+                    [c.request_id for c in with_lp], [c.logprobs for c in with_lp], tokenizer))
                 Store.insert_arrow(con, "synth.generations", _membership(
                     name, stage.teacher, [by_id[c.request_id] for c in good], planned.input_of,
                     {c.request_id: c.text for c in good}, parse), mode="OR REPLACE")
@@ -487,28 +490,6 @@ def _completion_rows(completions: list[Completion], teacher: str, run_id: str) -
         "created_at": [now()] * len(completions)})
 
 
-def _logprob_rows(completions: list[Completion], tokenizer: str) -> pa.Table:
-    """synth.logprobs rows: one per generated token of each completion that carries logprobs."""
-    cols = {"request_id": [], "position": [], "token": [], "token_id": [], "logprob": [], "top": []}
-    for c in completions:
-        for position, t in enumerate(c.logprobs or ()):
-            cols["request_id"].append(c.request_id)
-            cols["position"].append(position)
-            cols["token"].append(t["token"])
-            cols["token_id"].append(t.get("token_id"))
-            cols["logprob"].append(float(t["logprob"]))
-            cols["top"].append([{"token": a["token"], "token_id": a.get("token_id"), "logprob": float(a["logprob"])}
-                                for a in t.get("top") or ()])
-    top_type = pa.list_(pa.struct([("token", pa.string()), ("token_id", pa.int32()), ("logprob", pa.float64())]))
-    return pa.table({"request_id": pa.array(cols["request_id"], pa.string()),
-                     "position": pa.array(cols["position"], pa.int32()),
-                     "token": pa.array(cols["token"], pa.string()),
-                     "token_id": pa.array(cols["token_id"], pa.int32()),
-                     "logprob": pa.array(cols["logprob"], pa.float64()),
-                     "top": pa.array(cols["top"], top_type),
-                     "tokenizer": pa.array([tokenizer] * len(cols["request_id"]), pa.string())})
-
-
 def _create_view(con, graph: Graph, name: str) -> None:
     stage: GenerateStage = graph.stage(name)
     parse = graph.templates[name].spec.parse
@@ -615,6 +596,10 @@ def preflight(graph: Graph, name: str, trained, console, will_run: bool) -> None
                          f"(backend {config.backend}) cannot return logprobs"
                          + (" (its config says logprobs: false)" if config.backend == "openai" else "")
                          + "; remove params.logprobs or use a backend that has them (hf, vllm, openai, echo)")
+    if stage.params.logprobs is not None and stage.params.logprobs > MAX_API_LOGPROBS and config.backend == "openai":
+        raise SynthError(f"{graph.where(name, 'params')}: key 'params.logprobs': {stage.params.logprobs} alternatives "
+                         f"per token, but OpenAI-compatible APIs return at most {MAX_API_LOGPROBS} (top_logprobs); "
+                         f"ask for {MAX_API_LOGPROBS} or fewer, or use an hf or vllm teacher (any k)")
     if stage.ray is not None and getattr(config, "mode", "online") == "batch":
         raise SynthError(f"{graph.where(name, 'ray')}: key 'ray': teacher '{stage.teacher}' uses mode batch, which "
                          "runs on the provider's side; remove `ray:` from the stage or use mode online")

@@ -37,8 +37,10 @@ from synth.context import RunContext
 from synth.errors import SynthError
 from synth.graph import Graph, Kind, Ref
 from synth.ids import content_hash
+from synth.paths import export_sidecar
 from synth.store import Store, now, sql_str
-from synth.teachers import HFTeacherConfig, model_signature, resolve_model_path
+from synth.teachers import HFTeacherConfig, model_signature, resolve_model_path, vocabulary_of
+from synth.vocab import vocabulary_mismatch
 
 RUN_DIR = re.compile(r"^(?P<stage>[A-Za-z_][A-Za-z0-9_]*)-\d{8}-\d{6}-[0-9a-f]{6}$")  # <stage>-<run id>
 
@@ -88,6 +90,40 @@ def check(graph: Graph, name: str) -> None:
         train.check_recipe(recipe, stage.method, base_model(graph, name, None))
     except SynthError as exc:
         raise SynthError(f"{graph.where(name, 'recipe')}: key 'recipe': {exc}") from None
+
+
+def kd_teacher(graph: Graph, name: str) -> str:
+    """The teacher whose log-probs a kd train stage's data carries: its export's score stage's teacher, else the
+    teacher of the generate stage its rows come from."""
+    export = graph.stage(graph.stage(name).data)
+    source = graph.stage(export.input)
+    return source.teacher if source.kind == "score" else graph.stage(graph.root(export.input)).teacher
+
+
+def vocabulary_problem(graph: Graph, name: str, trained, vocabulary: str | None = None) -> str | None:
+    """Why a kd train stage's student cannot learn from its teacher's token ids (None: one vocabulary), from the
+    teacher's config (`vocabulary`: the export's recorded one, at run time). None also when it cannot be told
+    before the teacher exists (a student trained earlier in this run as the teacher)."""
+    teacher = kd_teacher(graph, name)
+    config = graph.teacher_config(teacher, trained or {})
+    if vocabulary is None:
+        if teacher in graph.stage_teachers and not (Path(config.model) / "config.json").exists():
+            return None
+        vocabulary = vocabulary_of(config, graph.base_dir)
+    if vocabulary is None:
+        return (f"teacher '{teacher}' (backend {config.backend}) gives token strings with no tokenizer to read them "
+                "by; declare `tokenizer:` on it (the student's), or use a teacher that returns ids (hf, vllm)")
+    student = base_model(graph, name, trained if trained and graph.stage(name).init in (trained or {}) else None)
+    return vocabulary_mismatch(vocabulary, str(student)) if student else None
+
+
+def preflight(graph: Graph, name: str, trained, console, will_run: bool) -> None:
+    """method kd: teacher and student share a vocabulary (one line naming both tokenizers otherwise)."""
+    if graph.stage(name).method != "kd":
+        return
+    problem = vocabulary_problem(graph, name, trained)
+    if problem:
+        raise SynthError(f"{graph.where(name, 'student')}: method kd: {problem}")
 
 
 def fingerprint(graph: Graph, name: str, trained) -> dict[str, str]:
@@ -156,10 +192,20 @@ def run(ctx: RunContext, name: str) -> dict:
     if importlib.util.find_spec("trl") is None:
         raise SynthError(f"{graph.where(name)}: train stages need TRL: pip install 'synth-distill[train]'")
     recipe = train.load_recipe(graph.resolve(stage.recipe), stage.method)
+    if stage.seed is not None:  # a replica of `seeds`, or the stage's own override
+        recipe["seed"] = stage.seed
     data = graph.resolve(graph.stage(stage.data).path)
     if data.suffix == "":  # a saved HF dataset directory: its data.parquet holds the same rows
         data = data / "data.parquet"
     base = base_model(graph, name, ctx.trained)
+    if stage.method == "kd":  # the ids in the file are its teacher's: the student must read them alike
+        try:
+            recorded = json.loads(export_sidecar(graph.resolve(graph.stage(stage.data).path)).read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        problem = vocabulary_problem(graph, name, ctx.trained, recorded.get("tokenizer"))
+        if problem:
+            raise SynthError(f"{graph.where(name, 'student')}: method kd: {problem}")
     models = ctx.store.path.parent / "models"
     out = models / f"{name}-{run_id}"  # a new model id for every training run
     model_dir = out / "model"
@@ -219,10 +265,11 @@ def run(ctx: RunContext, name: str) -> dict:
 
 
 KIND = Kind(
-    name="train", run=run, references=references, check=check, fingerprint=fingerprint,
+    name="train", run=run, references=references, check=check, fingerprint=fingerprint, preflight=preflight,
     missing_output=missing_output,
     provides_teacher=lambda name, stage: HFTeacherConfig(backend="hf", model=f"<trained by stage {name}>",
                                                          batch_size=stage.batch_size),
     reads=lambda graph, name: {graph.resolve(graph.stage(name).recipe): f"the recipe of stage '{name}'"},
     not_fingerprinted=frozenset({"batch_size"}),  # how its model generates later, not what it trains
+    later_keys={"seeds": None, "seed": None},
 )

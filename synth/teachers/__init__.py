@@ -13,16 +13,19 @@ from pathlib import Path
 
 from synth.teachers.base import (  # the package's public names (the backends import synth.teachers.base)
     CHARS_PER_TOKEN, Capabilities, Completion, EchoRule, EchoTeacherConfig, HFTeacherConfig,
-    OpenAITeacherConfig, POLICY_CAUSES, Prices, Request, SamplingParams, Teacher, TeacherBase, TeacherConfig,
+    OpenAITeacherConfig, POLICY_CAUSES, Prices, Request, SamplingParams, ScoreRequest, Teacher, TeacherBase,
+    TeacherConfig,
     VLLMTeacherConfig, _TeacherConfig, approx_prompt_tokens, content_filtered, estimated_tokens,
-    model_signature, prompt_token_counter, resolve_model_path, split_reasoning,
+    logprobs_from_entries, model_signature, prompt_token_counter, resolve_model_path, split_reasoning,
+    token_logprobs, vocabulary_of,
 )
 
 __all__ = ['CHARS_PER_TOKEN', 'Capabilities', 'Completion', 'EchoRule', 'EchoTeacherConfig', 'HFTeacherConfig',
-           'OpenAITeacherConfig', 'POLICY_CAUSES', 'Prices', 'Request', 'SamplingParams', 'Teacher',
+           'OpenAITeacherConfig', 'POLICY_CAUSES', 'Prices', 'Request', 'SamplingParams', 'ScoreRequest', 'Teacher',
            'TeacherBase', 'TeacherConfig', 'VLLMTeacherConfig', '_TeacherConfig', 'approx_prompt_tokens',
            'content_filtered', 'estimated_tokens', 'model_signature', 'prompt_token_counter',
-           'resolve_model_path', 'split_reasoning', 'load_teacher']
+           'resolve_model_path', 'split_reasoning', 'load_teacher', 'logprobs_from_entries', 'token_logprobs',
+           'vocabulary_of']
 
 
 def load_teacher(name: str, config: _TeacherConfig, base_dir: Path) -> Teacher:

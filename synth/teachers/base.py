@@ -34,8 +34,9 @@ class SamplingParams(BaseModel):
     stop: list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logprobs: int | None = Field(None, ge=0, le=20, description="store the log-probability of each generated "
-                                 "token and its top k alternatives in synth.logprobs (k = this)")
+    logprobs: int | None = Field(None, ge=0, description="store the log-probability of each generated token and "
+                                 "its top k alternatives in synth.token_logprobs (k = this; OpenAI-compatible "
+                                 "APIs allow at most 20)")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,18 @@ class Request:
         return sample_seed(self.params.get("seed"), self.sample)
 
 
+@dataclass(frozen=True)
+class ScoreRequest:
+    """A sequence for a teacher to score (a score stage): the prompt, rendered by the teacher's chat template
+    with the generation prompt, followed by `tokens` exactly as given (token ids, never re-tokenised). The
+    answer is a Completion with `logprobs` = token_logprobs over those tokens: the teacher's log-prob of each
+    and its k best at each position (text None; prompt_tokens, completion_tokens = len(tokens))."""
+    id: str
+    messages: list[dict]
+    tokens: list[int]
+    k: int
+
+
 @dataclass
 class Completion:
     request_id: str
@@ -61,9 +74,8 @@ class Completion:
     latency_s: float | None = None
     error: str | None = None  # cause code: rate_limit, server_error, timeout, bad_request, connection, ...
     error_message: str | None = None
-    # when the request asked for logprobs: one dict per generated token, in order:
-    # {"token": str, "token_id": int | None, "logprob": float, "top": [{"token", "token_id", "logprob"}, ...]}
-    logprobs: list[dict] | None = None
+    # when the request asked for logprobs: the compact per-completion form of `token_logprobs` (below)
+    logprobs: dict | None = None
     retry_max_tokens: int | None = None  # generated with this max_tokens, not the request's (on_length retry)
     reasoning: str | None = None  # a reasoning model's trace: the server's reasoning_content, or <think>...</think>
     reasoning_tokens: int | None = None  # of completion_tokens, those the trace took (when the server says)
@@ -100,6 +112,41 @@ def split_reasoning(c: Completion, tags: list[str]) -> Completion:
     trace, closed, answer = body.partition(end)
     c.reasoning, c.text = trace.strip(), answer.lstrip() if closed else ""
     return c
+
+
+def token_logprobs(k: int, logprobs: list[float], *, token_ids: list[int] | None = None,
+                   tokens: list[str] | None = None, top_ids: list[int] | None = None,
+                   top_tokens: list[str | None] | None = None, top_logprobs: list[float]) -> dict:
+    """Completion.logprobs: a sequence's n tokens with their log-probabilities and the k best alternatives
+    at each position, as flat lists (position-major: position t's alternatives are [t*k, (t+1)*k)), the
+    layout of synth.token_logprobs (one row per completion). Token ids where the backend has them (hf,
+    vllm, a vLLM server asked for ids); else token strings (OpenAI-compatible servers). A position with
+    fewer than k alternatives is padded with id -1 / token None and log-prob -inf (no mass). A plain
+    dict of lists: it goes into the answers journal as JSON as it is."""
+    n = len(logprobs)
+    assert len(top_logprobs) == n * k, (len(top_logprobs), n, k)
+    return {"k": k, "token_ids": token_ids, "tokens": None if token_ids is not None else tokens,
+            "logprobs": logprobs, "top_ids": top_ids,
+            "top_tokens": None if top_ids is not None else top_tokens, "top_logprobs": top_logprobs}
+
+
+def logprobs_from_entries(entries: list[dict], k: int) -> dict:
+    """token_logprobs from one dict per token ({"token", "token_id", "logprob", "top": [{"token",
+    "token_id", "logprob"}, ...]}: OpenAI's shape, and what synth's journal held before the compact form),
+    each position's alternatives cut or padded to exactly k."""
+    ids_known = all(e.get("token_id") is not None for e in entries) and all(
+        a.get("token_id") is not None for e in entries for a in e.get("top") or ())
+    top_ids, top_tokens, top_lps = [], [], []
+    for e in entries:
+        top = list(e.get("top") or ())[:k]
+        top += [{"token": None, "token_id": -1, "logprob": float("-inf")}] * (k - len(top))
+        top_ids += [a.get("token_id") for a in top]
+        top_tokens += [a.get("token") for a in top]
+        top_lps += [float(a["logprob"]) for a in top]
+    return token_logprobs(k, [float(e["logprob"]) for e in entries],
+                          token_ids=[e["token_id"] for e in entries] if ids_known else None,
+                          tokens=[e.get("token") for e in entries], top_ids=top_ids if ids_known else None,
+                          top_tokens=top_tokens, top_logprobs=top_lps)
 
 
 CHARS_PER_TOKEN = 4.0  # token estimate without a tokenizer: ~4 characters per token for English text
@@ -161,6 +208,7 @@ class Capabilities:
     n_samples: bool = True  # can produce several independent samples of one prompt
     logprobs: bool = False
     structured_output: bool = False
+    scoring: bool = False  # can score given token sequences (Teacher.score)
 
 
 class Teacher(Protocol):
@@ -175,6 +223,11 @@ class Teacher(Protocol):
     def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
         """Yield one Completion per request, in completion order. Never raises for a single
         request's failure; raises SynthError only for a condition no request can survive."""
+        ...
+
+    def score(self, requests: Sequence[ScoreRequest]) -> Iterator[Completion]:
+        """Yield one Completion per ScoreRequest (its logprobs over the given tokens), as `generate` does;
+        only for a backend with capabilities.scoring."""
         ...
 
     def stop(self) -> None:
@@ -211,6 +264,9 @@ class TeacherBase:
 
     def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
         raise NotImplementedError
+
+    def score(self, requests: Sequence[ScoreRequest]) -> Iterator[Completion]:
+        raise NotImplementedError  # the score stage checks capabilities.scoring before it gets here
 
     def stop(self) -> None:
         pass
@@ -259,7 +315,7 @@ class HFTeacherConfig(_TeacherConfig):
     def capabilities(self) -> Capabilities:
         # structured output through xgrammar (synth/teachers/hf.py), when it is installed (the hf extra)
         return Capabilities(n_samples=True, logprobs=True, structured_output=importlib.util.find_spec("xgrammar")
-                            is not None)
+                            is not None, scoring=True)
 
 
 # OpenAI's reasoning families (a provider prefix like "openai/" allowed), and what they refuse
@@ -302,6 +358,9 @@ class OpenAITeacherConfig(_TeacherConfig):
                                    "by the model's name (o1, o3, o4, gpt-5...)")
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
         None, description="sent as reasoning_effort (reasoning models)")
+    vllm_server: bool = Field(False, description="the server is vLLM's OpenAI-compatible server: logprobs come back "
+                              "as token ids (return_tokens_as_token_ids), and a score stage can have it score "
+                              "sequences (prompt_logprobs)")
     omit: list[Literal["temperature", "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty",
                        "max_tokens", "logprobs"]] = Field(
         default_factory=list, description="request parameters never sent to this server (one it refuses)")
@@ -311,7 +370,7 @@ class OpenAITeacherConfig(_TeacherConfig):
 
     def capabilities(self) -> Capabilities:
         return Capabilities(n_samples=True, logprobs=self.logprobs and not self.is_reasoning(),
-                            structured_output=self.structured_output)
+                            structured_output=self.structured_output, scoring=self.vllm_server)
 
     def is_reasoning(self) -> bool:
         return self.reasoning if self.reasoning is not None else bool(REASONING_MODELS.match(self.model))
@@ -330,7 +389,7 @@ class VLLMTeacherConfig(_TeacherConfig):
     engine: dict = Field(default_factory=dict, description="extra keyword arguments for vllm.LLM")
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(n_samples=True, logprobs=True, structured_output=True)
+        return Capabilities(n_samples=True, logprobs=True, structured_output=True, scoring=True)
 
 
 class EchoRule(BaseModel):
@@ -384,6 +443,16 @@ def resolve_model_path(model: str, base_dir: Path) -> str:
     if not os.path.isabs(model) and candidate.exists():
         return str(candidate.resolve())
     return model
+
+
+def vocabulary_of(config, base_dir) -> str | None:
+    """Whose vocabulary a teacher's logprobs are in: a local model by its absolute path (a relative one would
+    depend on the directory synth ran from), a hub model by its id; an OpenAI-compatible teacher's declared
+    `tokenizer` (its model name says nothing about token ids); None when unknown (echo, an API without one)."""
+    if config.backend in ("hf", "vllm"):
+        return resolve_model_path(config.model, base_dir)
+    source = getattr(config, "tokenizer", None)
+    return resolve_model_path(source, base_dir) if source else None
 
 
 def model_signature(model: str, base_dir: Path) -> dict | None:

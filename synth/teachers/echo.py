@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from synth.errors import one_line
-from synth.teachers.base import Completion, EchoTeacherConfig, Request, TeacherBase, approx_prompt_tokens
+from synth.teachers.base import (Completion, EchoTeacherConfig, Request, TeacherBase, approx_prompt_tokens,
+                                 logprobs_from_entries)
 from synth.teachers.echo_rules import compile_reply
 
 
@@ -120,11 +121,13 @@ def _cut(text: str, finish: str, params: dict) -> tuple[str, str]:
     return text, finish
 
 
-def _logprobs(words: list[str], k: int) -> list[dict]:
-    out = []
+def _logprobs(words: list[str], k: int) -> dict:
+    """One entry per word (token " word", no space before the first; no token ids), the word first among its
+    k alternatives `alt1`, `alt2`, ... each one nat less likely."""
+    entries = []
     for t, w in enumerate(words):
         token, logprob = (" " if t else "") + w, -0.1 * (t + 1)
         top = [{"token": token, "token_id": None, "logprob": logprob}][:k]
         top += [{"token": f"alt{j}", "token_id": None, "logprob": logprob - j} for j in range(1, k)]
-        out.append({"token": token, "token_id": None, "logprob": logprob, "top": top})
-    return out
+        entries.append({"token": token, "token_id": None, "logprob": logprob, "top": top})
+    return logprobs_from_entries(entries, k)

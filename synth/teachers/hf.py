@@ -20,7 +20,8 @@ from typing import Iterator, Sequence
 
 from synth.errors import SynthError, one_line
 from synth.secrets import scrub
-from synth.teachers.base import Completion, HFTeacherConfig, Request, TeacherBase, resolve_model_path
+from synth.teachers.base import (Completion, HFTeacherConfig, Request, ScoreRequest, TeacherBase,
+                                 resolve_model_path, token_logprobs)
 
 
 class HFTeacher(TeacherBase):
@@ -124,6 +125,73 @@ class HFTeacher(TeacherBase):
                              latency_s=latency,
                              logprobs=None if top_k is None else self._logprobs(out.logits, i, new[:generated], top_k))
 
+    def score(self, requests: Sequence[ScoreRequest]) -> Iterator[Completion]:
+        """Each sequence scored in one forward pass per batch (right-padded): the prompt as generate renders it
+        (the chat template with the generation prompt), then the given tokens; the log_softmax of the raw logits
+        at the position before each token gives its log-prob and the k best there (as generate's logprobs)."""
+        import torch
+
+        self._stopped = False
+        size = self.config.batch_size
+        for start in range(0, len(requests), size):
+            if self._stopped:
+                return
+            with torch.inference_mode():
+                yield from self._score_batch(list(requests[start:start + size]))
+
+    def _score_batch(self, batch: list[ScoreRequest]) -> Iterator[Completion]:
+        import torch
+
+        started = time.monotonic()
+        sequences, prompts, ready = [], [], []
+        for r in batch:
+            try:
+                prompt = self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True,
+                                                            return_dict=True)["input_ids"]
+            except Exception as exc:  # a conversation the chat template rejects
+                yield Completion(r.id, error="bad_request", error_message="chat template: " + scrub(one_line(exc))[:480])
+                continue
+            length = len(prompt) + len(r.tokens)
+            if self.max_positions and length > self.max_positions:
+                yield Completion(r.id, error="context_length", prompt_tokens=len(prompt), error_message=(
+                    f"prompt ({len(prompt)} tokens) + sequence ({len(r.tokens)}) exceeds the model's {self.max_positions}"))
+                continue
+            if not r.tokens or min(r.tokens) < 0 or max(r.tokens) >= self.lm.config.vocab_size:
+                yield Completion(r.id, error="bad_request", prompt_tokens=len(prompt), error_message=(
+                    "no tokens to score" if not r.tokens else
+                    f"a token id outside the teacher's vocabulary of {self.lm.config.vocab_size}"))
+                continue
+            sequences.append(prompt + list(r.tokens))
+            prompts.append(len(prompt))
+            ready.append(r)
+        if not ready:
+            return
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+        try:
+            logits = self.lm(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device)).logits
+        except (RuntimeError, ValueError) as exc:  # e.g. out of memory: the batch fails, a re-run retries it
+            for r in ready:
+                yield Completion(r.id, error="backend_error", error_message=scrub(one_line(exc))[:500])
+            return
+        latency = time.monotonic() - started
+        for i, r in enumerate(ready):
+            p, n = prompts[i], len(r.tokens)
+            steps = logits[i, p - 1:p - 1 + n].float().log_softmax(-1)
+            yield Completion(r.id, prompt_tokens=p, completion_tokens=n, latency_s=latency,
+                             logprobs=self._top(steps, list(r.tokens), r.k))
+
+    def _top(self, steps, tokens: list[int], k: int) -> dict:
+        """token_logprobs from per-position log-probabilities (n x vocabulary) and the tokens taken."""
+        import torch
+
+        chosen = steps.gather(1, torch.tensor(tokens, device=steps.device).unsqueeze(1)).squeeze(1).tolist()
+        top_values, top_ids = steps.topk(min(k, steps.shape[-1]), dim=-1)
+        return token_logprobs(k, chosen, token_ids=list(tokens), top_ids=top_ids.flatten().tolist(),
+                              top_logprobs=top_values.flatten().tolist())
+
     def _constrained(self, schema: dict):
         """A fresh xgrammar logits processor for one generate() call (it keeps per-sequence state)."""
         import xgrammar  # the hf extra; imported only by a stage with a schema
@@ -139,25 +207,13 @@ class HFTeacher(TeacherBase):
             self._grammars[key] = self._grammar_compiler.compile_json_schema(key, any_whitespace=False)
         return LogitsProcessor(self._grammars[key])
 
-    def _logprobs(self, logits, row: int, tokens: list[int], k: int) -> list[dict]:
-        """Completion.logprobs of one sequence: for each generated token, its log-probability under the
-        model and the k most likely tokens at that step (log_softmax of the raw logits)."""
+    def _logprobs(self, logits, row: int, tokens: list[int], k: int) -> dict:
+        """Completion.logprobs of one sequence (base.token_logprobs): for each generated token, its
+        log-probability under the model and the k most likely tokens at that step (log_softmax of the raw
+        logits, before temperature and top-p), by token id."""
         import torch
 
-        steps = torch.stack([logits[t][row] for t in range(len(tokens))]).float().log_softmax(-1)
-        chosen = steps.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1).tolist()
-        top_values, top_ids = steps.topk(k, dim=-1) if k > 0 else (steps[:, :0], steps[:, :0].long())
-
-        def decode(ids: list[int]) -> list[str]:  # each token's text, as vLLM and OpenAI give it
-            return self.tokenizer.batch_decode([[i] for i in ids])
-
-        out = []
-        for t, (token, text) in enumerate(zip(tokens, decode(tokens))):
-            ids = top_ids[t].tolist()
-            out.append({"token": text, "token_id": token, "logprob": chosen[t],
-                        "top": [{"token": tok, "token_id": i, "logprob": v}
-                                for tok, i, v in zip(decode(ids), ids, top_values[t].tolist())]})
-        return out
+        return self._top(torch.stack([logits[t][row] for t in range(len(tokens))]).float().log_softmax(-1), tokens, k)
 
     def stop(self) -> None:
         self._stopped = True  # checked between batches

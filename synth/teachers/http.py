@@ -20,7 +20,8 @@ import time
 
 from synth.errors import SynthError
 from synth.secrets import scrub
-from synth.teachers.base import Completion, Request, estimated_tokens
+from synth.teachers.base import (Completion, Request, ScoreRequest, estimated_tokens, logprobs_from_entries,
+                                 token_logprobs)
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -75,6 +76,8 @@ def request_body(model: str, request: Request, config=None) -> dict:
         body["top_k"] = p["top_k"]
     if p.get("logprobs") is not None and "logprobs" not in omit:
         body["logprobs"], body["top_logprobs"] = True, p["logprobs"]
+        if config is not None and config.vllm_server:
+            body["return_tokens_as_token_ids"] = True  # ids, not strings: the positions of KD need them
     if p.get("json_schema") is not None:
         body["response_format"] = response_format(p["json_schema"])
     if config is not None and config.reasoning_effort:
@@ -117,10 +120,15 @@ def response_format(schema: dict) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
 
 
-def parse_logprobs(teacher_name: str, request: Request, choice: dict) -> list[dict] | None:
-    """Completion.logprobs from an OpenAI-shaped choice (`logprobs.content`: token, logprob,
-    top_logprobs); None when the request did not ask. A server that answers without them cannot give
-    them to any request: SynthError, before more requests are spent."""
+TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")  # vLLM's server with return_tokens_as_token_ids
+
+
+def parse_logprobs(teacher_name: str, request: Request, choice: dict) -> dict | None:
+    """Completion.logprobs (base.token_logprobs) from an OpenAI-shaped choice (`logprobs.content`: token,
+    logprob, top_logprobs); None when the request did not ask. Tokens written `token_id:N` (vLLM's server
+    asked for return_tokens_as_token_ids: the teacher's `vllm_server: true`) become ids; others stay
+    strings. A server that answers without logprobs cannot give them to any request: SynthError, before
+    more requests are spent."""
     k = request.params.get("logprobs")
     if k is None:
         return None
@@ -129,9 +137,14 @@ def parse_logprobs(teacher_name: str, request: Request, choice: dict) -> list[di
         raise SynthError(f"teacher '{teacher_name}': the server answered without logprobs though the stage asks "
                          "for them (params.logprobs); this server cannot give them: set `logprobs: false` on the "
                          "teacher and remove params.logprobs, or use a server that returns them (vLLM, OpenAI)")
-    return [{"token": t["token"], "token_id": None, "logprob": float(t["logprob"]),
-             "top": [{"token": a["token"], "token_id": None, "logprob": float(a["logprob"])}
-                     for a in (t.get("top_logprobs") or [])[:k]]} for t in content]
+
+    def entry(t: dict) -> dict:
+        match = TOKEN_ID.match(t.get("token") or "")
+        return {"token": t.get("token"), "token_id": int(match.group(1)) if match else None,
+                "logprob": float(t["logprob"])}
+
+    return logprobs_from_entries([{**entry(t), "top": [entry(a) for a in (t.get("top_logprobs") or [])]}
+                                  for t in content], k)
 
 
 class HTTPClient:
@@ -140,6 +153,7 @@ class HTTPClient:
 
         self.name, self.config, self.limiter = teacher_name, config, limiter
         self.url = config.base_url.rstrip("/") + "/chat/completions"
+        self.completions_url = config.base_url.rstrip("/") + "/completions"  # score: vLLM's prompt_logprobs
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=config.max_concurrency, limit_per_host=config.max_concurrency),
@@ -149,22 +163,10 @@ class HTTPClient:
         await self.session.close()
 
     async def complete(self, model: str, request: Request) -> Completion:
-        from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
-
         body = json.dumps(request_body(model, request, self.config), ensure_ascii=False).encode()
-        tokens = estimated_tokens(request)
         started = time.monotonic()
         try:
-            try:
-                data = await self._post(body, tokens)  # the common case, without the retry machinery's per-call cost
-            except _Retryable as first:
-                if self.config.max_retries == 0:
-                    raise
-                await asyncio.sleep(_wait_after(first, 1))
-                async for attempt in AsyncRetrying(retry=retry_if_exception_type(_Retryable), wait=_wait,
-                                                   stop=stop_after_attempt(self.config.max_retries), reraise=True):
-                    with attempt:
-                        data = await self._post(body, tokens)
+            data = await self._post_retrying(body, estimated_tokens(request), self.url)
         except (_Retryable, _Final) as exc:
             return Completion(request.id, error=exc.cause, error_message=scrub(str(exc))[:500],
                               latency_s=time.monotonic() - started)
@@ -183,12 +185,65 @@ class HTTPClient:
                               error_message=scrub(f"{type(exc).__name__}: {exc}")[:500],
                               latency_s=latency)
 
-    async def _post(self, body: bytes, tokens: int) -> dict:
+    async def score(self, model: str, request: ScoreRequest, prompt: list[int]) -> Completion:
+        """A sequence scored by vLLM's server: POST /completions with the prompt's and the sequence's token ids
+        as the prompt, prompt_logprobs k and one token to generate; its choice's prompt_logprobs (one
+        {"<id>": {"logprob", "rank", "decoded_token"}} per position, None for the first) give each token's
+        log-prob and the k best. A server that answers without prompt_logprobs cannot score: SynthError."""
+        body = json.dumps({"model": model, "prompt": prompt + list(request.tokens), "max_tokens": 1,
+                           "temperature": 0, "prompt_logprobs": request.k}).encode()
+        started = time.monotonic()
+        try:
+            data = await self._post_retrying(body, len(prompt) + len(request.tokens), self.completions_url)
+        except (_Retryable, _Final) as exc:
+            return Completion(request.id, error=exc.cause, error_message=scrub(str(exc))[:500],
+                              latency_s=time.monotonic() - started)
+        latency = time.monotonic() - started
+        choice = (data.get("choices") or [{}])[0]
+        positions = choice.get("prompt_logprobs")
+        if not isinstance(positions, list):
+            raise SynthError(f"teacher '{self.name}': the server answered without prompt_logprobs, so it cannot score "
+                             "sequences; only vLLM's server can (`vllm_server: true` says it is one), or use an hf or "
+                             "vllm teacher")
+        try:
+            positions = positions[len(prompt):]
+            lps, top_ids, top_lps = [], [], []
+            for token_id, position in zip(request.tokens, positions):
+                ranked = sorted(((int(t), float(v["logprob"]), v.get("rank") or 0) for t, v in position.items()),
+                                key=lambda e: (-e[1], e[2]))[:request.k]
+                lps.append(float(position[str(token_id)]["logprob"]))
+                top_ids += [t for t, _, _ in ranked] + [-1] * (request.k - len(ranked))
+                top_lps += [v for _, v, _ in ranked] + [float("-inf")] * (request.k - len(ranked))
+            if len(lps) != len(request.tokens):
+                raise ValueError(f"{len(lps)} positions scored of {len(request.tokens)}")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            return Completion(request.id, error="malformed_response",
+                              error_message=scrub(f"{type(exc).__name__}: {exc}")[:500], latency_s=latency)
+        return Completion(request.id, prompt_tokens=len(prompt), completion_tokens=len(request.tokens), latency_s=latency,
+                          logprobs=token_logprobs(request.k, lps, token_ids=list(request.tokens), top_ids=top_ids,
+                                                  top_logprobs=top_lps))
+
+    async def _post_retrying(self, body: bytes, tokens: int, url: str) -> dict:
+        """POST with retries: _Retryable failures again (Retry-After, else backoff), up to max_retries."""
+        from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+
+        try:
+            return await self._post(body, tokens, url)  # the common case, without the retry machinery's per-call cost
+        except _Retryable as first:
+            if self.config.max_retries == 0:
+                raise
+            await asyncio.sleep(_wait_after(first, 1))
+        async for attempt in AsyncRetrying(retry=retry_if_exception_type(_Retryable), wait=_wait,
+                                           stop=stop_after_attempt(self.config.max_retries), reraise=True):
+            with attempt:
+                return await self._post(body, tokens, url)
+
+    async def _post(self, body: bytes, tokens: int, url: str) -> dict:
         """One attempt, admitted by the limiter and reported back to it (outcome, Retry-After, headers)."""
         await self.limiter.acquire(tokens)
         outcome, retry_after, headers = "ok", None, None
         try:
-            data, headers = await self._attempt(body)
+            data, headers = await self._attempt(body, url)
             return data
         except (_Retryable, _Final) as exc:
             outcome, retry_after, headers = exc.cause, getattr(exc, "retry_after", None), getattr(exc, "headers", None)
@@ -196,12 +251,12 @@ class HTTPClient:
         finally:
             await self.limiter.release(outcome, retry_after=retry_after, headers=headers)
 
-    async def _attempt(self, body: bytes) -> tuple[dict, object]:
+    async def _attempt(self, body: bytes, url: str) -> tuple[dict, object]:
         """POST once: (the JSON body, the response headers), or _Retryable / _Final."""
         import aiohttp
 
         try:
-            async with self.session.post(self.url, data=body, headers=self.headers) as resp:
+            async with self.session.post(url, data=body, headers=self.headers) as resp:
                 raw = await resp.read()
                 status = resp.status
                 headers = resp.headers
@@ -223,7 +278,7 @@ class HTTPClient:
             raise SynthError(f"teacher '{self.name}': the server refused the API key ({message}); check "
                              f"{self.config.api_key_env or 'the key'}")
         if status == 404:
-            raise SynthError(scrub(f"teacher '{self.name}': {self.url} answered 404 ({message}); check base_url "
+            raise SynthError(scrub(f"teacher '{self.name}': {url} answered 404 ({message}); check base_url "
                                    "and model"))
         try:
             body = json.loads(text)

@@ -25,7 +25,8 @@ from typing import Iterator, Sequence
 
 from synth.errors import SynthError, one_line
 from synth.secrets import key_problem, register_secret, scrub
-from synth.teachers.base import Completion, OpenAITeacherConfig, Request, TeacherBase, estimated_tokens
+from synth.teachers.base import (Completion, OpenAITeacherConfig, Request, ScoreRequest, TeacherBase,
+                                 estimated_tokens, resolve_model_path)
 from synth.teachers.http import (HTTPClient, is_context_length, parse_logprobs, reasoning_of, refused_parameter,
                                 request_body)
 from synth.teachers.limiter import Limiter
@@ -39,15 +40,40 @@ class OpenAITeacher(TeacherBase):
     calls_on_result_in_worker = True
 
     def __init__(self, name: str, config: OpenAITeacherConfig, base_dir: Path):
-        self.name, self.config, self.model = name, config, config.model
+        self.name, self.config, self.model, self.base_dir = name, config, config.model, base_dir
         self.capabilities = config.capabilities()
         self.api_key = resolve_api_key(name, config)
         self._stop = threading.Event()
 
     def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
+        return self._answers(list(requests), None)
+
+    def score(self, requests: Sequence[ScoreRequest]) -> Iterator[Completion]:
+        """Sequences scored by vLLM's server (`vllm_server: true`; HTTPClient.score), through the same workers,
+        limiter and retries as generate. The prompt's token ids come from the teacher's declared `tokenizer`
+        (the chat template with the generation prompt, as the server would render it)."""
+        from transformers import AutoTokenizer
+
+        if not self.config.tokenizer or not self.config.base_url:
+            raise SynthError(f"teacher '{self.name}': scoring through a server needs its `base_url` and the model's "
+                             "`tokenizer` (a local dir or hub id) on the teacher, to send the prompt as token ids")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.config.tokenizer, self.base_dir))
+        except (OSError, ValueError) as exc:
+            raise SynthError(f"teacher '{self.name}': key 'tokenizer': cannot load {self.config.tokenizer!r}: "
+                             f"{scrub(one_line(exc))[:300]}") from None
+        prompts = {}
+        for r in requests:
+            ids = tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+            prompts[r.id] = list(ids["input_ids"])
+        return self._answers(list(requests), prompts)
+
+    def _answers(self, requests: list, prompts: dict | None) -> Iterator[Completion]:
+        """The workers' completions in the order they finish: of chat requests, or (prompts given: score id ->
+        prompt token ids) of score requests."""
         results: queue.Queue = queue.Queue()
         self._stop.clear()
-        thread = threading.Thread(target=self._thread_main, args=(list(requests), results), daemon=True,
+        thread = threading.Thread(target=self._thread_main, args=(requests, results, prompts), daemon=True,
                                   name=f"synth-openai-{self.name}")
         thread.start()
         try:
@@ -70,19 +96,22 @@ class OpenAITeacher(TeacherBase):
 
     # ---- inside the background thread ------------------------------------------------------------
 
-    def _thread_main(self, requests: list[Request], results: queue.Queue) -> None:
+    def _thread_main(self, requests: list, results: queue.Queue, prompts: dict | None) -> None:
         try:
-            asyncio.run(self._run_all(requests, results))
+            asyncio.run(self._run_all(requests, results, prompts))
         except BaseException as exc:  # surfaced to the caller's thread
             results.put(exc)
         finally:
             results.put(_DONE)
 
-    async def _run_all(self, requests: list[Request], results: queue.Queue) -> None:
+    async def _run_all(self, requests: list, results: queue.Queue, prompts: dict | None) -> None:
         c = self.config
         limiter = Limiter(c.max_concurrency, adaptive=c.adaptive, rpm=c.rpm, tpm=c.tpm)
         self.limiter = limiter
-        if self.uses_http:
+        if prompts is not None:  # scoring: vLLM's /completions, which the official client has no argument for
+            client = HTTPClient(self.name, c, self.api_key, limiter)
+            one = lambda request: client.score(self.model, request, prompts[request.id])  # noqa: E731
+        elif self.uses_http:
             client = HTTPClient(self.name, c, self.api_key, limiter)
             one = lambda request: client.complete(self.model, request)  # noqa: E731
         else:

@@ -33,10 +33,8 @@
 - Logprobs: params `logprobs: k` asks the engine for the sampled token's logprob plus the k most
   likely alternatives at each position (vLLM returns up to k+1 entries: the top k by rank, plus the
   sampled token when it is not among them); Completion.logprobs keeps the sampled token and `top` =
-  exactly the k best, sorted by logprob descending. They are vLLM's default "raw" logprobs: the
-  model's log-softmax before temperature, top-p/top-k and penalties. A token's string is what the
-  tokenizer decodes from its id alone, as the hf backend gives it (a byte-level fragment of a
-  multi-byte character is "\ufffd"), not vLLM's decoded_token, which depends on the tokens before it.
+  exactly the k best, sorted by logprob descending, by token id (base.token_logprobs). They are vLLM's
+  default "raw" logprobs: the model's log-softmax before temperature, top-p/top-k and penalties.
 - On CPU: float32 unless a dtype is given (vLLM's "auto" picks slow emulated bf16 there), eager
   mode, and VLLM_CPU_KVCACHE_SPACE / VLLM_CPU_OMP_THREADS_BIND defaults that fit a small machine.
 """
@@ -47,11 +45,12 @@ import itertools
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from synth.errors import SynthError, one_line
 from synth.secrets import scrub
-from synth.teachers.base import Completion, Request, TeacherBase, VLLMTeacherConfig, resolve_model_path
+from synth.teachers.base import (Completion, Request, ScoreRequest, TeacherBase, VLLMTeacherConfig,
+                                 resolve_model_path, token_logprobs)
 
 
 class VLLMTeacher(TeacherBase):
@@ -97,7 +96,6 @@ class VLLMTeacher(TeacherBase):
         self._vllm, self._tokens_input, self._final_only = vllm, tokens_input, RequestOutputKind.FINAL_ONLY
         self._keys = itertools.count()  # engine request ids, unique for this engine's lifetime
         self._stopped = False
-        self._token_text: dict[int, str] = {}  # token id -> its string, for logprobs
         # Counters for tests and benchmarks: requests added to the engine, their prompt tokens, and how
         # many of those the prefix cache served.
         self.stats = {"submitted": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
@@ -179,22 +177,52 @@ class VLLMTeacher(TeacherBase):
                           prompt_tokens=len(out.prompt_token_ids or ()), completion_tokens=len(sample.token_ids),
                           latency_s=latency, logprobs=None if k is None else self._logprobs(sample, k))
 
-    def _logprobs(self, sample, k: int) -> list[dict]:
-        """Completion.logprobs from vLLM's per-position {token_id: Logprob(logprob, rank, decoded_token)}."""
-        def entry(token_id: int, lp) -> dict:
-            token = self._token_text.get(token_id)
-            if token is None:  # each id decoded once per teacher: the vocabulary bounds the cache
-                token = self._token_text[token_id] = self.tokenizer.decode([token_id])
-            return {"token": token, "token_id": token_id, "logprob": float(lp.logprob)}
+    def _logprobs(self, sample, k: int) -> dict:
+        """Completion.logprobs (base.token_logprobs) of a finished sample."""
+        return _token_logprobs(list(sample.token_ids), sample.logprobs or (), k)
 
-        result = []
-        for token_id, position in zip(sample.token_ids, sample.logprobs or ()):
-            # Up to k+1 entries; the k best by logprob (ties: the better vLLM rank first, so a sampled
-            # token outside the top k never displaces one inside it).
-            ranked = sorted(position.items(), key=lambda kv: (-kv[1].logprob, kv[1].rank or 0))
-            chosen = position[token_id]
-            result.append({**entry(token_id, chosen), "top": [entry(t, lp) for t, lp in ranked[:k]]})
-        return result
+    def score(self, requests: Sequence[ScoreRequest]) -> Iterator[Completion]:
+        """Each sequence (the prompt as generate renders it, then the given tokens) goes to the engine as a prompt
+        with prompt_logprobs k and one greedy token to generate: vLLM returns, for every prompt position after
+        the first, the log-prob of the token there and the k best (its raw log-softmax, as generate's
+        logprobs). chunk_size sequences per engine call, so a kill loses at most one chunk."""
+        self._stopped = False
+        for start in range(0, len(requests), self.config.chunk_size):
+            if self._stopped:
+                return
+            chunk, prompts, ready = list(requests[start:start + self.config.chunk_size]), [], []
+            for r in chunk:
+                try:
+                    prompt = self._prompt_ids(r.messages)
+                except Exception as exc:  # a conversation the chat template rejects
+                    yield Completion(r.id, error="bad_request", error_message="chat template: " + scrub(one_line(exc))[:480])
+                    continue
+                if len(prompt) + len(r.tokens) >= self.max_model_len or not r.tokens:
+                    yield Completion(r.id, error="context_length" if r.tokens else "bad_request", prompt_tokens=len(prompt),
+                                     error_message=f"prompt ({len(prompt)} tokens) + sequence ({len(r.tokens)}) "
+                                                   f"does not fit the model's context of {self.max_model_len}"
+                                     if r.tokens else "no tokens to score")
+                    continue
+                prompts.append(prompt)
+                ready.append(r)
+            if not ready:
+                continue
+            started = time.monotonic()
+            params = [self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=r.k, detokenize=False)
+                      for r in ready]
+            try:
+                outs = self.llm.generate([self._tokens_input(p + list(r.tokens)) for p, r in zip(prompts, ready)],
+                                         params, use_tqdm=False)
+            except Exception as exc:  # a request the engine refuses (prompt_logprobs above its max_logprobs) fails all
+                message = scrub(one_line(exc))[:500]
+                for r in ready:
+                    yield Completion(r.id, error=_cause(exc), error_message=message)
+                continue
+            latency = time.monotonic() - started
+            for r, prompt, out in zip(ready, prompts, outs):
+                yield Completion(r.id, prompt_tokens=len(prompt), completion_tokens=len(r.tokens), latency_s=latency,
+                                 logprobs=_token_logprobs(list(r.tokens), (out.prompt_logprobs or [])[len(prompt):],
+                                                          r.k))
 
     def _params(self, r: Request):
         p = r.params
@@ -225,6 +253,19 @@ class VLLMTeacher(TeacherBase):
                                                                     "shutdown", None)
             if callable(shutdown):
                 shutdown()
+
+
+def _token_logprobs(tokens: list[int], positions, k: int) -> dict:
+    """token_logprobs from vLLM's per-position {token_id: Logprob(logprob, rank, decoded_token)} (a sample's
+    logprobs, or a prompt's prompt_logprobs): up to k+1 entries, of which the k best by logprob (ties: the
+    better vLLM rank first, so a token taken outside the top k never displaces one inside it)."""
+    lps, top_ids, top_lps = [], [], []
+    for token_id, position in zip(tokens, positions):
+        ranked = sorted(position.items(), key=lambda kv: (-kv[1].logprob, kv[1].rank or 0))[:k]
+        lps.append(float(position[token_id].logprob))
+        top_ids += [t for t, _ in ranked] + [-1] * (k - len(ranked))
+        top_lps += [float(lp.logprob) for _, lp in ranked] + [float("-inf")] * (k - len(ranked))
+    return token_logprobs(k, lps, token_ids=tokens[:len(lps)], top_ids=top_ids, top_logprobs=top_lps)
 
 
 def _cause(exc: Exception) -> str:

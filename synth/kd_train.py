@@ -1,0 +1,210 @@
+"""`method: kd`: token-level distillation on TRL's trainer machinery.
+
+Data: a `format: kd` export (synth/stages/export.py, kd_records): per row the prompt turns, the
+completion's token ids (exactly as the teacher wrote or scored them: never re-tokenised) and, per
+completion position, the teacher's top-k token ids and log-probs. The prompt is rendered with the
+student's chat template (the generation prompt added), then the completion ids follow; the student must
+share the teacher's vocabulary (synth.vocab; checked by the train stage before anything runs).
+
+Recipe: TRL's SFTConfig fields (learning rate, steps, batch size, max_length, lora, ...) plus one synth key,
+
+    kd: {alpha: 0.0, temperature: 1.0, divergence: forward_kl, beta: 0.5, chunk_size: 1024}
+
+loss = alpha * CE + (1 - alpha) * T^2 * D(teacher || student) on completion tokens only (synth/kd_loss.py
+states the math: forward KL on the top-k with a tail bucket by default, reverse KL, generalised JSD).
+
+How it sits on TRL: `KDTrainer` is an SFTTrainer whose dataset arrives tokenised (dataset_kwargs
+skip_prepare_dataset: this module builds input_ids, labels and the teacher arrays, and truncates to
+max_length itself, keeping positions and targets aligned), whose collator pads the teacher arrays with
+the batch, and whose compute_loss takes the student's final hidden states (the decoder's output, the
+lm_head not applied) and the lm_head weight to `kd_loss`, which computes logits chunk by chunk: the
+batch x length x vocabulary logits never exist. Everything else (optimizer, scheduler, checkpoints,
+resume, LoRA, logging) is TRL's and transformers' own. torch/trl are imported inside (seconds).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from synth.errors import SynthError
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+KD_DEFAULTS = {"alpha": 0.0, "temperature": 1.0, "divergence": "forward_kl", "beta": 0.5, "chunk_size": 1024}
+KD_COLUMNS = ("prompt", "completion_ids", "teacher_ids", "teacher_logprobs")
+
+
+def check_kd(value: Any, at: str) -> dict:
+    """The recipe's `kd:` mapping, each key checked (`at`: file:line for the message); defaults filled in."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise SynthError(f"{at}: key 'kd' must be a mapping with keys {', '.join(KD_DEFAULTS)}, got {value!r}")
+    out = dict(KD_DEFAULTS)
+    for key, v in value.items():
+        if key not in KD_DEFAULTS:
+            raise SynthError(f"{at}: unknown key 'kd.{key}'; kd takes {', '.join(KD_DEFAULTS)}")
+        if key == "divergence":
+            if v not in DIVERGENCES:
+                raise SynthError(f"{at}: key 'kd.divergence' must be one of {', '.join(DIVERGENCES)}, got {v!r}")
+        elif key == "chunk_size":
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SynthError(f"{at}: key 'kd.chunk_size' must be a positive integer (tokens per chunk), got {v!r}")
+        else:
+            try:
+                v = float(v) if not isinstance(v, bool) else None
+            except (TypeError, ValueError):
+                v = None
+            ranges = {"alpha": (0.0, 1.0, True), "beta": (0.0, 1.0, False), "temperature": (0.0, math.inf, False)}
+            low, high, closed = ranges[key]
+            ok = v is not None and (low <= v <= high if closed else low < v < high)
+            if not ok:
+                rule = "a number in [0, 1]" if key == "alpha" else "a number in (0, 1)" if key == "beta" \
+                    else "a positive number"
+                raise SynthError(f"{at}: key 'kd.{key}' must be {rule}, got {value[key]!r}")
+        out[key] = v
+    return out
+
+
+def tokenize(rows: list[dict], tokenizer, max_length: int | None) -> tuple[list[dict], dict]:
+    """KD rows -> the trainer's examples (input_ids, labels, teacher_ids, teacher_logprobs: one entry per
+    position, the prompt's and padding's empty) and the readiness figures. A row longer than max_length
+    keeps its start (its completion is cut, targets with it); one whose prompt alone fills max_length is
+    left out. Both count as truncated."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise SynthError(f"the student's tokenizer ({tokenizer.name_or_path}) has no chat template to render the "
+                         "prompts with: start from an instruct model or add a chat_template.jinja")
+    examples, lengths, truncated = [], [], 0
+    for n, row in enumerate(rows, 1):
+        try:
+            prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]
+        except Exception as exc:  # jinja2 errors, a message without role/content, ...
+            raise SynthError(f"row {n}: the student's chat template cannot render its prompt: "
+                             f"{' '.join(str(exc).split())[:200]}") from None
+        completion = list(row["completion_ids"])
+        top_ids, top_lps = list(row["teacher_ids"]), list(row["teacher_logprobs"])
+        if not (len(completion) == len(top_ids) == len(top_lps)) or not completion:
+            raise SynthError(f"row {n}: {len(completion)} completion ids but teacher targets for {len(top_ids)} "
+                             "positions; a kd row needs one target list per completion token (export it again)")
+        total = len(prompt) + len(completion)
+        lengths.append(total)
+        if max_length is not None and total > max_length:
+            truncated += 1
+            keep = max_length - len(prompt)
+            if keep <= 0:
+                continue
+            completion, top_ids, top_lps = completion[:keep], top_ids[:keep], top_lps[:keep]
+        examples.append({"input_ids": list(prompt) + completion, "labels": [-100] * len(prompt) + completion,
+                         "teacher_ids": [[]] * len(prompt) + [list(x) for x in top_ids],
+                         "teacher_logprobs": [[]] * len(prompt) + [list(x) for x in top_lps]})
+    ordered = sorted(lengths)
+
+    def pct(p):
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+    ready = {"rows": len(rows), "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": ordered[-1],
+             "max_length": max_length, "truncated": truncated, "truncated_share": truncated / len(rows),
+             "think_tags": 0}
+    return examples, ready
+
+
+class Collator:
+    """Pads a batch: input_ids with the pad id, labels with -100, teacher ids/log-probs to (batch, length, k)
+    with id 0 and log-prob -inf (no mass: kd_loss ignores them), attention_mask."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        width = max(len(e["input_ids"]) for e in examples)
+        k = max((len(t) for e in examples for t in e["teacher_ids"]), default=1) or 1
+        batch = len(examples)
+        ids = torch.full((batch, width), self.pad, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        labels = torch.full((batch, width), -100, dtype=torch.long)
+        top_ids = torch.zeros((batch, width, k), dtype=torch.long)
+        top_lps = torch.full((batch, width, k), float("-inf"), dtype=torch.float32)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"])
+            mask[i, :n] = 1
+            labels[i, :n] = torch.tensor(e["labels"])
+            for t, (a, b) in enumerate(zip(e["teacher_ids"], e["teacher_logprobs"])):
+                if a:
+                    top_ids[i, t, :len(a)] = torch.tensor(a).clamp(min=0)  # -1 (padding) has log-prob -inf
+                    top_lps[i, t, :len(b)] = torch.tensor(b, dtype=torch.float32)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "teacher_ids": top_ids,
+                "teacher_logprobs": top_lps}
+
+
+def student_parts(model):
+    """(decoder, lm_head) of a causal LM (a PEFT-wrapped one too): the decoder's output is the final hidden
+    states, normed; the lm_head's weight maps them to logits. Refuses heads kd_loss does not model."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = lm.get_output_embeddings()
+    config = lm.config
+    for attribute in ("final_logit_softcapping", "logit_scale", "output_logit_scale"):
+        if getattr(config, attribute, None) not in (None, 1, 1.0):
+            raise SynthError(f"the student ({config.model_type}) scales its logits ({attribute}); method kd computes "
+                             "logits as hidden @ lm_head.weight and does not support it")
+    if head is None or getattr(head, "bias", None) is not None:
+        raise SynthError(f"the student ({config.model_type}) has no bias-free lm_head; method kd needs one")
+    return lm.get_decoder(), head
+
+
+def batch_loss(model, inputs: dict, kd: dict):
+    """The KD loss of one collated batch (Collator): the student's final hidden states (the decoder's output,
+    no lm_head), shifted so position t predicts token t+1, only the completion's positions kept, then
+    kd_loss with the lm_head weight (logits chunk by chunk)."""
+    from synth.kd_loss import SparseTargets, kd_loss
+
+    decoder, head = student_parts(model)
+    hidden = decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     use_cache=False).last_hidden_state
+    labels = inputs["labels"][:, 1:].reshape(-1)
+    keep = labels != -100
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
+    k = inputs["teacher_ids"].shape[-1]
+    targets = SparseTargets(labels=labels[keep], top_ids=inputs["teacher_ids"][:, 1:].reshape(-1, k)[keep],
+                            top_logprobs=inputs["teacher_logprobs"][:, 1:].reshape(-1, k)[keep])
+    return kd_loss(h, head.weight, targets, alpha=kd["alpha"], temperature=kd["temperature"],
+                   divergence=kd["divergence"], beta=kd["beta"], chunk_size=kd["chunk_size"])
+
+
+def kd_trainer_class():
+    """KDTrainer, built on first use (importing TRL takes seconds)."""
+    import torch
+    from trl import SFTTrainer
+
+    class KDTrainer(SFTTrainer):
+        """SFTTrainer with the KD loss: the dataset arrives tokenised with teacher targets (tokenize), the
+        collator pads them (Collator), compute_loss is batch_loss."""
+
+        def __init__(self, *args, kd: dict, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.kd = kd
+            self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean: the Trainer divides by GA steps
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = batch_loss(self.accelerator.unwrap_model(model), inputs, self.kd)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            with torch.no_grad():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
+
+    return KDTrainer
+
+
+def kd_setup(rows: list[dict], tokenizer, recipe: dict, max_length: int | None, data_path: Path):
+    """(dataset examples, readiness, collator, kd settings) for train.prepare."""
+    examples, ready = tokenize(rows, tokenizer, max_length)
+    if not examples:
+        raise SynthError(f"{data_path}: every row's prompt fills max_length {max_length}; raise max_length")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return examples, ready, Collator(pad), check_kd(recipe.get("kd"), str(data_path))

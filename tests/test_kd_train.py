@@ -1,0 +1,194 @@
+"""Token-level distillation end to end on real tiny models (built here; one tokenizer): a teacher's samples
+with their log-probs captured -> `format: kd` export -> `method: kd` train (TRL's trainer, synth's chunked
+loss); the on-policy round (a student trained by SFT samples, the teacher scores its samples, KD from
+`init:` that student); what the export holds (token ids as generated, never re-tokenised; top-k per
+position); a student of another vocabulary, a kd recipe key in the wrong place, and a teacher without
+token ids are one line each with exit 2 and nothing written; kill -9 during a kd train stage resumes
+from its checkpoint. The KD loss's own maths: tests/test_kd_loss.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import cli_env, echo_teacher, make_pipeline, query, synth, synth_run, write
+from synth.train import latest_checkpoint
+
+pytest.importorskip("trl")
+
+KD_RECIPE = """\
+max_steps: {steps}
+learning_rate: 1.0e-3
+per_device_train_batch_size: 4
+max_length: 128
+logging_steps: 1
+seed: 0
+kd: {{alpha: {alpha}, temperature: 1.0, divergence: {divergence}, chunk_size: 16}}
+"""
+SFT_RECIPE = "max_steps: 4\nlearning_rate: 1.0e-3\nper_device_train_batch_size: 4\nmax_length: 128\nseed: 0\n"
+
+
+@pytest.fixture(scope="module")
+def student_model(tmp_path_factory):
+    from synth.tiny import build_model
+
+    return build_model(tmp_path_factory.mktemp("models") / "student", hidden=64, seed=3)
+
+
+def off_policy(workspace, teacher, student, *, steps=6, alpha=0.0, divergence="forward_kl", k=4):
+    return make_pipeline(workspace, teachers={"teacher": {"backend": "hf", "model": str(teacher), "batch_size": 12}},
+                         files={"train/kd.yaml": KD_RECIPE.format(steps=steps, alpha=alpha, divergence=divergence)},
+                         stages={
+        "problems": "kind: load, path: seeds.jsonl",
+        "samples": {"kind": "generate", "input": "problems", "teacher": "teacher", "prompt": "solve", "samples": 2,
+                    "params": {"temperature": 1.0, "max_tokens": 12, "seed": 0, "logprobs": k}},
+        "kd_data": {"kind": "export", "input": "samples", "format": "kd", "path": "out/kd.parquet"},
+        "student_kd": {"kind": "train", "method": "kd", "data": "kd_data", "student": str(student),
+                       "recipe": "train/kd.yaml"}})
+
+
+def test_off_policy_kd_trains_from_the_stored_log_probs(workspace, tiny_model, student_model):
+    counts = synth_run(off_policy(workspace, tiny_model, student_model))
+    assert counts["stages_run"] == ["problems", "samples", "kd_data", "student_kd"]
+    store = workspace / "out" / "run.duckdb"
+    rows = pq.read_table(workspace / "out" / "kd.parquet").to_pylist()
+    stored = dict(query(store, "SELECT id, token_ids FROM synth.token_logprobs"))
+    assert len(rows) == 24
+    for row in rows:  # the teacher's own ids, one top-4 per position, the prompt as turns
+        assert row["completion_ids"] == stored[row["id"]]
+        assert len(row["teacher_ids"]) == len(row["teacher_logprobs"]) == len(row["completion_ids"])
+        assert all(len(t) == 4 for t in row["teacher_ids"]) and row["tokenizer"] == str(tiny_model)
+        assert row["prompt"][-1]["role"] == "user"
+    sidecar = json.loads((workspace / "out" / "kd.parquet.synth.json").read_text())
+    assert sidecar["format"] == "kd" and sidecar["tokenizer"] == str(tiny_model)
+    losses = [r[0] for r in query(store, "SELECT loss FROM synth.train_logs WHERE stage = 'student_kd' "
+                                         "AND loss IS NOT NULL ORDER BY step")]
+    assert len(losses) == 6 and all(loss > 0 for loss in losses)
+    state = json.loads(query(store, "SELECT detail FROM synth.stages WHERE name = 'student_kd'")[0][0])
+    assert (workspace / state["model_dir"] / "config.json").exists() or os.path.exists(
+        os.path.join(state["model_dir"], "config.json"))
+
+
+def test_the_kd_loss_goes_down_on_the_teachers_own_distribution(workspace, tiny_model, student_model):
+    """More steps on the same data: forward KL (alpha 0) falls — the student moves toward the teacher."""
+    synth_run(off_policy(workspace, tiny_model, student_model, steps=24))
+    losses = [r[0] for r in query(workspace / "out" / "run.duckdb",
+                                  "SELECT loss FROM synth.train_logs WHERE stage = 'student_kd' AND loss IS NOT NULL ORDER BY step")]
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first * 0.9, losses
+
+
+def test_on_policy_round(workspace, tiny_model, student_model):
+    """SFT student -> its own samples (token ids kept) -> the teacher scores them -> KD from init: the SFT student."""
+    p = make_pipeline(workspace, teachers={"teacher": {"backend": "hf", "model": str(tiny_model)}},
+                      files={"train/kd.yaml": KD_RECIPE.format(steps=4, alpha=0.0, divergence="reverse_kl"),
+                             "train/sft.yaml": SFT_RECIPE},
+                      stages={
+        "problems": "kind: load, path: seeds.jsonl",
+        "sft_data": {"kind": "export", "input": "problems", "format": "sft", "prompt": "solve",
+                     "response": "answer_gold", "path": "out/sft.parquet"},
+        "sft": {"kind": "train", "method": "sft", "data": "sft_data", "student": str(student_model),
+                "recipe": "train/sft.yaml"},
+        "own": {"kind": "generate", "input": "problems", "teacher": "sft", "prompt": "solve", "samples": 2,
+                "params": {"temperature": 1.0, "max_tokens": 12, "seed": 0, "logprobs": 0}},
+        "scored": {"kind": "score", "input": "own", "teacher": "teacher", "logprobs": 4},
+        "onpolicy_data": {"kind": "export", "input": "scored", "format": "kd", "path": "out/onpolicy.parquet"},
+        "onpolicy": {"kind": "train", "method": "kd", "data": "onpolicy_data", "init": "sft",
+                     "recipe": "train/kd.yaml"}})
+    counts = synth_run(p)
+    assert counts["stages_run"][-1] == "onpolicy"
+    store = workspace / "out" / "run.duckdb"
+    rows = pq.read_table(workspace / "out" / "onpolicy.parquet").to_pylist()
+    scored = dict(query(store, "SELECT s.id, t.token_ids FROM synth.scores s JOIN synth.token_logprobs t "
+                               "ON t.id = s.score_id"))
+    own = dict(query(store, "SELECT id, token_ids FROM synth.token_logprobs WHERE id IN (SELECT id FROM own)"))
+    assert len(rows) == 24 and all(r["completion_ids"] == scored[r["id"]] == own[r["id"]] for r in rows)
+    assert all(len(t) == 4 for r in rows for t in r["teacher_ids"])
+    assert query(store, "SELECT count(*) FROM synth.train_logs WHERE stage = 'onpolicy' AND loss IS NOT NULL") == [(4,)]
+
+
+def test_a_student_of_another_vocabulary_is_refused_before_anything_runs(workspace, tiny_model, tmp_path):
+    from synth.tiny import build_model
+
+    other = build_model(tmp_path / "other", corpus=["an entirely different corpus " * 30], vocab_size=300)
+    run = synth("run", off_policy(workspace, tiny_model, other))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    line = run.stderr.strip().splitlines()[-1]
+    assert "stage 'student_kd'" in line and "tokenizers differ" in line and str(other) in line \
+        and str(tiny_model) in line
+    assert not (workspace / "out").exists()  # refused in preflight: nothing written
+
+
+def test_a_teacher_without_token_ids_is_refused(workspace, student_model):
+    p = make_pipeline(workspace, teachers={"t": echo_teacher()}, files={
+        "train/kd.yaml": KD_RECIPE.format(steps=2, alpha=0.0, divergence="forward_kl")}, stages={
+        "problems": "kind: load, path: seeds.jsonl",
+        "samples": {"kind": "generate", "input": "problems", "teacher": "t", "prompt": "solve",
+                    "params": {"max_tokens": 6, "logprobs": 2}},
+        "kd_data": {"kind": "export", "input": "samples", "format": "kd", "path": "out/kd.parquet"},
+        "student_kd": {"kind": "train", "method": "kd", "data": "kd_data", "student": str(student_model),
+                       "recipe": "train/kd.yaml"}})
+    run = synth("run", p)
+    assert run.returncode == 2 and "token strings" in run.stderr and "tokenizer" in run.stderr
+    assert not (workspace / "out").exists()
+    run = synth("run", p, "kd_data")  # the export alone: the same refusal, naming the row, nothing written
+    assert run.returncode == 2 and "token strings" in run.stderr and not (workspace / "out" / "kd.parquet").exists()
+
+
+@pytest.mark.parametrize("recipe, method, expected", [
+    ("kd: {alpha: 0.5}\n", "sft", "needs method kd"),
+    ("packing: true\n", "kd", "method kd builds its own batches"),
+    ("kd: {divergence: kl}\n", "kd", "kd.divergence"),
+    ("kd: {alpha: 2}\n", "kd", "kd.alpha"),
+    ("kd: {tempreature: 2}\n", "kd", "unknown key 'kd.tempreature'"),
+])
+def test_kd_recipe_mistakes_are_one_line(tmp_path, recipe, method, expected):
+    from synth.errors import SynthError
+    from synth.train import check_recipe
+
+    path = write(tmp_path / "r.yaml", "max_steps: 2\n" + recipe)
+    with pytest.raises(SynthError) as exc:
+        check_recipe(path, method)
+    assert expected in str(exc.value) and f"{path}:2" in str(exc.value)
+
+
+def test_kill_during_kd_training_then_rerun_resumes(workspace, tiny_model, student_model):
+    p = off_policy(workspace, tiny_model, student_model, steps=40)
+    synth_run(p, ["kd_data"])
+    attempt = workspace / "out" / "models" / "student_kd-attempt"
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "synth.cli", "run", str(p)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=cli_env(), start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            latest = latest_checkpoint(attempt / "checkpoints", prune=False) if attempt.exists() else None
+            if latest is not None and (latest / "trainer_state.json").stat().st_mtime > started:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    step = int(latest_checkpoint(attempt / "checkpoints", prune=False).name.split("-")[1])
+    assert 0 < step < 40
+    synth_run(p)
+    state = json.loads(query(workspace / "out" / "run.duckdb",
+                             "SELECT detail FROM synth.stages WHERE name = 'student_kd'")[0][0])
+    assert state["resumed_from"] == step and state["steps"] == 40
+    steps = [r[0] for r in query(workspace / "out" / "run.duckdb",
+                                 "SELECT step FROM synth.train_logs WHERE stage = 'student_kd' AND loss IS NOT NULL "
+                                                               "ORDER BY step")]
+    assert steps == list(range(1, 41))  # each step once: the resumed run's log continues the killed one's
+
+
+def test_the_recipe_check_knows_the_losses_divergences():
+    from synth import kd_loss, kd_train
+
+    assert kd_train.DIVERGENCES == kd_loss.DIVERGENCES  # kd_train cannot import kd_loss (torch) for synth plan
