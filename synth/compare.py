@@ -54,8 +54,10 @@ def group(models: Sequence[str], replicas: Mapping[str, Sequence[str]]) -> dict[
 def arm_summary(results: Mapping[str, Mapping], arm: Sequence[str]) -> dict:
     """An arm's accuracy over its replicas: mean, min, max and each replica's value."""
     values = [sum(results[m].values()) / len(results[m]) if results.get(m) else 0.0 for m in arm]
-    return {"models": list(arm), "values": values, "mean": statistics.fmean(values) if values else 0.0,
-            "min": min(values, default=0.0), "max": max(values, default=0.0)}
+    low, high = min(values, default=0.0), max(values, default=0.0)
+    mean = statistics.fmean(values) if values else 0.0
+    # clamped: the float mean of equal values can fall an ulp outside them
+    return {"models": list(arm), "values": values, "mean": min(max(mean, low), high), "min": low, "max": high}
 
 
 def compare_arms(results: Mapping[str, Mapping], a: Sequence[str], b: Sequence[str]) -> dict:

@@ -277,9 +277,10 @@ def _expand_replicas(graph: Graph) -> None:
     (the recipe's seed set to s), each a model and a teacher under its own name. A stage that reads a
     replicated stage (its input, teacher, init, data, ...) is replicated with it, replica s reading replica
     s, so a block of stages downstream of a replicated student (its samples, their pairs or scores, the
-    next training from `init:`) is repeated per seed; an evaluate stage instead evaluates every replica of
-    a model it lists. Replicas are ordinary stages (stored, fingerprinted, shown by `synth status` under
-    their names); `graph.replicas` groups them for reports. Done on the config, before anything else."""
+    next training from `init:`) is repeated per seed (an export's file gets the suffix too:
+    out/x_s0.parquet); an evaluate stage instead evaluates every replica of a model it lists. Replicas are
+    ordinary stages (stored, fingerprinted, shown by `synth status` under their names); `graph.replicas`
+    groups them for reports. Done on the config, before anything else."""
     stages = graph.spec.stages
     seeds_of: dict[str, tuple[int, ...]] = {}
     for name, config in stages.items():
@@ -331,6 +332,9 @@ def _expand_replicas(graph: Graph) -> None:
                         else f"{target}_s{seed}" if value == target else value
             if config.kind == "train":
                 data.update(seeds=None, seed=seed)
+            if config.kind == "export":  # each replica writes its own file: <stem>_s<seed><suffix>
+                path = Path(data["path"])
+                data["path"] = str(path.with_name(f"{path.stem}_s{seed}{path.suffix}"))
             expanded[replica] = type(config).model_validate(data)
             graph.replica_of[replica] = name
             replicas.append(replica)

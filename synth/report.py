@@ -1,5 +1,8 @@
 """`synth report`: the comparison table of every evaluate stage (accuracy with a 95% interval, mean
-output tokens, per model) and a PNG with accuracy per model and the filter funnel.
+output tokens, per model) and a PNG with accuracy per model and the filter funnel. A model trained
+under several seeds (a train stage's `seeds`) is also one arm: its mean and range over the seeds, and
+every pair of replicated arms compared replica by replica (synth/compare.py: the mean difference, a
+paired t-test over seeds, McNemar within each seed).
 
 Everything is computed from the store (synth.evaluations, synth.verdicts) at report time; matplotlib
 is imported only here, with the non-interactive Agg backend.
@@ -12,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from synth import compare
 from synth.config import EvaluateStage
 from synth.inspection import stats_rows
 from synth.stages.evaluate import summary
@@ -19,14 +23,21 @@ from synth.stages.evaluate import summary
 
 def report_data(pipeline) -> dict:
 
-    evaluations = {}
+    evaluations, arms, comparisons = {}, {}, {}
     if pipeline.store.exists():
         with pipeline.store.read() as con:
             for name in pipeline.order:
                 stage = pipeline.stage(name)
                 if isinstance(stage, EvaluateStage):
                     evaluations[name] = summary(con, name, stage.models)
-    return {"evaluations": evaluations, "funnel": stats_rows(pipeline)}
+                    groups = compare.group(stage.models, pipeline.replicas)
+                    if any(len(g) > 1 for g in groups.values()) and evaluations[name]:
+                        results = compare.outcomes(con, name)
+                        arms[name] = {arm: compare.arm_summary(results, models) for arm, models in groups.items()}
+                        replicated = [a for a, models in groups.items() if len(models) > 1]
+                        comparisons[name] = [{"a": b, "b": a, **compare.compare_arms(results, groups[b], groups[a])}
+                                             for i, a in enumerate(replicated) for b in replicated[i + 1:]]
+    return {"evaluations": evaluations, "arms": arms, "comparisons": comparisons, "funnel": stats_rows(pipeline)}
 
 
 def print_report(data: dict, console: Console) -> None:
@@ -41,6 +52,20 @@ def print_report(data: dict, console: Console) -> None:
             table.add_row(r["model"], str(r["n"]), str(r["correct"]), f"{r['accuracy']:.3f}",
                           f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", tokens)
         console.print(table)
+        if name in data.get("arms", {}):
+            arms = Table(title=f"evaluate stage '{name}': models over seeds")
+            for col in ("model", "seeds", "mean accuracy", "range", "per seed"):
+                arms.add_column(col, justify="left" if col in ("model", "per seed") else "right")
+            for arm, a in data["arms"][name].items():
+                arms.add_row(arm, str(len(a["values"])), f"{a['mean']:.3f}", f"[{a['min']:.3f}, {a['max']:.3f}]",
+                             " ".join(f"{v:.3f}" for v in a["values"]))
+            console.print(arms)
+        for c in data.get("comparisons", {}).get(name, []):
+            p_t = "-" if c["p_paired_t"] is None else f"{c['p_paired_t']:.3f}"
+            per_seed = ", ".join(f"{x['diff_points']:+.1f} (McNemar p {x['p_mcnemar']:.3f})" for x in c["per_seed"])
+            console.print(f"{c['a']} − {c['b']}: {c['diff_points']:+.1f} points on average over {c['seeds']} seeds "
+                          f"[{c['min_points']:+.1f}, {c['max_points']:+.1f}], paired t-test p {p_t}; per seed: "
+                          f"{per_seed}", highlight=False)
 
 
 def write_png(data: dict, path: Path) -> Path:

@@ -216,6 +216,19 @@ def logprob_rows(ids: list[str], logprobs: list[dict], tokenizer: str | None):
                      **{c: [lp[c] for lp in logprobs] for c in LOGPROB_COLUMNS}}, schema=schema)
 
 
+def error_rows(failed: list, stage: str, run_id: str):
+    """synth.errors rows (Arrow) of a stage's failed answers (teachers.Completion with `error` set): the
+    request, the cause and message, and the tokens of an answer a policy rejected (it was paid for)."""
+    import pyarrow as pa  # `synth --help` imports no pyarrow (tests/test_startup.py)
+
+    return pa.table({
+        "request_id": pa.array([c.request_id for c in failed], pa.string()), "stage": [stage] * len(failed),
+        "cause": [c.error for c in failed], "message": [(c.error_message or "")[:2000] for c in failed],
+        "prompt_tokens": pa.array([c.prompt_tokens for c in failed], pa.int32()),
+        "completion_tokens": pa.array([c.completion_tokens for c in failed], pa.int32()),
+        "run_id": [run_id] * len(failed), "created_at": [now()] * len(failed)})
+
+
 def now() -> datetime:
     """UTC, without tzinfo: TIMESTAMP columns (TIMESTAMPTZ would make DuckDB need pytz to read them)."""
     return datetime.now(timezone.utc).replace(tzinfo=None)

@@ -8,8 +8,11 @@ group| (samples without an answer count in the denominator). Verdicts:
 - not in the plurality class                -> failed, `minority_answer`, score = its share;
 - plurality class but share < min_agreement -> failed, `low_agreement`;
 - a tie for the plurality                   -> failed, `low_agreement` (no class wins);
-- every sample of the group the same text   -> failed, `identical_samples`: copies are not independent
-  votes (a server that ignores temperature, greedy decoding), so their agreement is no evidence;
+- every sample of the group the same text, when at least UNSAMPLED_SHARE of the groups (of 2 or more
+  samples) are so                          -> failed, `identical_samples`: the teacher did not sample (a
+  server that ignores temperature, greedy decoding), so copies are not independent votes. Below that
+  share, identical groups are a confident model's (at temperature 0.7 a well-trained teacher writes the
+  same solution 8 times for a third of the demo's problems) and vote as usual;
 - otherwise                                 -> passed, score = share.
 """
 
@@ -19,6 +22,8 @@ import pyarrow as pa
 
 from synth import verify
 from synth.store import quote_ident
+
+UNSAMPLED_SHARE = 0.5  # groups all one text, of those with 2+ samples, from which the teacher "did not sample"
 
 
 def vote(con, source: str, answer: str, group_by: str, method: str, min_agreement: float,
@@ -50,18 +55,21 @@ def vote_sql(source: str, answer: str, group: str, keys: str, min_agreement: flo
                       count(*) >= 2 AND count(sample_text) = count(*) AND count(DISTINCT sample_text) = 1 AS identical
                FROM s GROUP BY ALL),
     top AS (SELECT grp, top_n, count(*) FILTER (WHERE n = top_n) AS tied FROM (
-              SELECT grp, n, max(n) OVER (PARTITION BY grp) AS top_n FROM sizes) GROUP BY grp, top_n)
+              SELECT grp, n, max(n) OVER (PARTITION BY grp) AS top_n FROM sizes) GROUP BY grp, top_n),
+    unsampled AS (SELECT coalesce(count(*) FILTER (WHERE identical)
+                                  >= {UNSAMPLED_SHARE} * count(*) FILTER (WHERE total >= 2)
+                                  AND count(*) FILTER (WHERE total >= 2) > 0, false) AS yes FROM totals)
     SELECT s.row_id,
-           (s.class IS NOT NULL AND NOT o.identical AND z.n = t.top_n AND t.tied = 1
+           (s.class IS NOT NULL AND NOT (o.identical AND u.yes) AND z.n = t.top_n AND t.tied = 1
             AND z.n / o.total >= {min_agreement}) AS passed,
            z.n / o.total AS score,
            CASE WHEN s.class IS NULL THEN 'no_answer'
-                WHEN o.identical THEN 'identical_samples'
+                WHEN o.identical AND u.yes THEN 'identical_samples'
                 WHEN z.n < t.top_n THEN 'minority_answer'
                 WHEN t.tied > 1 OR z.n / o.total < {min_agreement} THEN 'low_agreement'
            END AS reason,
            NULL::VARCHAR AS details  -- score is the share; the class is the answer's canonical key
-    FROM s JOIN totals o ON o.grp IS NOT DISTINCT FROM s.grp
+    FROM s JOIN totals o ON o.grp IS NOT DISTINCT FROM s.grp CROSS JOIN unsampled u
     LEFT JOIN sizes z ON z.grp IS NOT DISTINCT FROM s.grp AND z.class = s.class
     LEFT JOIN top t ON t.grp IS NOT DISTINCT FROM s.grp
     """

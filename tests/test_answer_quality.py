@@ -76,6 +76,22 @@ def test_vote_still_counts_samples_that_differ(workspace):
     assert "identical" not in out.split("agree", 1)[-1]
 
 
+def test_a_confident_teacher_still_votes(workspace):
+    """Identical groups below half of the groups are a confident model's (a sampling teacher writing the same
+    solution every time on easy inputs), not a teacher that did not sample: they vote as usual."""
+    rules = [{"match": r"Q([0-3])\b", "reply": "It is \\boxed{ {{ match[1] }} }"},
+             {"match": r"Q(\d+)", "reply": "Sample {{ sample }}: \\boxed{ {{ match[1] }} }"}]
+    pipeline = make_pipeline(workspace, teachers={"t": echo_teacher(rules)}, stages={
+        "problems": "kind: load, path: seeds.jsonl",
+        "solutions": "kind: generate, input: problems, teacher: t, prompt: solve, samples: 3, "
+                     "params: {temperature: 0.8}",
+        "agree": "kind: vote, input: solutions"})
+    counts, out = run_and_read(pipeline)
+    assert counts["stages"]["solutions"]["identical"]["inputs"] == 4  # Q0..Q3 of 12
+    assert query(workspace / "out" / "run.duckdb", "SELECT DISTINCT passed, reason FROM synth.verdicts") == \
+        [(True, None)]
+
+
 def test_a_keep_and_an_export_left_with_nothing_warn_with_the_reasons(workspace):
     pipeline = make_pipeline(workspace, teachers={"t": echo_teacher()}, stages={
         "problems": "kind: load, path: seeds.jsonl",

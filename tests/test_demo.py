@@ -42,6 +42,11 @@ DPO = ("max_steps: 4\nlearning_rate: 5.0e-5\nper_device_train_batch_size: 8\nmax
        "loss_type: [sigmoid]\nlogging_steps: 1\nseed: 0\nmax_truncated_share: 0.05\n")
 
 
+def kd_recipe(steps: int, lr: str = "3.0e-3") -> str:
+    return (recipe(steps, lr).replace("assistant_only_loss: true\n", "")
+            + "kd: {alpha: 0.0, temperature: 1.0, divergence: forward_kl}\n")
+
+
 def demo(target, *args, timeout=900):
     return subprocess.run([sys.executable, "-m", "synth.cli", "demo", "--dir", str(target), *args],
                           capture_output=True, text=True, env=cli_env(), timeout=timeout, cwd=REPO)
@@ -68,26 +73,38 @@ def demo_dir(tmp_path_factory):
     (target / "recipes" / "teacher.yaml").write_text(recipe(TEACHER_STEPS))
     (target / "recipes" / "student.yaml").write_text(recipe(STUDENT_STEPS))
     (target / "recipes" / "dpo.yaml").write_text(DPO)
+    (target / "recipes" / "student-kd.yaml").write_text(kd_recipe(STUDENT_STEPS))
+    (target / "recipes" / "onpolicy.yaml").write_text(kd_recipe(4, "5.0e-4"))
     first = demo(target)
     assert first.returncode == 0, first.stderr[-3000:]
     return target, first
 
 
-TEACHER_STEPS, STUDENT_STEPS = 400, 150
+TEACHER_STEPS, STUDENT_STEPS = 400, 60
+
+
+KEYS = {"teacher": "teacher_greedy_accuracy", "student_a": "student_unfiltered_accuracy",
+        "student_b": "student_filtered_accuracy", "student_c": "student_kd_accuracy",
+        "student_b_dpo": "student_dpo_accuracy", "student_d": "student_onpolicy_accuracy"}
 
 
 def test_report_is_written_and_recomputes_from_per_row_results(demo_dir):
     target, first = demo_dir
     report = json.loads((target / "report.json").read_text())
     keys = ["teacher_accuracy", "teacher_vote_accuracy", "teacher_greedy_accuracy", "student_unfiltered_accuracy",
-            "student_filtered_accuracy", "student_dpo_accuracy"]
+            "student_filtered_accuracy", "student_kd_accuracy", "student_dpo_accuracy", "student_onpolicy_accuracy"]
     for key in keys:
         assert 0.0 <= report[key] <= 1.0, key
         lo, hi = report["intervals"][key]
         assert lo <= report[key] <= hi
     assert report["n_heldout"] == 40 and report["n_seed_problems"] == 40 and report["samples_per_problem"] == 8
     assert (target / "report.png").stat().st_size > 10_000
-    assert "student B (verified samples)" in first.stdout and "filter funnel" in first.stdout
+    assert "B: SFT, verified samples" in first.stdout and "filter funnel" in first.stdout
+    assert report["seeds"] == 3 and set(report["comparisons"]) == {"filtering", "kd", "dpo", "onpolicy"}
+    for name, c in report["comparisons"].items():  # the means of per-seed differences, seed by seed
+        assert len(c["per_seed"]) == 3 and report[f"{name}_gain_points"] == pytest.approx(c["diff_points"], abs=0.05)
+        method, baseline = report["per_seed"][KEYS[c["method"]]], report["per_seed"][KEYS[c["baseline"]]]
+        assert c["diff_points"] == pytest.approx(100 * sum(m - b for m, b in zip(method, baseline)) / 3)
 
     gold_heldout = {json.loads(line)["id"]: str(json.loads(line)["gold"])
                     for line in (target / "data" / "heldout.jsonl").read_text().splitlines()}
@@ -96,14 +113,18 @@ def test_report_is_written_and_recomputes_from_per_row_results(demo_dir):
     con = duckdb.connect(str(target / "out" / "demo.duckdb"), read_only=True)
     try:
         # held-out: every model's outputs, re-checked here from the raw completion text
-        names = {"teacher": "teacher_greedy_accuracy", "student_a": "student_unfiltered_accuracy",
-                 "student_b": "student_filtered_accuracy", "student_b_dpo": "student_dpo_accuracy"}
-        for model, key in names.items():
-            rows = con.execute(f"SELECT input_id, text FROM eval_{model}").fetchall()
-            assert len(rows) == 40
-            right = sum(boxed(text) is not None and number(boxed(text)) == number(gold_heldout[iid]) for iid, text in rows)
-            assert report["counts"][key] == {"correct": right, "n": 40}
-            assert report[key] == pytest.approx(right / 40)
+        for model, key in KEYS.items():
+            replicas = [model] if model == "teacher" else [f"{model}_s{s}" for s in range(3)]
+            rights = []
+            for replica in replicas:
+                rows = con.execute(f"SELECT input_id, text FROM eval_{replica}").fetchall()
+                assert len(rows) == 40
+                rights.append(sum(boxed(text) is not None and number(boxed(text)) == number(gold_heldout[iid])
+                                  for iid, text in rows))
+            assert report["counts"][key] == {"correct": sum(rights), "n": 40 * len(replicas)}
+            assert report[key] == pytest.approx(sum(rights) / 40 / len(replicas))
+            if model != "teacher":
+                assert report["per_seed"][key] == pytest.approx([r / 40 for r in rights])
         # the teacher's samples on the seed problems, and the plurality vote over them
         rows = con.execute("SELECT input_id, text FROM solutions").fetchall()
         assert len(rows) == 40 * 8
@@ -127,7 +148,8 @@ def test_report_is_written_and_recomputes_from_per_row_results(demo_dir):
         con.close()
     stages = {r["stage"]: r for r in report["stages"]}
     assert stages["teacher"]["tokens"] > 0 and stages["teacher"]["seconds"] > 0
-    assert stages["solutions"]["tokens"] > 0 and stages["student_b_dpo"]["rows"] > 0
+    assert stages["solutions"]["tokens"] > 0 and stages["student_b_dpo_s0"]["rows"] > 0
+    assert stages["student_d_s2"]["rows"] > 0 and stages["b_scored_s1"]["rows"] > 0
 
 
 def test_second_run_reuses_everything_and_a_recipe_edit_reruns_only_downstream(demo_dir):
@@ -151,8 +173,8 @@ def test_second_run_reuses_everything_and_a_recipe_edit_reruns_only_downstream(d
     finally:
         con.close()
     ran = set(json.loads(runs[-1][0])["stages_run"])
-    assert ran == {"student_b_dpo", "eval_student_b_dpo", "eval"}
-    assert report["this_run"]["requests_sent"] == 40  # the new model's held-out outputs only
+    assert ran == {f"{n}_s{s}" for n in ("student_b_dpo", "eval_student_b_dpo") for s in range(3)} | {"eval"}
+    assert report["this_run"]["requests_sent"] == 3 * 40  # the new models' held-out outputs only
 
 
 def test_bad_world_file_is_one_line(tmp_path):

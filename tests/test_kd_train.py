@@ -192,3 +192,45 @@ def test_the_recipe_check_knows_the_losses_divergences():
     from synth import kd_loss, kd_train
 
     assert kd_train.DIVERGENCES == kd_loss.DIVERGENCES  # kd_train cannot import kd_loss (torch) for synth plan
+
+
+def test_the_batch_loss_puts_each_teacher_target_on_the_position_that_predicts_its_token(tiny_model):
+    """Alignment: tokenize + Collator + batch_loss equals the reference loss computed by hand from the model's
+    full logits, where the logits at position prompt + t - 1 meet completion token t and its teacher top-k;
+    prompt and padding positions take no part (two rows of different lengths, one row's alternatives padded)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from synth.kd_loss import SparseTargets, reference_kd_loss
+    from synth.kd_train import KD_DEFAULTS, Collator, batch_loss, tokenize
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for n, question in ((5, "what is 2 + 3?"), (9, "and 4 + 4?")):
+        ids = torch.randint(5, len(tok), (n,), generator=gen).tolist()
+        top = [torch.randint(5, len(tok), (3,), generator=gen).tolist() for _ in range(n)]
+        lps = [sorted(torch.log_softmax(torch.randn(4, generator=gen), -1)[:3].tolist(), reverse=True) for _ in range(n)]
+        rows.append({"prompt": [{"role": "user", "content": question}], "completion_ids": ids,
+                     "teacher_ids": top, "teacher_logprobs": lps})
+    rows[1]["teacher_ids"][2][2], rows[1]["teacher_logprobs"][2][2] = -1, float("-inf")  # a padded alternative
+    examples, ready = tokenize(rows, tok, max_length=128)
+    assert ready["truncated"] == 0
+    batch = Collator(tok.pad_token_id)(examples)
+    kd = {**KD_DEFAULTS, "alpha": 0.3, "temperature": 2.0, "chunk_size": 4}
+    got = batch_loss(model, batch, kd)
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    rows_logits, labels, top_ids, top_lps = [], [], [], []
+    for i, (e, row) in enumerate(zip(examples, rows)):
+        p = e["prompt_length"]
+        for t, token in enumerate(row["completion_ids"]):
+            rows_logits.append(logits[i, p + t - 1])
+            labels.append(token)
+            top_ids.append([max(x, 0) for x in row["teacher_ids"][t]])
+            top_lps.append(row["teacher_logprobs"][t])
+    expected = reference_kd_loss(torch.stack(rows_logits), SparseTargets(
+        torch.tensor(labels), torch.tensor(top_ids), torch.tensor(top_lps, dtype=torch.float32)),
+        alpha=0.3, temperature=2.0)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)

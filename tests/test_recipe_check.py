@@ -8,6 +8,8 @@ does not import torch or TRL; a consistency test holds those fields against the 
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 import json
 import shutil
@@ -104,7 +106,7 @@ def test_good_recipe_passes_and_loading_imports_no_trl(workspace, tiny_model):
 
 def test_shipped_recipes_pass(tiny_model):
     for path in [*sorted((REPO / "train").glob("*.yaml")), *sorted((REPO / "examples").rglob("recipes/*.yaml"))]:
-        method = "dpo" if "dpo" in path.name else "sft"
+        method = "dpo" if "dpo" in path.name else "kd" if re.search(r"^kd:", path.read_text(), re.M) else "sft"
         assert isinstance(check_recipe(path, method, tiny_model), dict), path
 
 

@@ -1,6 +1,7 @@
 """The demo's report, computed from the store: what the teacher gets right, what the filters kept,
-how the students trained on unfiltered vs filtered data (and after DPO) do on held-out problems,
-and the tokens and wall time of every stage.
+how the students trained on unfiltered vs filtered data, by token-level distillation, after DPO and after
+an on-policy KD round do on held-out problems (each student arm under several seeds), and the tokens
+and wall time of every stage.
 
 It reads the stage names of examples/demo/pipeline.yaml (below); a pipeline without them gets one
 line saying which is missing. Accuracies:
@@ -11,6 +12,11 @@ line saying which is missing. Accuracies:
 - teacher_vote_accuracy: seed problems whose vote winner (stage `voted`: the plurality answer, with
   at least min_agreement of the samples, no tie) is correct.
 - teacher_greedy_accuracy and student_*: the evaluate stage `eval` on the held-out problems (greedy).
+  A student arm trained under several seeds (`seeds:`) reports the mean over its seeds (the key), each
+  seed's value (`per_seed`) and their range; a single model its 95% Wilson interval.
+- comparisons (synth/compare.py): each method's arm against its baseline arm, seed by seed on the same
+  problems: the mean difference in points (the `*_gain_points` keys), its range, a paired t-test over
+  seeds and McNemar's exact test within each seed.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from synth import compare
 from synth.errors import SynthError
 from synth.inspection import stats_rows
 from synth.stages.evaluate import summary, wilson
@@ -28,15 +35,25 @@ from synth.store import fetch_one, quote_ident
 
 SAMPLES, VERIFIED, VOTED, EVAL = "solutions", "correct", "voted", "eval"
 EVAL_MODELS = {"teacher": "teacher_greedy_accuracy", "student_a": "student_unfiltered_accuracy",
-               "student_b": "student_filtered_accuracy", "student_b_dpo": "student_dpo_accuracy"}
+               "student_b": "student_filtered_accuracy", "student_c": "student_kd_accuracy",
+               "student_b_dpo": "student_dpo_accuracy", "student_d": "student_onpolicy_accuracy"}
 LABELS = {
     "teacher_accuracy": "teacher, one sample",
     "teacher_vote_accuracy": "teacher, vote over samples",
     "teacher_greedy_accuracy": "teacher, greedy",
-    "student_unfiltered_accuracy": "student A (all samples)",
-    "student_filtered_accuracy": "student B (verified samples)",
-    "student_dpo_accuracy": "student B + DPO",
+    "student_unfiltered_accuracy": "A: SFT, all samples",
+    "student_filtered_accuracy": "B: SFT, verified samples",
+    "student_kd_accuracy": "C: KD, verified samples' top-8",
+    "student_dpo_accuracy": "B + DPO",
+    "student_onpolicy_accuracy": "D: B + on-policy KD",
 }
+# name -> (method's arm, baseline arm): report key `<name>_gain_points` = mean over seeds of method - baseline
+COMPARISONS = {"filtering": ("student_b", "student_a"), "kd": ("student_c", "student_b"),
+               "dpo": ("student_b_dpo", "student_b"), "onpolicy": ("student_d", "student_b")}
+
+
+def _arms(pipeline) -> dict[str, list[str]]:
+    return compare.group(pipeline.stage(EVAL).models, pipeline.replicas)
 
 
 def _check(pipeline) -> None:
@@ -46,7 +63,7 @@ def _check(pipeline) -> None:
         if stage is None or stage.kind != kind:
             raise SynthError(f"{pipeline.path}: the demo report reads a {kind} stage named {name!r}; "
                              "keep the demo pipeline's stage names (or use `synth report` for any pipeline)")
-    missing = [m for m in EVAL_MODELS if m not in pipeline.stage(EVAL).models]
+    missing = [m for m in EVAL_MODELS if m not in _arms(pipeline)]
     if missing:
         raise SynthError(f"{pipeline.path}: stage 'eval': the demo report compares {', '.join(EVAL_MODELS)}; "
                          f"models lacks {', '.join(missing)}")
@@ -57,6 +74,7 @@ def demo_report(pipeline) -> dict:
 
     _check(pipeline)
     samples = pipeline.stage(SAMPLES)
+    arms = _arms(pipeline)
     with pipeline.store.read() as con:
         problems = fetch_one(con, f"SELECT count(*) FROM {quote_ident(samples.input)}")[0]
         planned = problems * samples.samples
@@ -66,24 +84,39 @@ def demo_report(pipeline) -> dict:
             SELECT count(*) FILTER (WHERE ok) FROM (
                 SELECT v.input_id, bool_or(v.passed AND c.passed) AS ok
                 FROM {quote_ident(VOTED)} v JOIN {quote_ident(VERIFIED)} c USING (id) GROUP BY v.input_id)""")[0]
-        evals = {r["model"]: r for r in summary(con, EVAL, list(EVAL_MODELS))}
+        evals = {r["model"]: r for r in summary(con, EVAL, pipeline.stage(EVAL).models)}
+        results = compare.outcomes(con, EVAL)
         stages = _stage_rows(con, pipeline)
     accuracy = {"teacher_accuracy": (correct, planned), "teacher_vote_accuracy": (voted_right, problems)}
-    for model, key in EVAL_MODELS.items():
-        r = evals.get(model)
-        accuracy[key] = (r["correct"], r["n"]) if r else (0, 0)
-    report: dict = {k: (c / n if n else 0.0) for k, (c, n) in accuracy.items()}
-    report["n_heldout"] = accuracy["student_filtered_accuracy"][1]
+    report: dict = {}
+    per_seed, ranges, tokens = {}, {}, {}
+    for arm, key in EVAL_MODELS.items():
+        rows = [evals[m] for m in arms[arm] if m in evals]
+        accuracy[key] = (sum(r["correct"] for r in rows), sum(r["n"] for r in rows))
+        a = compare.arm_summary(results, arms[arm])
+        report[key] = a["mean"]
+        if len(arms[arm]) > 1:
+            per_seed[key], ranges[key] = a["values"], [a["min"], a["max"]]
+        tokens[key] = (sum(r["mean_output_tokens"] or 0 for r in rows) / len(rows)) if rows else None
+    for key in ("teacher_accuracy", "teacher_vote_accuracy"):
+        c, n = accuracy[key]
+        report[key] = c / n if n else 0.0
+    report = {k: report[k] for k in LABELS}  # the table's order
+    report["n_heldout"] = evals[arms["student_b"][0]]["n"] if arms["student_b"][0] in evals else 0
     report["n_seed_problems"] = problems
     report["samples_per_problem"] = samples.samples
     report["temperature"] = samples.params.temperature
-    report["intervals"] = {k: list(wilson(c, n)) for k, (c, n) in accuracy.items()}
+    report["seeds"] = max(len(m) for m in arms.values())
+    report["intervals"] = {k: (ranges[k] if k in ranges else list(wilson(c, n))) for k, (c, n) in accuracy.items()}
+    report["interval_kind"] = {k: "range over seeds" if k in ranges else "95% Wilson" for k in accuracy}
+    report["per_seed"] = per_seed
     report["counts"] = {k: {"correct": c, "n": n} for k, (c, n) in accuracy.items()}
-    report["mean_output_tokens"] = {EVAL_MODELS[m]: r["mean_output_tokens"] for m, r in evals.items()
-                                    if m in EVAL_MODELS}
-    report["filtering_gain_points"] = round(100 * (report["student_filtered_accuracy"]
-                                                   - report["student_unfiltered_accuracy"]), 1)
-    report["dpo_gain_points"] = round(100 * (report["student_dpo_accuracy"] - report["student_filtered_accuracy"]), 1)
+    report["mean_output_tokens"] = tokens
+    report["comparisons"] = {}
+    for name, (method, baseline) in COMPARISONS.items():
+        c = compare.compare_arms(results, arms[method], arms[baseline])
+        report["comparisons"][name] = {"method": method, "baseline": baseline, **c}
+        report[f"{name}_gain_points"] = round(c["diff_points"], 1)
     report["funnel"] = [{k: r.get(k) for k in ("stage", "kind", "input", "judged", "passed", "reasons")}
                         for r in stats_rows(pipeline)]
     report["stages"] = stages
@@ -111,26 +144,34 @@ def _stage_rows(con, pipeline) -> list[dict]:
             continue
         seconds = ((runs.get(st["run_id"]) or {}).get("stages") or {}).get(name, {}).get("seconds")
         tokens = gen_tokens.get(name) if st["kind"] == "generate" else train_tokens.get(name)
-        rows.append({"stage": name, "kind": st["kind"], "rows": st["rows"],
+        rows.append({"stage": name, "in_file": pipeline.replica_of.get(name, pipeline.owner_of.get(name, name)),
+                     "kind": st["kind"], "rows": st["rows"],
                      "tokens": int(tokens) if tokens is not None else None, "seconds": seconds})
     return rows
 
 
 def print_report(report: dict, console: Console) -> None:
-    table = Table(title="synth demo: accuracy (95% Wilson interval)")
-    for col in ("model", "measured on", "correct / n", "accuracy", "95% interval"):
-        table.add_column(col, justify="left" if col in ("model", "measured on") else "right")
-    on = {"teacher_accuracy": f"seed problems × {report['samples_per_problem']} samples, T={report['temperature']}",
+    seeds = report.get("seeds", 1)
+    table = Table(title=f"synth demo: accuracy (students: mean over {seeds} seeds, and their range)")
+    for col in ("model", "measured on", "correct / n", "accuracy", "interval", "per seed"):
+        table.add_column(col, justify="left" if col in ("model", "measured on", "per seed") else "right",
+                         no_wrap=col in ("model", "correct / n", "interval"))
+    on = {"teacher_accuracy": f"seeds × {report['samples_per_problem']}, T={report['temperature']}",
           "teacher_vote_accuracy": "seed problems"}
     for key, label in LABELS.items():
         c = report["counts"][key]
         lo, hi = report["intervals"][key]
-        table.add_row(label, on.get(key, "held-out problems, greedy"), f"{c['correct']} / {c['n']}",
-                      f"{report[key]:.3f}", f"[{lo:.3f}, {hi:.3f}]")
+        kind = "seeds" if report["interval_kind"][key] == "range over seeds" else "95%"
+        table.add_row(label, on.get(key, "held-out, greedy"), f"{c['correct']} / {c['n']}",
+                      f"{report[key]:.3f}", f"{kind} [{lo:.3f}, {hi:.3f}]",
+                      " ".join(f"{v:.3f}" for v in report.get("per_seed", {}).get(key, [])))
     console.print(table)
-    console.print(f"filtering: student B − student A = {report['filtering_gain_points']:+.1f} points; "
-                  f"DPO: B+DPO − B = {report['dpo_gain_points']:+.1f} points "
-                  f"(held-out n = {report['n_heldout']})")
+    for name, c in report["comparisons"].items():
+        p_t = "-" if c["p_paired_t"] is None else f"{c['p_paired_t']:.3f}"
+        mcnemar = ", ".join(f"{x['p_mcnemar']:.3f}" for x in c["per_seed"])
+        console.print(f"{name}: {c['method']} − {c['baseline']} = {c['diff_points']:+.1f} points (mean of "
+                      f"{c['seeds']} seeds; range {c['min_points']:+.1f} to {c['max_points']:+.1f}; paired t-test p "
+                      f"{p_t}; McNemar p per seed {mcnemar}; held-out n = {report['n_heldout']})", highlight=False)
     funnel = Table(title="filter funnel")
     for col in ("stage", "kind", "judged", "passed", "rejected: reasons"):
         funnel.add_column(col, justify="right" if col in ("judged", "passed") else "left")
@@ -167,17 +208,20 @@ def write_png(report: dict, path: Path) -> Path:
                                                      gridspec_kw={"width_ratios": [1.4, 1, 1]})
     keys = list(LABELS)
     values = [report[k] for k in keys]
-    errors = [[v - report["intervals"][k][0] for k, v in zip(keys, values)],
-              [report["intervals"][k][1] - v for k, v in zip(keys, values)]]
-    colors = ["#8172B2"] * 3 + ["#C44E52", "#55A868", "#4C72B0"]
-    acc_ax.bar(range(len(keys)), values, yerr=errors, capsize=4, color=colors)
-    acc_ax.set_xticks(range(len(keys)), [LABELS[k].replace(" (", "\n(").replace(", ", ",\n") for k in keys],
-                      fontsize=8)
-    acc_ax.set_ylim(0, 1)
-    acc_ax.set_ylabel("accuracy (95% Wilson interval)")
+    # max(0, ...): the mean of equal per-seed values can exceed their max by a float ulp
+    errors = [[max(0.0, v - report["intervals"][k][0]) for k, v in zip(keys, values)],
+              [max(0.0, report["intervals"][k][1] - v) for k, v in zip(keys, values)]]
+    colors = ["#8172B2"] * 3 + ["#C44E52", "#55A868", "#DD8452", "#4C72B0", "#937860"]
+    acc_ax.bar(range(len(keys)), values, yerr=errors, capsize=4, color=colors[:len(keys)])
+    for i, k in enumerate(keys):  # each seed's value as a dot on its arm's bar
+        seeds = report.get("per_seed", {}).get(k, [])
+        acc_ax.scatter([i] * len(seeds), seeds, color="black", s=8, zorder=3)
+    acc_ax.set_xticks(range(len(keys)), [LABELS[k] for k in keys], fontsize=7, rotation=30, ha="right")
+    acc_ax.set_ylim(0, 1.08)
+    acc_ax.set_ylabel("accuracy (students: mean, seed range, seeds as dots)")
     acc_ax.set_title(f"accuracy (held-out n = {report['n_heldout']})")
-    for i, v in enumerate(values):
-        acc_ax.text(i, min(v + 0.04, 0.96), f"{v:.2f}", ha="center")
+    for i, k in enumerate(keys):  # the label above the interval's top, never on the bar
+        acc_ax.text(i, min(report["intervals"][k][1] + 0.02, 1.03), f"{values[i]:.2f}", ha="center", fontsize=8)
     funnel = [r for r in report["funnel"] if r.get("judged")]
     names = [r["stage"] for r in funnel]
     funnel_ax.barh(names, [r["judged"] for r in funnel], color="#DDDDDD", label="judged")
@@ -188,11 +232,16 @@ def write_png(report: dict, path: Path) -> Path:
     funnel_ax.invert_yaxis()
     funnel_ax.set_title("filter funnel (rows)")
     funnel_ax.legend(loc="lower right", fontsize=8)
-    timed = [r for r in report["stages"] if r.get("seconds")]
-    time_ax.barh([r["stage"] for r in timed], [r["seconds"] for r in timed], color="#4C72B0")
+    timed: dict[str, list[float]] = {}  # the stages of the file: a replicated one's replicas summed
+    for r in report["stages"]:
+        if r.get("seconds"):
+            timed.setdefault(r.get("in_file") or r["stage"], []).append(r["seconds"])
+    slow = {n: t for n, t in timed.items() if sum(t) >= 1.0}
+    labels = [f"{n} (×{len(t)})" if len(t) > 1 else n for n, t in slow.items()]
+    time_ax.barh(labels, [sum(t) for t in slow.values()], color="#4C72B0")
     time_ax.invert_yaxis()
     time_ax.tick_params(axis="y", labelsize=7)
-    time_ax.set_xlabel("seconds")
+    time_ax.set_xlabel("seconds (stages of 1 s or more; replicas summed)")
     time_ax.set_title("wall time per stage")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from synth import schemas
 from synth.parsers import PARSER_COLUMNS, PARSERS, parse_json
 from synth.prompts import load_template
 from synth.requests import PAIR_COLUMNS, build_requests, cached_ids, input_rows
-from synth.store import fetch_one, logprob_rows, Store, now, quote_ident, sql_str
+from synth.store import error_rows, fetch_one, logprob_rows, Store, now, quote_ident, sql_str
 from synth.teachers import (Completion, OpenAITeacherConfig, Request, content_filtered, load_teacher,
                             prompt_token_counter, split_reasoning, vocabulary_of)
 from synth.teachers.openai import resolve_api_key
@@ -168,12 +168,7 @@ def run(ctx: RunContext, name: str) -> dict:
                 Store.insert_arrow(con, "synth.generations", _membership(
                     name, stage.teacher, [by_id[c.request_id] for c in good], planned.input_of,
                     {c.request_id: c.text for c in good}, parse), mode="OR REPLACE")
-                Store.insert_arrow(con, "synth.errors", pa.table({
-                    "request_id": [c.request_id for c in bad], "stage": [name] * len(bad),
-                    "cause": [c.error for c in bad], "message": [(c.error_message or "")[:2000] for c in bad],
-                    "prompt_tokens": pa.array([c.prompt_tokens for c in bad], pa.int32()),
-                    "completion_tokens": pa.array([c.completion_tokens for c in bad], pa.int32()),
-                    "run_id": [run_id] * len(bad), "created_at": [now()] * len(bad)}), mode="")
+                Store.insert_arrow(con, "synth.errors", error_rows(bad, name, run_id), mode="")
         except StoreLocked as exc:  # a reader held the store too long: keep going, the answers are journaled
             unwritten[:] = [str(exc)]
             return False

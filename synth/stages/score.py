@@ -33,7 +33,7 @@ from synth.errors import StoreLocked, SynthError
 from synth.graph import ROWS, Graph, Kind, Ref
 from synth.ids import content_hash
 from synth.journal import Journal, leftover_segments, remove_segments, replay
-from synth.store import Store, fetch_one, logprob_rows, now, quote_ident, sql_str
+from synth.store import Store, error_rows, fetch_one, logprob_rows, quote_ident, sql_str
 from synth.teachers import ScoreRequest, load_teacher, vocabulary_of
 from synth.vocab import load_tokenizer, vocabulary_mismatch
 
@@ -54,10 +54,13 @@ def run(ctx: RunContext, name: str) -> dict:
             "JOIN synth.prompts p ON p.id = r.prompt_id JOIN synth.completions c ON c.id = s.id "
             "LEFT JOIN synth.token_logprobs t ON t.id = s.id ORDER BY s.id").fetchall()
     requests, membership = [], []
+    problems: dict[str | None, str | None] = {}  # generator's tokenizer -> why its ids are not the teacher's
     for rid, messages, text, finish, ids, source in rows:
         if ids is not None:
-            problem = vocabulary_mismatch(source, vocabulary) if source else \
-                "the generator's vocabulary is unknown"
+            if source not in problems:  # once per tokenizer: comparing vocabularies reads both whole
+                problems[source] = vocabulary_mismatch(source, vocabulary) if source else \
+                    "the generator's vocabulary is unknown"
+            problem = problems[source]
             if problem:
                 raise SynthError(f"{graph.where(name, 'teacher')}: row {rid!r} of '{stage.input}' has token ids that "
                                  f"are not teacher '{stage.teacher}''s: {problem}")
@@ -101,12 +104,7 @@ def run(ctx: RunContext, name: str) -> dict:
             with store.write(threads=1) as con:
                 Store.insert_arrow(con, "synth.token_logprobs",
                                    logprob_rows([c.request_id for c in good], [c.logprobs for c in good], vocabulary))
-                Store.insert_arrow(con, "synth.errors", pa.table({
-                    "request_id": [c.request_id for c in bad], "stage": [name] * len(bad),
-                    "cause": [c.error for c in bad], "message": [(c.error_message or "")[:2000] for c in bad],
-                    "prompt_tokens": pa.array([c.prompt_tokens for c in bad], pa.int32()),
-                    "completion_tokens": pa.array([c.completion_tokens for c in bad], pa.int32()),
-                    "run_id": [ctx.run_id] * len(bad), "created_at": [now()] * len(bad)}), mode="")
+                Store.insert_arrow(con, "synth.errors", error_rows(bad, name, ctx.run_id), mode="")
         except StoreLocked as exc:  # a reader held the store: the answers are journaled, the next flush retries
             unwritten[:] = [str(exc)]
             return False

@@ -1,6 +1,6 @@
 """The vote filter: self-consistency. The samples of one group (default: one input row's) agree on an
-answer by plurality (synth/vote.py, one DuckDB query); no reference is needed. A group whose samples
-are all one text (the teacher did not sample) fails `identical_samples`."""
+answer by plurality (synth/vote.py, one DuckDB query); no reference is needed. When half the groups or
+more are all one text (the teacher did not sample), those groups fail `identical_samples`."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def check(graph: Graph, name: str) -> None:
 
 
 def table(ctx: RunContext, name: str) -> pa.Table:
-    """The verdicts; a group whose samples are all one text fails `identical_samples` (said in a warning):
-    copies of one answer are no votes."""
+    """The verdicts; when the teacher did not sample (synth/vote.py: half the groups all one text), those
+    groups fail `identical_samples` (said in a warning): copies of one answer are no votes."""
     stage: VoteStage = ctx.graph.stage(name)
     text = "text" if "text" in ctx.graph.columns[stage.input] else None
     with ctx.store.read() as con:
