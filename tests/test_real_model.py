@@ -41,6 +41,16 @@ logging_steps: 1
 seed: 0
 lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: all-linear}
 """
+KD_RECIPE = """\
+max_steps: 1
+learning_rate: 1.0e-5
+per_device_train_batch_size: 2
+max_length: 192
+logging_steps: 1
+seed: 0
+lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: all-linear}
+kd: {alpha: 0.5, temperature: 1.0, divergence: forward_kl, chunk_size: 8}
+"""
 JUDGE_REASONS = {None, "low_score", "unparseable_judgment"}  # passed, or a judgment that came back
 
 
@@ -68,11 +78,12 @@ def pipeline(tmp_path_factory, real_model) -> Path:
         parse: boxed
         """)
     return make_pipeline(root, teachers={"smol": {"backend": "hf", "model": str(real_model), "batch_size": 2}},
-                         files={"two.jsonl": ROWS, "train/sft.yaml": SFT_RECIPE, "train/dpo.yaml": DPO_RECIPE},
+                         files={"two.jsonl": ROWS, "train/sft.yaml": SFT_RECIPE, "train/dpo.yaml": DPO_RECIPE,
+                                "train/kd.yaml": KD_RECIPE},
                          stages={
         "problems": "kind: load, path: two.jsonl",
         "solutions": "kind: generate, input: problems, teacher: smol, prompt: solve, "
-                     "params: {temperature: 0.7, max_tokens: 16, seed: 0}",
+                     "params: {temperature: 0.7, max_tokens: 16, seed: 0, logprobs: 4}",
         "structured": {"kind": "generate", "input": "problems", "teacher": "smol", "prompt": "solve",
                        "schema": {"type": "object", "properties": {"answer": {"type": "integer"}},
                                   "required": ["answer"]},
@@ -82,7 +93,14 @@ def pipeline(tmp_path_factory, real_model) -> Path:
         "sft_data": "kind: export, input: solutions, format: sft, path: out/sft.parquet",
         "sft": "kind: train, method: sft, data: sft_data, student: smol, recipe: train/sft.yaml",
         "mine": "kind: generate, input: problems, teacher: sft, prompt: solve, "
-                "params: {temperature: 0.7, max_tokens: 16, seed: 1}",
+                "params: {temperature: 0.7, max_tokens: 16, seed: 1, logprobs: 0}",
+        # token-level distillation: off-policy on the teacher's samples (their top-4), and one on-policy round
+        # (the SFT student's samples, scored by the teacher) from the SFT student
+        "kd_data": "kind: export, input: solutions, format: kd, path: out/kd.parquet",
+        "kd": "kind: train, method: kd, data: kd_data, student: smol, recipe: train/kd.yaml",
+        "mine_scored": "kind: score, input: mine, teacher: smol, logprobs: 4",
+        "onpolicy_data": "kind: export, input: mine_scored, format: kd, path: out/onpolicy.parquet",
+        "onpolicy": "kind: train, method: kd, data: onpolicy_data, init: sft, recipe: train/kd.yaml",
         # teacher > student: always a pair per row (a verify stage over the 16-token samples of a
         # 135M model would rarely pass one and fail another)
         "prefs": "kind: pairs, input: solutions, versus: mine, max_per_input: 1",
@@ -145,6 +163,22 @@ def test_student_sft_then_dpo_and_the_trained_models_generate(pipeline):
     assert query(_store(pipeline), "SELECT count(*) FROM dpo WHERE loss IS NOT NULL")[0][0] == 1
     assert _state(pipeline, "scored")[0] == "done"
     assert query(_store(pipeline), "SELECT count(*) FROM synth.evaluations WHERE model = 'dpo'")[0][0] == len(ROWS)
+
+
+def test_student_kd_off_policy_and_one_on_policy_round(pipeline, real_model):
+    """The real model as a LoRA student of token-level distillation: one KD step on its own captured top-4
+    (49,152-token vocabulary, tied embeddings: the lm_head weight is frozen under LoRA), and the on-policy
+    round: the SFT student's samples scored by the teacher, then one KD step from the SFT student."""
+    synth_run(pipeline, ["kd", "onpolicy"])
+    for name in ("kd", "onpolicy"):
+        status, state = _state(pipeline, name)
+        assert status == "done" and state["steps"] == 1, name
+        losses = query(_store(pipeline), f"SELECT loss FROM {name} WHERE loss IS NOT NULL")
+        assert len(losses) == 1 and losses[0][0] > 0
+    scored = query(_store(pipeline), "SELECT s.id, t.token_ids, g.token_ids, t.tokenizer FROM synth.scores s "
+                                     "JOIN synth.token_logprobs t ON t.id = s.score_id "
+                                     "JOIN synth.token_logprobs g ON g.id = s.id")
+    assert len(scored) == len(ROWS) and all(ids == own and vocab == str(real_model) for _, ids, own, vocab in scored)
 
 
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_LOGGING_LEVEL": "WARNING"}
