@@ -94,6 +94,26 @@ def test_another_teacher_scores_by_ids_or_by_text_and_the_cache_holds(workspace,
     assert sum(by_text[i] != by_ids[i] for i in by_ids) > 0
 
 
+def test_plan_counts_the_sequences_to_score(workspace, tiny_model, second_model):
+    """`synth plan`: before the samples exist the score stage waits for them; once they do, it counts the rows
+    and the distinct sequences still to score; after the run, all cached."""
+    import json
+
+    p = pipeline(workspace, tiny_model, second_model, k=3, sample_logprobs=0)
+
+    def planned():
+        return next(r for r in json.loads(synth("plan", p, "--format", "json", check=True).stdout)
+                    if r["stage"] == "scored")
+
+    assert "once 'samples' has run" in planned()["note"]
+    synth_run(p, ["samples"])
+    before = planned()
+    assert before["requests"] == 24 and before["cached"] == 0 and 0 < before["to_send"] <= 24
+    synth_run(p)
+    after = planned()
+    assert (after["requests"], after["cached"], after["to_send"]) == (24, before["to_send"], 0)
+
+
 def test_a_backend_that_cannot_score_is_one_line_and_writes_nothing(workspace, tiny_model):
     p = pipeline(workspace, tiny_model, tiny_model, score_teacher="echo",
                  extra_teachers={"echo": echo_teacher()})

@@ -42,12 +42,13 @@ MAX_API_LOGPROBS = 20  # prompt_logprobs above this: vLLM's server refuses (its 
 FLUSH_ROWS, FLUSH_SECONDS = 256, 2.0
 
 
-def run(ctx: RunContext, name: str) -> dict:
-    graph, store, console = ctx.graph, ctx.store, ctx.console
+def sequences(graph: Graph, name: str, config) -> tuple[list[ScoreRequest], list[tuple[str, str, str]]]:
+    """What the stage scores, from the store: per input row a ScoreRequest (its score id: the teacher, the prompt,
+    the exact token ids, k; identical sequences share one) and (row id, score id, where its tokens came from).
+    A row whose stored ids are in another vocabulary than the teacher's: SynthError, one line."""
     stage: ScoreStage = graph.stage(name)
-    config = ctx.teacher_config(stage.teacher)
     vocabulary = vocabulary_of(config, graph.base_dir)
-    with store.read() as con:
+    with graph.store.read() as con:
         rows = con.execute(
             f"SELECT s.id, p.messages, c.text, c.finish_reason, t.token_ids, t.tokenizer "
             f"FROM {quote_ident(stage.input)} s JOIN synth.requests r ON r.id = s.id "
@@ -75,6 +76,32 @@ def run(ctx: RunContext, name: str) -> dict:
         score_id = content_hash({"teacher": config.model, "messages": prompt, "tokens": tokens, "k": stage.logprobs})
         requests.append(ScoreRequest(score_id, prompt, tokens, stage.logprobs))
         membership.append((rid, score_id, how))
+    return requests, membership
+
+
+def estimate(graph: Graph, name: str, statuses, trained) -> dict:
+    """Sequences to score, cached vs to send, for `synth plan` (no teacher, no writes)."""
+    stage: ScoreStage = graph.stage(name)
+    waiting = [n for n in (stage.input, *([stage.teacher] if stage.teacher in graph.stage_teachers else []))
+               if statuses[n].stale]
+    if waiting or not graph.store.exists():
+        return {"requests": None, "cached": None, "to_send": None,
+                "note": f"sequences known once '{(waiting or [stage.input])[0]}' has run"}
+    requests, _ = sequences(graph, name, graph.teacher_config(stage.teacher, trained))
+    ids = sorted({r.id for r in requests})
+    with graph.store.read() as con:
+        con.register("_ids", pa.table({"id": ids}))
+        cached = con.execute("SELECT count(*) FROM synth.token_logprobs JOIN _ids USING (id)").fetchall()[0][0]
+    return {"requests": len(requests), "cached": cached, "to_send": len(ids) - cached,
+            "max_completion_tokens": 0, "note": None}
+
+
+def run(ctx: RunContext, name: str) -> dict:
+    graph, store, console = ctx.graph, ctx.store, ctx.console
+    stage: ScoreStage = graph.stage(name)
+    config = ctx.teacher_config(stage.teacher)
+    vocabulary = vocabulary_of(config, graph.base_dir)
+    requests, membership = sequences(graph, name, config)
 
     with store.write() as con:
         con.execute("DELETE FROM synth.scores WHERE stage = ?", [name])
@@ -213,5 +240,6 @@ def fingerprint(graph: Graph, name: str, trained) -> dict[str, str]:
 
 KIND = Kind(
     name="score", run=run, references=references, check=check, fingerprint=fingerprint, preflight=preflight,
+    estimate=estimate,
     teachers=lambda stage: [("teacher", [stage.teacher])],
 )
