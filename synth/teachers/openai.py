@@ -30,6 +30,7 @@ from synth.teachers.base import (Completion, OpenAITeacherConfig, Request, Score
 from synth.teachers.http import (HTTPClient, is_context_length, parse_logprobs, reasoning_of, refused_parameter,
                                 request_body)
 from synth.teachers.limiter import Limiter
+from synth.vocab import load_tokenizer
 
 _DONE = object()
 
@@ -52,16 +53,13 @@ class OpenAITeacher(TeacherBase):
         """Sequences scored by vLLM's server (`vllm_server: true`; HTTPClient.score), through the same workers,
         limiter and retries as generate. The prompt's token ids come from the teacher's declared `tokenizer`
         (the chat template with the generation prompt, as the server would render it)."""
-        from transformers import AutoTokenizer
-
         if not self.config.tokenizer or not self.config.base_url:
             raise SynthError(f"teacher '{self.name}': scoring through a server needs its `base_url` and the model's "
                              "`tokenizer` (a local dir or hub id) on the teacher, to send the prompt as token ids")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.config.tokenizer, self.base_dir))
-        except (OSError, ValueError) as exc:
-            raise SynthError(f"teacher '{self.name}': key 'tokenizer': cannot load {self.config.tokenizer!r}: "
-                             f"{scrub(one_line(exc))[:300]}") from None
+        try:  # the score stage loaded this one already (its vocabulary check): cached
+            tokenizer = load_tokenizer(resolve_model_path(self.config.tokenizer, self.base_dir))
+        except SynthError as exc:
+            raise SynthError(f"teacher '{self.name}': key 'tokenizer': {exc}") from None
         prompts = {}
         for r in requests:
             ids = tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True, return_dict=True)
