@@ -3,9 +3,9 @@
     import synth
     counts = synth.run("pipeline.yaml")    # `synth run pipeline.yaml`, in this process
     pipeline = synth.load("pipeline.yaml") # the validated pipeline (every check that needs no teacher)
-    store = synth.open("out/run.duckdb")
+    store = synth.open("out/run.duckdb")   # read-only (synth.store.StoreReader)
     df = store.table("solutions")          # a stage's output as a pandas DataFrame
-    df = store.sql("select * from synth.runs")
+    df = store.sql("select * from synth.runs where status = ?", ["ok"])
 
 Importing synth is cheap: heavy libraries load only where they are used.
 """
@@ -18,10 +18,12 @@ __version__ = "0.1.0"
 
 
 def open(path: str | Path):  # noqa: A001 - `synth.open(...)` reads like `duckdb.connect(...)`
-    """Open a store (a .duckdb file, or the store named by a pipeline file) for reading."""
+    """Open a store (a .duckdb file, or the store named by a pipeline file) for reading only: a
+    synth.store.StoreReader with .table(name), .sql(query, params), .arrow(query, params), .relations()."""
     from synth.inspection import store_for
+    from synth.store import StoreReader
 
-    return store_for(Path(path))
+    return StoreReader(store_for(Path(path)))
 
 
 def load(path: str | Path):

@@ -250,14 +250,26 @@ def stats(pipeline: Path, fmt: str) -> None:
 @click.option("--png", type=click.Path(path_type=Path), default=None,
               help="Where to write the chart (default: report.png next to the store).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def report(pipeline: Path, png: Path | None, fmt: str) -> None:
-    """Compare models: per evaluate stage, accuracy with a 95% interval and mean output tokens per
-    model; writes a PNG with accuracy per model and the filter funnel."""
+@click.option("--compare", "pairs", multiple=True, metavar="A,B",
+              help="Compare model A with model B on the rows both were evaluated on (repeatable). Default: each "
+                   "trained model with its init, and trained models from the same student with each other.")
+def report(pipeline: Path, png: Path | None, fmt: str, pairs: tuple[str, ...]) -> None:
+    """Compare models: the teachers' single-sample and vote accuracy (verify/vote stages), per evaluate
+    stage each model's accuracy with a 95% interval and mean output tokens, and paired differences with
+    McNemar's exact p-value; writes a PNG of the accuracies, the differences and the filter funnel."""
     from synth.pipeline import load_pipeline
     from synth.report import print_report, report_data, write_png
 
+    asked = []
+    for pair in pairs:
+        a, sep, b = pair.partition(",")
+        if not sep or not a.strip() or not b.strip() or "," in b:
+            from synth.errors import SynthError
+
+            raise SynthError(f"--compare {pair}: give two model names separated by a comma (--compare student_b,student_a)")
+        asked.append((a.strip(), b.strip()))
     loaded = load_pipeline(pipeline)
-    data = report_data(loaded)
+    data = report_data(loaded, asked or None)
     out = write_png(data, png or loaded.store.path.with_name("report.png"))
     if fmt == "json":
         click.echo(json.dumps({**data, "png": str(out)}, indent=2, default=str))

@@ -35,21 +35,37 @@ def store_for(path: Path) -> Store:
     return Store(store_path_of(path, spec))
 
 
+JSON_FIELD = {b"synth.type": b"json"}  # Arrow field metadata: the column is DuckDB JSON (Arrow sees a string)
+
+
 def run_query(store: Store, query: str):
+    """The query's rows as an Arrow table; a DuckDB JSON column is marked (JSON_FIELD), so that
+    `--format json` writes its value as JSON, not as a string of JSON."""
     import duckdb
+    import pyarrow as pa
 
     try:
         with store.read() as con:
-            return con.sql(query).to_arrow_table()
+            rel = con.sql(query)
+            if rel is None:  # a statement without rows (SET, PRAGMA, ...)
+                return pa.table({})
+            types = [str(t) for t in rel.types]
+            table = rel.to_arrow_table()
     except duckdb.Error as exc:
         raise SynthError(f"{store.path}: query failed: {one_line(exc)}") from None
+    fields = [f.with_metadata(JSON_FIELD) if t == "JSON" else f for f, t in zip(table.schema, types)]
+    return table.cast(pa.schema(fields)) if fields else table
 
 
 def format_rows(table, fmt: str, console: Console, max_width: int = 60) -> None:
     """Print an Arrow table as a rich table, CSV or JSON lines."""
     rows = table.to_pylist()
     if fmt == "json":
+        json_columns = [f.name for f in table.schema if (f.metadata or {}).get(b"synth.type") == b"json"]
         for row in rows:
+            for name in json_columns:
+                if row[name] is not None:
+                    row[name] = json.loads(row[name])
             console.print_json(json.dumps(row, default=str, ensure_ascii=False)) if console.is_terminal else \
                 print(json.dumps(row, default=str, ensure_ascii=False))
         return
@@ -67,7 +83,7 @@ def format_rows(table, fmt: str, console: Console, max_width: int = 60) -> None:
     for row in rows:
         out.add_row(*[Text(_cell(v, max_width * 3)) for v in row.values()])
     console.print(out)
-    console.print(f"[dim]{len(rows)} rows[/dim]")
+    console.print(f"[dim]{len(rows)} row{'' if len(rows) == 1 else 's'}[/dim]")
 
 
 def _cell(value, limit: int | None = None) -> str:
@@ -192,51 +208,60 @@ def _relations(store: Store) -> list[str]:
 
 
 def why(store: Store, row_id: str, console: Console) -> None:
-    """Lineage of a row: its request (teacher, model, params, sample), the rendered messages, the input
-    row it came from, the completion and the run that wrote it, and any errors on the way."""
+    """What an id names, and where it came from. Any row id a user meets:
+    - a request id (a generate stage's row; or a unique prefix of one): the request (teacher, model,
+      params, sample), the rendered messages, the input row, the completion, errors, verdicts, the run;
+    - a pair id (`chosen_id:rejected_id`, a pairs stage's row): the rule, margin and both samples;
+    - a scored sequence (a score stage's `score_id`): what was scored, by which teacher, its tokens;
+    - an input row id (a load stage's row, or any row a filter judged): the row, the requests made from
+      it per stage with their verdicts, its pairs and its evaluations.
+    The first line says which of these it is."""
+    with store.read() as con:
+        if fetch_one(con, "SELECT 1 FROM synth.requests WHERE id = ?", [row_id]):
+            parts = _request_lineage(con, row_id)
+        elif (found := _pair_lineage(con, row_id) or _score_lineage(con, row_id) or _row_lineage(con, row_id)):
+            parts = found
+        else:
+            matches = [r[0] for r in con.execute("SELECT id FROM synth.requests WHERE starts_with(id, ?) LIMIT 2",
+                                                 [row_id]).fetchall()]
+            if len(matches) != 1:
+                raise SynthError(f"{store.path}: no request, pair, scored sequence or input row with id {row_id!r}"
+                                 + (" (the prefix is ambiguous: give more of it)" if matches else
+                                    "; `synth sql` on a stage's table shows its ids"))
+            parts = _request_lineage(con, matches[0])
+    console.print(Group(*parts))
+
+
+def _request_lineage(con, rid: str) -> list:
+    """A request: teacher, params, input row, messages, completion, errors, verdicts, run."""
     import duckdb
 
-    with store.read() as con:
-        req = fetch_one(con, "SELECT r.id, r.model, r.params, r.sample, p.messages FROM synth.requests r "
-                          "JOIN synth.prompts p ON p.id = r.prompt_id WHERE r.id = ?", [row_id])
-        if req is None:
-            matches = con.execute("SELECT id FROM synth.requests WHERE starts_with(id, ?) LIMIT 2", [row_id]).fetchall()
-            if len(matches) == 1:
-                return why(store, matches[0][0], console)
-            verdicts = con.execute("SELECT stage, passed, score, reason, details FROM synth.verdicts "
-                                   "WHERE row_id = ? ORDER BY stage", [row_id]).fetchall()
-            earlier = _earlier_verdicts(con, row_id)
-            if (verdicts or earlier) and not matches:  # a row that is not a generation (a seed row): its verdicts
-                console.print(Group(Text.assemble(("row ", "bold"), row_id), *_verdict_lines(verdicts),
-                                    *_earlier_lines(earlier)))
-                return
-            raise SynthError(f"{store.path}: no request with id {row_id!r}" +
-                             (" (the prefix is ambiguous)" if matches else ""))
-        rid, model, params, sample, messages = req
-        members = con.execute("SELECT stage, input_id, teacher, parsed FROM synth.generations WHERE id = ?",
-                              [rid]).fetchall()
-        comp = fetch_one(con, "SELECT text, finish_reason, prompt_tokens, completion_tokens, latency_s, run_id, "
-                           "created_at FROM synth.completions WHERE id = ?", [rid])
-        errors = con.execute("SELECT stage, cause, message, run_id, created_at FROM synth.errors "
-                             "WHERE request_id = ? ORDER BY created_at", [rid]).fetchall()
-        verdicts = con.execute("SELECT stage, passed, score, reason, details FROM synth.verdicts WHERE row_id = ? "
-                               "ORDER BY stage", [rid]).fetchall()
-        earlier = _earlier_verdicts(con, rid)
-        run = fetch_one(con, "SELECT id, command, argv, started_at, status FROM synth.runs WHERE id = ?",
-                          [comp[5]]) if comp else None
-        inputs = []
-        for stage, input_id, _, _ in members:
-            src = fetch_one(con, "SELECT json_extract_string(detail, '$.input_runs') FROM synth.stages WHERE name = ?",
-                              [stage])
-            for inp in (json.loads(src[0]) if src and src[0] else {}):
-                try:
-                    row = con.execute(f"SELECT * FROM {quote_ident(inp)} WHERE id = ?", [input_id]).to_arrow_table()
-                except duckdb.Error:  # the input stage's output is gone (renamed or dropped)
-                    continue
-                inputs.append((inp, row.to_pylist()[0] if row.num_rows else {"id": input_id, "note": "no longer in the input"}))
+    _, model, params, sample, messages = fetch_one(
+        con, "SELECT r.id, r.model, r.params, r.sample, p.messages FROM synth.requests r "
+             "JOIN synth.prompts p ON p.id = r.prompt_id WHERE r.id = ?", [rid])
+    members = con.execute("SELECT stage, input_id, teacher, parsed FROM synth.generations WHERE id = ?",
+                          [rid]).fetchall()
+    comp = fetch_one(con, "SELECT text, finish_reason, prompt_tokens, completion_tokens, latency_s, run_id, "
+                          "created_at FROM synth.completions WHERE id = ?", [rid])
+    errors = con.execute("SELECT stage, cause, message, run_id, created_at FROM synth.errors "
+                         "WHERE request_id = ? ORDER BY created_at", [rid]).fetchall()
+    verdicts = _verdicts(con, rid)
+    earlier = _earlier_verdicts(con, rid)
+    run = fetch_one(con, "SELECT id, command, argv, started_at, status FROM synth.runs WHERE id = ?",
+                    [comp[5]]) if comp else None
+    inputs = []
+    for stage, input_id, _, _ in members:
+        src = fetch_one(con, "SELECT json_extract_string(detail, '$.input_runs') FROM synth.stages WHERE name = ?",
+                        [stage])
+        for inp in (json.loads(src[0]) if src and src[0] else {}):
+            try:
+                found = _rows_where(con, f"SELECT * FROM {quote_ident(inp)} WHERE id = ?", [input_id])
+            except duckdb.Error:  # the input stage's output is gone (renamed or dropped)
+                continue
+            inputs.append((inp, found[0] if found else {"id": input_id, "note": "no longer in the input"}))
 
     p = json.loads(params)
-    parts = [Text.assemble(("request ", "bold"), rid)]
+    parts = [Text.assemble(("request ", "bold"), rid, (" (a generate stage's row)", "dim"))]
     for stage, input_id, teacher, parsed in members:
         parts.append(Text(f"stage {stage} · teacher {teacher} · input_id {input_id} · parsed {parsed}"))
     parts.append(Text(f"model {model} · sample {sample} · sent seed {sample_seed(p.get('seed'), sample)} · "
@@ -257,7 +282,111 @@ def why(store: Store, row_id: str, console: Console) -> None:
     if run:
         parts.append(Text(f"written by run {run[0]} ({run[1]} {' '.join(json.loads(run[2]))}, "
                           f"started {run[3]:%Y-%m-%d %H:%M:%S}, {run[4]})"))
-    console.print(Group(*parts))
+    return parts
+
+
+def _pair_lineage(con, pair_id: str) -> list | None:
+    """A preference pair (`chosen_id:rejected_id`): its stages, rule, margin and both samples."""
+    chosen_id, _, rejected_id = pair_id.partition(":")
+    rows = con.execute("SELECT h.stage, h.input_id, h.rule, h.margin, h.run_id, s.name IS NOT NULL "
+                       "FROM synth.pair_history h LEFT JOIN synth.stages s ON s.name = h.stage AND s.run_id = h.run_id "
+                       "WHERE h.chosen_id = ? AND h.rejected_id = ? ORDER BY h.created_at", [chosen_id, rejected_id]
+                       ).fetchall() if rejected_id else []
+    if not rows:
+        return None
+    parts = [Text.assemble(("pair ", "bold"), pair_id, (" (a pairs stage's row)", "dim"))]
+    for stage, input_id, rule, margin, run_id, current in rows:
+        parts.append(Text(f"stage {stage} · input_id {input_id} · rule {rule}"
+                          + ("" if margin is None else f" · margin {margin:g}") + f" · run {run_id}"
+                          + ("" if current else " (an earlier run's pair)")))
+    for label, rid in (("chosen", chosen_id), ("rejected", rejected_id)):
+        text = fetch_one(con, "SELECT text FROM synth.completions WHERE id = ?", [rid])
+        parts.append(Panel(text[0] if text and text[0] is not None else "(no completion)",
+                           title=f"{label} · request {rid}", title_align="left"))
+        parts += _verdict_lines(_verdicts(con, rid))
+    parts.append(Text(f"each sample's lineage: synth why <store> {chosen_id} (or {rejected_id})", style="dim"))
+    return parts
+
+
+def _score_lineage(con, score_id: str) -> list | None:
+    """A sequence a score stage had its teacher score: which row, which stage, how many tokens, top-k."""
+    if not _has_relation(con, "synth", "scores"):  # a store from before migration 13
+        return None
+    rows = con.execute("SELECT s.stage, s.id, s.tokens_from, len(t.token_ids), t.tokenizer "
+                       "FROM synth.scores s LEFT JOIN synth.token_logprobs t ON t.id = s.score_id "
+                       "WHERE s.score_id = ? ORDER BY s.stage", [score_id]).fetchall()
+    if not rows:
+        return None
+    parts = [Text.assemble(("scored sequence ", "bold"), score_id, (" (a score stage's score_id)", "dim"))]
+    for stage, row_id, tokens_from, tokens, tokenizer in rows:
+        state = f"{tokens} tokens scored (tokenizer {tokenizer})" if tokens is not None else "not scored yet"
+        parts.append(Text(f"stage {stage} · the completion of {row_id} · its tokens from {tokens_from} · {state}"))
+    parts.append(Text(f"the sequence's own lineage: synth why <store> {rows[0][1]}", style="dim"))
+    return parts
+
+
+def _row_lineage(con, row_id: str) -> list | None:
+    """An input row (a load stage's table, or any row a filter judged): the row, the requests made from
+    it per stage with their verdicts, its pairs and evaluations."""
+    found = []
+    for (table,) in con.execute(
+            "SELECT t.table_name FROM information_schema.tables t JOIN information_schema.columns c ON "
+            "c.table_schema = t.table_schema AND c.table_name = t.table_name WHERE t.table_schema = 'main' AND "
+            "t.table_type = 'BASE TABLE' AND c.column_name = 'id' ORDER BY 1").fetchall():
+        found += [(table, r) for r in _rows_where(con, f"SELECT * FROM {quote_ident(table)} "
+                                                       "WHERE CAST(id AS VARCHAR) = ?", [row_id])]
+    verdicts, earlier = _verdicts(con, row_id), _earlier_verdicts(con, row_id)
+    requests = con.execute(
+        "SELECT g.stage, g.id, g.sample, g.parsed, c.id IS NOT NULL, "
+        "(SELECT string_agg(v.stage || ': ' || CASE WHEN v.passed THEN 'passed' ELSE 'failed' || "
+        "coalesce(' (' || v.reason || ')', '') END, ' · ' ORDER BY v.stage) FROM synth.verdicts v WHERE v.row_id = g.id) "
+        "FROM synth.generations g LEFT JOIN synth.completions c ON c.id = g.id WHERE g.input_id = ? "
+        "ORDER BY g.stage, g.sample, g.id", [row_id]).fetchall()
+    if not (found or verdicts or earlier or requests):
+        return None
+    where = ", ".join(sorted({t for t, _ in found})) or "no stage table (the rows it was judged in)"
+    parts = [Text.assemble(("input row ", "bold"), row_id, (f" (a row of {where})", "dim"))]
+    for table, row in found:
+        parts.append(Panel(_cell(row), title=f"row of {table}", title_align="left"))
+    parts += _verdict_lines(verdicts)
+    parts += _earlier_lines(earlier)
+    shown: dict[str, int] = {}
+    for stage, rid, sample, parsed, done, judged in requests:
+        shown[stage] = shown.get(stage, 0) + 1
+        if shown[stage] > ROW_REQUESTS_SHOWN:
+            continue
+        parts.append(Text(f"{stage} sample {sample} · request {rid} · "
+                          + (f"parsed {parsed}" if done else "no completion yet") + (f" · {judged}" if judged else "")))
+    for stage, n in shown.items():
+        if n > ROW_REQUESTS_SHOWN:
+            parts.append(Text(f"{stage}: and {n - ROW_REQUESTS_SHOWN} more requests", style="dim"))
+    for stage, n in con.execute("SELECT stage, count(*) FROM synth.pairs WHERE input_id = ? GROUP BY stage "
+                                "ORDER BY stage", [row_id]).fetchall():
+        parts.append(Text(f"{stage}: {n} preference pair{'' if n == 1 else 's'} from its samples"))
+    for stage, model, n, passed in con.execute(
+            "SELECT stage, model, count(*), count(*) FILTER (WHERE passed) FROM synth.evaluations "
+            "WHERE input_id = ? GROUP BY stage, model ORDER BY stage, model", [row_id]).fetchall():
+        parts.append(Text(f"evaluated in {stage}: {model} right {passed} of {n}"))
+    return parts
+
+
+ROW_REQUESTS_SHOWN = 12  # per stage, in `synth why` of an input row
+
+
+def _rows_where(con, sql: str, params: list) -> list[dict]:
+    cur = con.execute(sql, params)
+    columns = [d[0] for d in cur.description]
+    return [dict(zip(columns, r)) for r in cur.fetchall()]
+
+
+def _has_relation(con, schema: str, name: str) -> bool:
+    return bool(fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? "
+                               "AND table_name = ?", [schema, name])[0])
+
+
+def _verdicts(con, row_id: str) -> list[tuple]:
+    return con.execute("SELECT stage, passed, score, reason, details FROM synth.verdicts WHERE row_id = ? "
+                       "ORDER BY stage", [row_id]).fetchall()
 
 
 def _verdict_lines(verdicts: list[tuple]) -> list[Text]:

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import duckdb
 
-from synth.errors import StoreLocked, SynthError
+from synth.errors import one_line, StoreLocked, SynthError
 from synth.secrets import scrub
 
 DEFAULT_LOCK_TIMEOUT_S = 60.0
@@ -368,21 +368,6 @@ class Store:
         finally:
             os.close(fd)  # releases the flock; the file stays (its text names the last holder)
 
-    # ---- reads for users (synth.open(...).table(...)) -----------------------------------------
-
-    def sql(self, query: str, params: list | None = None):
-        """Run a query and return a pandas DataFrame."""
-        with self.read() as con:
-            return con.execute(query, params or []).df()
-
-    def table(self, name: str):
-        """A stage's output (or any table/view) as a pandas DataFrame."""
-        return self.sql(f"SELECT * FROM {quote_ident(name)}")
-
-    def arrow(self, query: str, params: list | None = None):
-        with self.read() as con:
-            return con.execute(query, params or []).to_arrow_table()
-
     def exists(self) -> bool:
         return self.path.exists()
 
@@ -470,6 +455,63 @@ class Store:
         with self.read() as con:
             return [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables "
                                               "WHERE table_schema = 'main' ORDER BY table_name").fetchall()]
+
+
+class StoreReader:
+    """A store opened for reading only: what `synth.open(path)` returns, for notebooks and scripts.
+
+        store = synth.open("pipeline.yaml")          # or the .duckdb file
+        store.table("solutions")                      # a stage's output as a pandas DataFrame
+        store.sql("select * from synth.runs where status = ?", ["ok"])   # any query, with parameters
+        store.arrow("select ...")                     # the same as a pyarrow Table
+        store.relations()                             # the stage outputs it holds
+
+    Every call opens a short read-only DuckDB connection and closes it, so a reader never blocks a
+    `synth run` writing to the same store (it waits at most one batch write for the file), and it
+    cannot change the store: a writing statement fails with one line (SynthError). It has none of
+    Store's write methods (runs, stage rows, migrations)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @property
+    def path(self) -> Path:
+        return self._store.path
+
+    def __repr__(self) -> str:
+        return f"synth store {self.path} (read-only)"
+
+    def exists(self) -> bool:
+        return self._store.exists()
+
+    def read(self):
+        """A read-only DuckDB connection (a context manager) for anything the methods below do not cover."""
+        return self._store.read()
+
+    def sql(self, query: str, params: list | None = None):
+        """Run a query (DuckDB SQL; `?` placeholders take `params`) and return a pandas DataFrame."""
+        return self._query(query, params, lambda rel: rel.df())
+
+    def arrow(self, query: str, params: list | None = None):
+        """Run a query and return a pyarrow Table."""
+        return self._query(query, params, lambda rel: rel.to_arrow_table())
+
+    def table(self, name: str):
+        """A stage's output (or any table or view, `synth.runs` say) as a pandas DataFrame."""
+        return self.sql("SELECT * FROM " + ".".join(quote_ident(part) for part in name.split(".", 1)))
+
+    def relations(self) -> list[str]:
+        """The stage outputs in the store (tables and views of the main schema), by name."""
+        return self._store.relations()
+
+    def _query(self, query: str, params: list | None, convert):
+        with self._store.read() as con:
+            try:
+                return convert(con.sql(query, params=params or None))
+            except duckdb.Error as exc:
+                hint = " (synth.open is read-only: stages write the store, `synth run` runs them)" \
+                    if "read-only" in str(exc) else ""
+                raise SynthError(f"{self.path}: query failed: {one_line(exc)}{hint}") from None
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:

@@ -124,6 +124,18 @@ def scripted_answers(p: float = 0.7, wrong: int = 2) -> list[dict]:
     ]
 
 
+def graded_pipeline(workspace, questions: int, p: float, samples: int, **stages: str):
+    """`questions` rows "Q<i>: what is it?" (gold i), `samples` solutions each from the scripted teacher (right
+    with probability p), graded by a verify stage; then `stages`."""
+    rows = [{"id": f"q{i}", "question": f"Q{i}: what is it?", "gold": str(i)} for i in range(questions)]
+    return make_pipeline(workspace, files={"questions.jsonl": rows},
+                         teachers={"scripted": echo_teacher(scripted_answers(p=p), model="scripted")}, stages={
+        "problems": "kind: load, path: questions.jsonl",
+        "solutions": f"kind: generate, input: problems, teacher: scripted, prompt: solve, samples: {samples}, "
+                     "params: {temperature: 1.0, max_tokens: 16, seed: 0}",
+        "graded": "kind: verify, input: solutions, method: math, answer: answer, reference: gold", **stages})
+
+
 def synth_run(pipeline: Path, targets: list[str] | None = None, **kwargs) -> dict:
     """`synth run` in this process (synth.run), quiet unless a console is given: the run's counts."""
     import synth as synth_api

@@ -41,6 +41,7 @@ def layer(module: str) -> int:
 # (importing module, imported module) pairs allowed inside a function, each with its reason.
 LAZY = {
     ("synth", "synth.inspection"): "`import synth` stays cheap: synth.open imports the store's reader on use",
+    ("synth", "synth.store"): "`import synth` stays cheap: synth.open wraps the store in its reader on use",
     ("synth", "synth.pipeline"): "`import synth` stays cheap (synth.load / synth.run)",
     ("synth", "synth.graph"): "`import synth` stays cheap (synth.run)",
     ("synth.teachers", "synth.teachers.hf"): "a backend imports its heavy client (torch, transformers) on use",

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from rich.console import Console
 
-from conftest import echo_teacher, make_pipeline, query, scripted_answers, synth_run, write
+from conftest import echo_teacher, graded_pipeline, make_pipeline, query, synth_run, write
 from synth.context import RunContext
 from synth.stages import pairs
 from synth.errors import SynthError
@@ -121,18 +121,6 @@ def test_pairs_config_errors(workspace, stage, must):
     assert must in message, message
 
 
-def graded_pipeline(workspace, questions: int, p: float, samples: int, **stages: str):
-    """`questions` rows "Q<i>: what is it?" (gold i), `samples` solutions each from the scripted teacher (right
-    with probability p), graded by a verify stage; then `stages`."""
-    rows = [{"id": f"q{i}", "question": f"Q{i}: what is it?", "gold": str(i)} for i in range(questions)]
-    return make_pipeline(workspace, files={"questions.jsonl": rows},
-                         teachers={"scripted": echo_teacher(scripted_answers(p=p), model="scripted")}, stages={
-        "problems": "kind: load, path: questions.jsonl",
-        "solutions": f"kind: generate, input: problems, teacher: scripted, prompt: solve, samples: {samples}, "
-                     "params: {temperature: 1.0, max_tokens: 16, seed: 0}",
-        "graded": "kind: verify, input: solutions, method: math, answer: answer, reference: gold", **stages})
-
-
 def test_dpo_export_from_verified_pairs(workspace):
     """Scripted teacher samples -> verify -> pairs -> export dpo in TRL's conversational preference
     format; the chosen answer is right and the rejected one wrong."""
@@ -149,6 +137,26 @@ def test_dpo_export_from_verified_pairs(workspace):
         q = r["prompt"][1]["content"].split(":")[0][1:]
         assert f"\\boxed{{{q}}}" in r["chosen"][0]["content"]
         assert f"\\boxed{{{q}}}" not in r["rejected"][0]["content"]
+
+
+def test_first_difference_on_one_line_answers_warns(workspace):
+    """The scripted teacher answers in one line: rejected: first_difference cannot cut anything there, and
+    a user must hear that DPO ran on whole answers (the stage records how many it cut)."""
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    synth_run(graded_pipeline(workspace, questions=10, p=0.5, samples=4,
+                              prefs="kind: pairs, input: solutions, by: graded, max_per_input: 2",
+                              dpo="kind: export, input: prefs, format: dpo, path: out/dpo.parquet, "
+                                  "rejected: first_difference"),
+              console=Console(file=out, width=400))
+    pairs_made = query(workspace / "out" / "run.duckdb", "SELECT count(*) FROM prefs")[0][0]
+    detail = json.loads(query(workspace / "out" / "run.duckdb",
+                              "SELECT detail FROM synth.stages WHERE name = 'dpo'")[0][0])
+    assert pairs_made > 0 and detail["cut"] == 0
+    assert f"rejected: first_difference cut only 0 of {pairs_made} rejected answers" in out.getvalue()
 
 
 def test_export_targets_hf_dataset_card_and_sidecar(workspace):

@@ -63,7 +63,10 @@ stages:
            params: {{temperature: 0.0, max_tokens: 8}},
            verify: {{answer: answer, reference: gold, method: math}}}}
 """)
-        synth("run", pipeline, timeout=900, check=True)
+        ran = synth("run", pipeline, timeout=900, check=True)
+        # a user reads this: no library's FutureWarning/UserWarning (a DPO run printed one under newer,
+        # unlocked packages; the lock file pins versions that do not)
+        assert "Warning" not in ran.stderr, ran.stderr
         store = workspace / "out" / "run.duckdb"
         states = dict(query(store, "SELECT name, detail FROM synth.stages WHERE kind = 'train'"))
         sft, dpo = json.loads(states["sft"]), json.loads(states["dpo"])

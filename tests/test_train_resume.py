@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,22 +45,26 @@ stages:
 """)
 
 
-def _recipe(workspace: Path, lr: str) -> None:
-    write(workspace / "train" / "sft.yaml", RECIPE.format(max_steps=MAX_STEPS, lr=lr))
+def _recipe(workspace: Path, lr: str, max_steps: int = MAX_STEPS) -> None:
+    write(workspace / "train" / "sft.yaml", RECIPE.format(max_steps=max_steps, lr=lr))
 
 
-def _run_and_kill(pipeline: Path, attempt: Path, timeout: float = 180) -> tuple[int, str]:
-    """`synth run` until it has written a complete checkpoint, then SIGKILL it. Returns the step of
-    the newest complete checkpoint at the kill and the run's stderr."""
+def _run_and_kill(pipeline: Path, attempt: Path, timeout: float = 180, while_running=None) -> tuple[int, str]:
+    """`synth run` until it has written a complete checkpoint, then SIGKILL it (after calling
+    while_running(), if given: the run is training). Returns the step of the newest complete checkpoint at
+    the kill and the run's stderr. The train stage writes its log rows at every logging step here."""
     err = pipeline.parent / f"stderr-{time.monotonic_ns()}.txt"
     started = time.time()
     with open(err, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "synth.cli", "run", str(pipeline)], stdout=subprocess.DEVNULL,
-                                stderr=fh, env=cli_env(OMP_NUM_THREADS="1"), start_new_session=True)
+                                stderr=fh, env=cli_env(OMP_NUM_THREADS="1", SYNTH_TRAIN_LOG_FLUSH_S="0"),
+                                start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if _written_since(attempt, started):
+                if while_running is not None:
+                    while_running()
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 break
@@ -93,10 +98,22 @@ def test_killed_training_resumes_and_a_new_recipe_starts_over(workspace, tiny_mo
     models = workspace / "out" / "models"
     attempt = models / "sft-attempt"
 
-    # 1. killed mid-training: the checkpoints stay in the stage's attempt directory
-    _recipe(workspace, "0.001")
-    step1, _ = _run_and_kill(pipeline, attempt)
-    assert 0 < step1 < MAX_STEPS
+    # 1. killed mid-training: the checkpoints stay in the stage's attempt directory. Long enough that the
+    # CLI calls made while it trains finish before it does
+    _recipe(workspace, "0.001", max_steps=10 * MAX_STEPS)
+    seen = {}
+
+    def while_running() -> None:
+        """While it trains, a user sees it running and can query its loss so far."""
+        seen["status"] = synth("status", pipeline, check=True).stdout
+        out = synth("sql", pipeline, "SELECT step, loss FROM sft WHERE loss IS NOT NULL ORDER BY step", "--format",
+                    "json", check=True).stdout  # the CLI (its reads wait out the run's short writes)
+        seen["losses"] = [(r["step"], r["loss"]) for r in map(json.loads, out.splitlines())]
+
+    step1, _ = _run_and_kill(pipeline, attempt, while_running=while_running)
+    assert re.search(r"\bsft\s*│\s*train\s*│\s*running\b", seen["status"]), seen["status"]
+    assert len(seen["losses"]) >= step1 and [s for s, _ in seen["losses"]][:step1] == list(range(1, step1 + 1))
+    assert 0 < step1 < 10 * MAX_STEPS
     first = json.loads((attempt / "attempt.json").read_text())
     marker = attempt / "checkpoints" / f"checkpoint-{step1}" / "marker"
     marker.write_text("from the first recipe")

@@ -61,6 +61,11 @@ def dpo_record(pair_id: str, prompt: list[dict], chosen: str, rejected: str, *, 
             "rejected": [{"role": "assistant", "content": rejected}]}
 
 
+# rejected: first_difference warns when it cut fewer than this share of the rejected answers: the rest
+# differ from their chosen answer on the first line, where a cut changes nothing (one-line answers)
+CUT_WARNING_SHARE = 0.5
+
+
 def first_difference(chosen: str, rejected: str) -> str:
     """The rejected answer up to and including its first line that differs from the chosen answer.
 
@@ -80,6 +85,7 @@ def run(ctx: RunContext, name: str) -> dict:
     graph = ctx.graph
     stage: ExportStage = graph.stage(name)
     out = graph.resolve(stage.path)
+    detail: dict = {}  # recorded with the stage (dpo with first_difference: how many rejected answers were cut)
     if stage.format == "dpo":
         with ctx.store.read() as con:
             rows = con.execute(
@@ -89,6 +95,15 @@ def run(ctx: RunContext, name: str) -> dict:
         cut = first_difference if stage.rejected == "first_difference" else (lambda _, rejected: rejected)
         records = [dpo_record(rid, json.loads(msgs), chosen, cut(chosen, rejected), system=stage.system,
                               few_shot=stage.few_shot) for rid, msgs, chosen, rejected in rows]
+        if stage.rejected == "first_difference":
+            detail["cut"] = sum(1 for (*_, rejected), rec in zip(rows, records)
+                                if rec["rejected"][0]["content"] != rejected)
+            if records and detail["cut"] < CUT_WARNING_SHARE * len(records):
+                ctx.console.print(
+                    f"  [bold yellow]{name}: warning: rejected: first_difference cut only {detail['cut']} of "
+                    f"{len(records)} rejected answers: the others differ from their chosen answer on their first "
+                    "line (one-line answers, say), so DPO sees them whole. Have the template ask for a step per "
+                    "line, or set rejected: whole to say so[/bold yellow]", highlight=False)
     elif stage.format == "kd":
         records = kd_records(ctx, name)
     elif stage.prompt:  # a dataset's own rows: the template renders the prompt, a column is the response
@@ -124,7 +139,7 @@ def run(ctx: RunContext, name: str) -> dict:
             reader = "read_parquet" if out.suffix == ".parquet" else "read_json_auto"
             source = f"{reader}({sql_str(str(out))})"
         Store.replace_view(con, name, f"SELECT * FROM {source}")
-        ctx.record(con, name, "done", len(records), path=str(out))
+        ctx.record(con, name, "done", len(records), path=str(out), **detail)
         filters = [n for n in graph.upstream([name]) if graph.kind(n).verdicts]
         reasons = top_rejections(con, filters) if not records else ""
     if not records:
@@ -133,7 +148,7 @@ def run(ctx: RunContext, name: str) -> dict:
                              f"its input '{stage.input}' has no rows; ")
                           + "a train stage on it would fail. `synth stats` shows the funnel[/bold yellow]",
                           highlight=False)
-    return {"rows": len(records), "path": str(out)}
+    return {"rows": len(records), "path": str(out), **detail}
 
 
 def kd_records(ctx: RunContext, name: str) -> list[dict]:

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Mapping
 
@@ -212,10 +213,10 @@ def run(ctx: RunContext, name: str) -> dict:
     attempt = models / f"{name}-attempt"
     key = content_hash({"fingerprint": ctx.fingerprint(name), "data": _file_hash(data), "base": str(base),
                         "method": stage.method})
-    log: list[dict] = []
+    live = LiveLog(ctx, name)
 
     def on_log(step: int, logs: dict) -> None:
-        log.append({"step": step, **logs})
+        live.add({"step": step, **logs})
         if "loss" in logs:
             console.print(f"  {name}: step {step} loss {logs['loss']:.4f}", highlight=False)
 
@@ -240,28 +241,76 @@ def run(ctx: RunContext, name: str) -> dict:
             shutil.rmtree(out)  # a half-written attempt of this very run
         _remove_leftovers(models, name, out)
         console.print(f"  {name}: {stage.method} on {data.name} from {base}")
+        live.start()
         result = train.train(stage.method, data, base, recipe, out, init=None, on_log=on_log,
                              checkpoint_dir=attempt / "checkpoints", resume=resume, on_resume=on_resume)
-        rows = [r for r in (result.get("log") or log) if "step" in r]
-        table = pa.table({
-            "stage": [name] * len(rows), "run_id": [run_id] * len(rows),
-            "step": pa.array([int(r["step"]) for r in rows], pa.int32()),
-            "loss": pa.array([r.get("loss") for r in rows], pa.float64()),
-            "logs": [json.dumps(r, default=str) for r in rows], "created_at": [now()] * len(rows)})
         summary = {k: result.get(k) for k in ("steps", "resumed_from", "train_loss", "seconds", "tokens_per_s",
                                               "peak_memory_mb", "readiness", "loss_mask")}
+        rows = live.finish(result.get("log") or [])
         with ctx.store.write() as con:
-            # history: earlier runs' logs stay; synth.train_logs shows this run's once the stage is recorded
-            Store.insert_arrow(con, "synth.train_log_history", table, mode="")
-            Store.replace_view(con, name, f"SELECT step, loss, logs FROM synth.train_logs WHERE stage = {sql_str(name)} "
-                                          "ORDER BY step")
-            ctx.record(con, name, "done", len(rows), model_dir=str(model_dir), **summary)
+            live.flush(con)  # what is left: the last steps, and a resumed run's earlier steps under this run
+            ctx.record(con, name, "done", rows, model_dir=str(model_dir), **summary)
         ctx.set_trained(name, str(model_dir))  # the stage's model is the teacher under its name from now on
         shutil.rmtree(attempt, ignore_errors=True)  # the model is recorded: nothing left to resume
     resumed = f" (resumed from step {result['resumed_from']})" if result.get("resumed_from") is not None else ""
-    console.print(f"  {name}: {result.get('steps')} steps{resumed} · train loss {result.get('train_loss')} · "
-                  f"model {model_dir}")
-    return {"rows": len(rows), "model_dir": str(model_dir), **summary}
+    last = next((r["loss"] for r in reversed(result.get("log") or []) if r.get("loss") is not None), None)
+    console.print(f"  {name}: {result.get('steps')} steps{resumed} · mean train loss over the run "
+                  f"{_number(result.get('train_loss'))} · last logged loss {_number(last)} · model {model_dir}",
+                  highlight=False)
+    return {"rows": rows, "model_dir": str(model_dir), **summary}
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+# a running train stage writes its log rows to the store at most this often (seconds)
+LOG_FLUSH_S = float(os.environ.get("SYNTH_TRAIN_LOG_FLUSH_S", "10"))
+
+
+class LiveLog:
+    """A train stage's log rows in the store while it trains: at the start the stage is recorded as
+    running and its view is created (`select step, loss from <stage>` answers from the first flush on,
+    `synth status` says running); rows are appended to synth.train_log_history under this run as they
+    come, at most every LOG_FLUSH_S seconds (a write is a DuckDB connection: not one per step); at the
+    end the rest are written in the transaction that records the stage done. A resumed run's earlier
+    steps (restored from the checkpoint, not logged again) are written under this run too, so that the
+    stage's view shows the whole curve."""
+
+    def __init__(self, ctx: RunContext, name: str) -> None:
+        self.ctx, self.name = ctx, name
+        self.pending: list[dict] = []
+        self.live = 0  # rows that came through add() (the tail of the trainer's full log)
+        self.last_flush = 0.0
+
+    def start(self) -> None:
+        with self.ctx.store.write(threads=1) as con:
+            Store.replace_view(con, self.name, f"SELECT step, loss, logs FROM synth.train_logs WHERE stage = "
+                                               f"{sql_str(self.name)} ORDER BY step")
+            self.ctx.record(con, self.name, "running", 0)
+        self.last_flush = time.monotonic()
+
+    def add(self, row: dict) -> None:
+        self.pending.append(row)
+        self.live += 1
+        if time.monotonic() - self.last_flush >= LOG_FLUSH_S:
+            with self.ctx.store.write(threads=1) as con:
+                self.flush(con)
+
+    def finish(self, full_log: list[dict]) -> int:
+        """The rows not written live (a resumed run's restored steps) join the pending ones; the total."""
+        restored = [r for r in full_log[: max(len(full_log) - self.live, 0)] if "step" in r]
+        self.pending = restored + self.pending
+        return len(restored) + self.live
+
+    def flush(self, con) -> None:
+        rows, self.pending = self.pending, []
+        self.last_flush = time.monotonic()
+        Store.insert_arrow(con, "synth.train_log_history", pa.table({
+            "stage": [self.name] * len(rows), "run_id": [self.ctx.run_id] * len(rows),
+            "step": pa.array([int(r["step"]) for r in rows], pa.int32()),
+            "loss": pa.array([r.get("loss") for r in rows], pa.float64()),
+            "logs": [json.dumps(r, default=str) for r in rows], "created_at": [now()] * len(rows)}), mode="")
 
 
 KIND = Kind(
