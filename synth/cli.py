@@ -135,9 +135,11 @@ PIPELINE = click.argument("pipeline", type=click.Path(path_type=Path))
 @PIPELINE
 @click.argument("stages", nargs=-1)
 @click.option("--force", is_flag=True, help="Run the named stages even if they are up to date.")
+@click.option("--only", is_flag=True, help="Run the named stages alone, not the stale stages they read: refused "
+                                           "(naming it) when one of those is stale.")
 @click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), default=None, metavar="USD",
               help="Stop generating (resumably) once this run has spent this much at the teachers' prices.")
-def run(pipeline: Path, stages: tuple[str, ...], force: bool, max_cost: float | None) -> None:
+def run(pipeline: Path, stages: tuple[str, ...], force: bool, only: bool, max_cost: float | None) -> None:
     """Run the stale stages of PIPELINE (or the named STAGES and what they read), in DAG order."""
     from synth.pipeline import load_pipeline, run as run_pipeline
 
@@ -145,7 +147,7 @@ def run(pipeline: Path, stages: tuple[str, ...], force: bool, max_cost: float | 
     _show_progress_logs()
     _sigterm_as_interrupt()
     counts = run_pipeline(p, list(stages) or None, force=force, argv=sys.argv[1:], console=_err_console(),
-                          max_cost=max_cost)
+                          max_cost=max_cost, only=only)
     click.echo(f"run {counts['run_id']}: {len(counts['stages_run'])} stages run, {counts['sent']} requests sent, "
                f"{counts['cached']} cached, {counts['errors']} errors", err=True)
     if counts.get("stopped_at_budget"):

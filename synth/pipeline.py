@@ -108,15 +108,19 @@ def plan(graph: Graph, targets: list[str] | None = None) -> list[dict]:
 
 
 def run(graph: Graph, targets: list[str] | None = None, *, force: bool = False, argv: list[str] | None = None,
-        console: Console | None = None, max_cost: float | None = None) -> dict:
-    """Run every stale stage among the targets (default: all) and their upstream, in DAG order.
+        console: Console | None = None, max_cost: float | None = None, only: bool = False) -> dict:
+    """Run every stale stage among the targets (default: all) and their upstream, in DAG order; with
+    `only`, the targets alone (with their companions), refusing when an input they read is stale.
     Records one run row. Returns the run's counts. Holds the store's writer lock throughout (one run per
     store at a time). Everything checkable is checked before anything is written."""
     console = console or Console(stderr=True)
     for t in targets or []:
         if t not in graph.spec.stages:
             raise SynthError(f"{graph.path}: no stage named {t!r} (stages: {', '.join(graph.order)})")
-    names = graph.upstream(targets) if targets else graph.order
+    if only:
+        names = only_stages(graph, targets or [])
+    else:
+        names = graph.upstream(targets) if targets else graph.order
     preflight(graph, names, console, targets, force)
     run_budget = None
     if max_cost is not None:
@@ -131,6 +135,24 @@ def run(graph: Graph, targets: list[str] | None = None, *, force: bool = False, 
                                        graph.spec.model_dump(mode="json"))
         ctx = RunContext(graph, run_id, console, trained_models(graph.store.stage_states()), run_budget)
         return _run_stages(ctx, names, targets, force)
+
+
+def only_stages(graph: Graph, targets: list[str]) -> list[str]:
+    """`synth run p.yaml STAGE --only`: the targets and their companions (an evaluate stage's model
+    generations, a judge's critic calls: part of the stage), in DAG order — provided every other stage
+    they read is fresh; else one line naming the first stale input and why."""
+    if not targets:
+        raise SynthError(f"{graph.path}: --only runs the named stages alone; name them (synth run {graph.path.name} "
+                         "STAGE --only)")
+    own = {n for t in targets for n in (t, *graph.companions.get(t, ()))}
+    statuses = staleness(graph)
+    for name in [n for n in graph.order if n in own]:
+        for inp in graph.inputs[name]:
+            if inp not in own and statuses[inp].stale:
+                owner = graph.owner_of.get(name, name)
+                raise SynthError(f"{graph.where(owner)}: --only: its input '{inp}' is stale ({statuses[inp].reason}); "
+                                 f"run it first (synth run {graph.path.name} {inp}) or drop --only")
+    return [n for n in graph.order if n in own]
 
 
 def preflight(graph: Graph, names: list[str], console: Console, targets: list[str] | None = None,

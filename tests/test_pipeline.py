@@ -216,3 +216,34 @@ def test_load_hf_dataset_dir(workspace, tiny_model):
     path = write(workspace / "p.yaml", make_pipeline(workspace, tiny_model).read_text().replace("seeds.jsonl", "seeds_ds"))
     synth("run", path, "problems", check=True)
     assert query(workspace / "out" / "run.duckdb", "SELECT count(*) FROM problems")[0][0] == len(SEEDS)
+
+
+def test_run_only_runs_the_named_stage_alone(workspace):
+    """`synth run p.yaml STAGE --only`: refused (one line, exit 2, nothing written) while a stage it reads is
+    stale; once its inputs are fresh it runs that stage alone — an evaluate stage with its model
+    generations — and never the stale stages beside it."""
+    from conftest import graded_pipeline
+
+    pipeline = graded_pipeline(workspace, questions=4, p=0.5, samples=2,
+                               voted="kind: vote, input: solutions, answer: answer",
+                               ev="kind: evaluate, input: problems, models: [scripted], prompt: solve, "
+                                  "verify: {answer: answer, reference: gold, method: math}")
+    store = workspace / "out" / "run.duckdb"
+    refused = synth("run", pipeline, "graded", "--only")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "stage 'graded': --only: its input 'solutions' is stale (never run); run it first (synth run " \
+           "pipeline.yaml solutions) or drop --only" in refused.stderr
+    assert not store.exists()
+    nameless = synth("run", pipeline, "--only")
+    assert nameless.returncode == 2 and "--only runs the named stages alone; name them" in nameless.stderr
+
+    synth("run", pipeline, "solutions", check=True)
+    synth("run", pipeline, "graded", "--only", check=True)
+    assert last_run(store)["stages_run"] == ["graded"]
+    synth("run", pipeline, "ev", "--only", check=True)
+    ran = last_run(store)["stages_run"]
+    assert ran[-1] == "ev" and len(ran) == 2 and ran[0].startswith("ev_")  # its model's generations, then it
+    states = dict(query(store, "SELECT name, status FROM synth.stages"))
+    assert "voted" not in states  # stale all along, never run
+    again = synth("run", pipeline, "graded", "--only", check=True)
+    assert "graded: up to date" in again.stderr
