@@ -189,6 +189,80 @@ def demo(target: Path) -> None:
 
 
 @main.command()
+@click.argument("spec", required=False, type=click.Path(path_type=Path))
+@click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path),
+              help="A file the tokenizer learns from (rows: every string value; .txt: lines). Repeatable.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("models"), show_default=True,
+              help="Where the model dir goes (without a SPEC).")
+@click.option("--name", default="student-init", show_default=True, help="The model dir's name (without a SPEC).")
+@click.option("--hidden", type=int, default=64, show_default=True)
+@click.option("--layers", type=int, default=2, show_default=True)
+@click.option("--heads", type=int, default=4, show_default=True)
+@click.option("--vocab-size", type=int, default=800, show_default=True)
+@click.option("--split-digits", is_flag=True, help="Every digit its own token (arithmetic tasks).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def models(spec: Path | None, texts: tuple[Path, ...], out: Path, name: str, hidden: int, layers: int, heads: int,
+           vocab_size: int, split_digits: bool, seed: int) -> None:
+    """Build small random-init models (Llama-shaped) with a tokenizer trained on your own files: the models a
+    SPEC file (models.yaml: text, models {name: {hidden, layers, heads}}, ...) names, or one from the flags.
+    A model already built from the same spec and text is kept (nothing to do the second time)."""
+    from synth.errors import SynthError
+    from synth.tiny import ModelShape, build_from_spec, build_models, corpus_of
+
+    console = _err_console()
+    if spec is not None:
+        if texts:
+            raise SynthError("synth models: give a SPEC file or --text files with the flags, not both")
+        loaded, built = build_from_spec(spec, console)
+        names = list(loaded.models)
+    else:
+        if not texts:
+            raise SynthError("synth models: give a SPEC file (models.yaml) or --text FILE (the text the tokenizer "
+                             "learns) with the model's flags")
+        try:
+            shape = ModelShape(hidden=hidden, layers=layers, heads=heads).model_dump()
+        except ValueError as exc:
+            raise SynthError(f"synth models: {exc.errors()[0]['msg']}") from None
+        built = build_models(out, corpus_of(texts), {name: shape}, vocab_size=vocab_size, split_digits=split_digits,
+                             seed=seed, console=console)
+        names = [name]
+    click.echo(f"{len(built)} of {len(names)} models built ({', '.join(names)}); the others were up to date",
+               err=True)
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--seeds", required=True, type=click.Path(path_type=Path), help="The rows the teacher answers.")
+@click.option("--heldout", type=click.Path(path_type=Path), default=None,
+              help="Rows nobody trains on: adds an evaluate stage of teacher and student.")
+@click.option("--question", default=None, help="The column that is the question (default: guessed).")
+@click.option("--answer", default=None, help="The column with the reference answer (default: guessed; none: a vote).")
+@click.option("--teacher", default=None, metavar="hf:PATH|vllm:PATH|openai:MODEL|echo",
+              help="The teacher (default: openai:gpt-4o-mini; with --gold, a model built by `synth models`).")
+@click.option("--student", default=None, help="The student's starting model: a dir or a hub id (default: "
+                                              "models/student-init, built by `synth models DIR/models.yaml`).")
+@click.option("--gold", type=click.Path(path_type=Path), default=None,
+              help="Rows with full solutions: synth first trains the teacher on them, as the demo does.")
+@click.option("--solution", default="solution", show_default=True, help="The --gold rows' solution column.")
+@click.option("--force", is_flag=True, help="Overwrite files already in TARGET.")
+def new(target: Path, seeds: Path, heldout: Path | None, question: str | None, answer: str | None,
+        teacher: str | None, student: str | None, gold: Path | None, solution: str, force: bool) -> None:
+    """Start a workspace for your own task in TARGET: a pipeline (seed rows → teacher samples → verify or vote →
+    keep → SFT export → student; evaluate with --heldout), a prompt template, training recipes and, for
+    random-init models, a models.yaml for `synth models`. Then: synth models TARGET/models.yaml (if written),
+    synth plan / run / report TARGET/pipeline.yaml."""
+    from synth.scaffold import new_workspace
+
+    written = new_workspace(target, seeds, heldout=heldout, question=question, answer=answer, teacher=teacher,
+                            student=student, gold=gold, solution=solution, force=force)
+    for path in written:
+        click.echo(f"wrote {path}", err=True)
+    steps = ([f"synth models {target / 'models.yaml'}"] if any(p.name == "models.yaml" for p in written) else []) + \
+        [f"synth plan {target / 'pipeline.yaml'}", f"synth run {target / 'pipeline.yaml'}"]
+    click.echo("next: " + " && ".join(steps), err=True)
+
+
+@main.command()
 @PIPELINE
 @click.argument("stages", nargs=-1)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
@@ -312,6 +386,76 @@ def why(target: Path, row_id: str) -> None:
     from synth.inspection import store_for, why as show_why
 
     show_why(store_for(target), row_id, _console())
+
+
+# ---- exploring a store, read-only (synth/explore.py): sample, grep, diff -----------------------------
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("stage")
+@click.option("-n", "n", type=click.IntRange(min=0), default=5, show_default=True, help="How many rows.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Another seed, other rows; the same seed, the same rows (ordered by md5 of id and seed).")
+@click.option("--reason", default=None, metavar="R",
+              help="Only rows a filter rejected with reason R (duplicate_of also matches duplicate_of:<id>).")
+@click.option("--filter", "filter_stage", default=None, metavar="F",
+              help="Only rows the filter stage F judged (with --reason: that F rejected).")
+@click.option("--failed", is_flag=True, help="Only rows that failed --filter F.")
+@click.option("--passed", is_flag=True, help="Only rows that passed --filter F.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def sample(target: Path, stage: str, n: int, seed: int, reason: str | None, filter_stage: str | None,
+           failed: bool, passed: bool, fmt: str) -> None:
+    """N random rows of STAGE's output, each with its verdicts, reproducibly (--seed); optionally only the
+    rows a filter rejected with a reason, or that failed or passed a filter. Says how many rows matched."""
+    from synth.explore import print_sample, sample_rows
+    from synth.inspection import store_for
+
+    result = sample_rows(store_for(target), stage, n=n, seed=seed, reason=reason, filter_stage=filter_stage,
+                         failed=failed, passed=passed)
+    print_sample(result, _console(), fmt, err=_err_console())
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("pattern")
+@click.option("--stage", default=None, help="Search only this stage (a generate or load stage).")
+@click.option("-n", "n", type=click.IntRange(min=0), default=20, show_default=True, help="How many hits to print.")
+@click.option("--regex", is_flag=True, help="PATTERN is a regular expression (DuckDB's RE2 syntax).")
+@click.option("--case-sensitive", is_flag=True, help="Match case (by default case is ignored).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def grep(target: Path, pattern: str, stage: str | None, n: int, regex: bool, case_sensitive: bool, fmt: str) -> None:
+    """Search the store's texts for PATTERN: generate stages' completions (and reasoning), the prompts they
+    rendered, and load stages' text columns. Per hit: stage, id, where, and a snippet around the match."""
+    from synth.explore import grep_hits, print_grep
+    from synth.inspection import store_for
+
+    result = grep_hits(store_for(target), pattern, stage=stage, n=n, regex=regex, case_sensitive=case_sensitive)
+    print_grep(result, _console(), fmt, err=_err_console())
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("a")
+@click.argument("b", required=False)
+@click.option("--runs", default=None, metavar="R1,R2",
+              help="Compare stage A across two runs (ids from synth.runs, or unique prefixes) instead of two stages.")
+@click.option("-n", "n", type=click.IntRange(min=0), default=5, show_default=True,
+              help="How many changed rows to show.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def diff(target: Path, a: str, b: str | None, runs: str | None, n: int, fmt: str) -> None:
+    """Compare two stages A and B (two filter stages: pass rates, rejection reasons; two generate stages:
+    completions, parsed answers, tokens), or one stage A across two runs (--runs R1,R2: a filter, evaluate
+    or pairs stage); then rows only in one, in both, and the rows that changed, both sides shown."""
+    from synth.errors import SynthError
+    from synth.explore import diff_runs, diff_stages, print_diff
+    from synth.inspection import store_for
+
+    if (b is None) == (runs is None):
+        raise SynthError("synth diff: give two stages (synth diff TARGET A B) or one stage and two runs "
+                         "(synth diff TARGET STAGE --runs R1,R2)")
+    store = store_for(target)
+    result = diff_runs(store, a, runs, n) if runs is not None else diff_stages(store, a, b, n)
+    print_diff(result, _console(), fmt)
 
 
 if __name__ == "__main__":

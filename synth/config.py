@@ -259,6 +259,16 @@ class EvaluateStage(_Stage):
     verify: EvalVerify
 
 
+class FailuresStage(_Stage):
+    """The rows an evaluate stage's model got wrong, as rows a generate stage can read (the failure-mining
+    loop: generate targeted data on what the student failed). Its rows are the evaluate stage's input rows."""
+    kind: Literal["failures"]
+    input: str = Field(description="an evaluate stage")
+    model: str = Field(description="one of the evaluate stage's models")
+    failed: Literal["all", "any"] = Field("all", description="with samples > 1: a row is a failure when every "
+                                          "output of the model on it failed (all) or at least one did (any)")
+
+
 class TrainStage(_Stage):
     """Fine-tune a student with TRL on an export stage's file; the result is usable as a teacher by
     this stage's name (`teacher: sft`)."""
@@ -278,7 +288,8 @@ class TrainStage(_Stage):
 
 # A stage kind's config model is listed here once; each has its module in synth/stages (KINDS there).
 Stage = Annotated[Union[LoadStage, GenerateStage, ScoreStage, ExportStage, VerifyStage, VoteStage, JudgeStage,
-                        DedupStage, DecontaminateStage, FilterStage, KeepStage, PairsStage, EvaluateStage, TrainStage],
+                        DedupStage, DecontaminateStage, FilterStage, KeepStage, PairsStage, EvaluateStage, FailuresStage,
+                        TrainStage],
                   Field(discriminator="kind")]
 # kind -> its config model, read from the union (as TEACHER_MODELS below)
 STAGE_MODELS = {get_args(model.model_fields["kind"].annotation)[0]: model for model in get_args(get_args(Stage)[0])}
@@ -289,11 +300,31 @@ TEACHER_MODELS = {backend: model for model in get_args(get_args(TeacherConfig)[0
                   for backend in get_args(model.model_fields["backend"].annotation)}
 
 
+class RoundStop(BaseModel):
+    """Stop repeating when a round's model gains less than `min_gain` (accuracy points) on an evaluate
+    stage of the block over the round before (round 0: the stages of the same names outside the block)."""
+    model_config = ConfigDict(extra="forbid")
+    evaluate: str = Field(description="an evaluate stage of the block")
+    model: str = Field(description="the model it evaluates: a train stage of the block")
+    min_gain: float = Field(description="accuracy points (0-100): a round gaining less ends the repetition")
+
+
+class Rounds(BaseModel):
+    """A block of stages repeated `count` times after the pipeline's own stages (round 0): round r's copy of
+    stage X is X_r<r>. Inside the block a name of a block stage means this round's; `prev.X` means the
+    round before's (round 1: the stage X outside the block); any other name, the stage outside."""
+    model_config = ConfigDict(extra="forbid")
+    count: int = Field(ge=1, le=50)
+    stop: RoundStop | None = None
+    stages: dict[str, Stage] = Field(min_length=1)
+
+
 class PipelineFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     store: str | None = None
     teachers: dict[str, TeacherConfig] = Field(default_factory=dict)
     stages: dict[str, Stage] = Field(min_length=1)
+    rounds: Rounds | None = None
 
 
 def read_pipeline_file(path: Path) -> PipelineFile:
@@ -305,8 +336,11 @@ def read_pipeline_file(path: Path) -> PipelineFile:
     text, data = load_yaml_file(path, "a pipeline file")
     if not isinstance(data, dict):
         raise SynthError(f"{path}: a pipeline file is a mapping with a `stages:` key")
-    for name in (data.get("stages") or {}) if isinstance(data.get("stages"), dict) else {}:
-        line = line_of(text, ["stages", str(name)])
+    block = data.get("rounds", {}).get("stages") if isinstance(data.get("rounds"), dict) else None
+    names = [(["stages"], n) for n in (data.get("stages") if isinstance(data.get("stages"), dict) else {})] + \
+        [(["rounds", "stages"], n) for n in (block if isinstance(block, dict) else {})]
+    for at_key, name in names:
+        line = line_of(text, at_key + [str(name)])
         at = f"{path}:{line}" if line else str(path)
         if not isinstance(name, str) or not STAGE_NAME.match(name) or name.lower() in RESERVED_NAMES:
             raise SynthError(f"{at}: stage name {name!r} is not allowed; use letters, digits and _ (it becomes a "

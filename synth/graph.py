@@ -39,7 +39,7 @@ from synth.prompts import Template
 from synth.seeds import Seeds
 from synth.store import Store
 
-ROWS = ("load", "generate", "keep")  # kinds whose output is rows with ids (what a stage's `input` reads)
+ROWS = ("load", "generate", "keep", "failures")  # kinds whose output is rows with ids (what `input` reads)
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,10 @@ class Graph:
         # and each replica -> the stage in the file it was made from (for lines and reports)
         self.replicas: dict[str, tuple[str, ...]] = {}
         self.replica_of: dict[str, str] = {}
+        # rounds (`rounds:`): stage of the block -> its copies per round (round 1..count); each copy -> (stage of
+        # the block, round)
+        self.rounds: dict[str, tuple[str, ...]] = {}
+        self.round_of: dict[str, tuple[str, int]] = {}
         self._fingerprints: dict[tuple, dict[str, str]] = {}  # memo: (name, trained) -> parts
         self._lines: dict[tuple, int | None] = {}  # memo: (name, key) -> line in the file (where)
         self._sealed = False
@@ -134,7 +138,7 @@ class Graph:
 
     def _seal(self) -> None:
         for attr in ("inputs", "companions", "owner_of", "pairs_by", "columns", "templates", "seeds", "schemas",
-                     "replicas", "replica_of"):
+                     "replicas", "replica_of", "rounds", "round_of"):
             setattr(self, attr, MappingProxyType(getattr(self, attr)))
         self.stage_teachers = frozenset(self.stage_teachers)
         self.order = tuple(self.order)
@@ -177,10 +181,18 @@ class Graph:
         if (name, key) not in self._lines:
             owner = self.owner_of.get(name, name)
             in_file = self.replica_of.get(owner, owner)
-            self._lines[(name, key)] = line_of(self.text, ["stages", in_file] + ([key] if key and owner == name
+            section = ["stages"]
+            if in_file in self.round_of:  # a round's copy: the block's stage, under rounds.stages
+                section, in_file = ["rounds", "stages"], self.round_of[in_file][0]
+            self._lines[(name, key)] = line_of(self.text, section + [in_file] + ([key] if key and owner == name
                                                                                  else []))
         line = self._lines[(name, key)]
         return f"{self.path}{f':{line}' if line else ''}: stage '{name}'"
+
+    def round_number(self, name: str) -> int:
+        """The round a stage belongs to (rounds:), through its owner (a companion) and replica; 0 outside."""
+        owner = self.owner_of.get(name, name)
+        return self.round_of.get(self.replica_of.get(owner, owner), ("", 0))[1]
 
     def upstream(self, targets: list[str]) -> list[str]:
         """The targets and every stage they read, in DAG order."""
@@ -251,6 +263,7 @@ def build(path: Path, kinds: Mapping[str, Kind]) -> Graph:
         raise AssertionError(f"stage kinds without a module in synth/stages: {sorted(missing)}")
     text = path.read_text(encoding="utf-8")
     graph = Graph(path, text, spec, Store(store_path_of(path, spec)), kinds)
+    _expand_rounds(graph)
     _expand_replicas(graph)
     _add_provided_teachers(graph)
     _add_companions(graph)
@@ -270,6 +283,78 @@ def _named(graph: Graph, config) -> list[tuple[str, str]]:
     kind = graph.kinds[config.kind]
     out = [(ref.key, n) for ref in kind.references(config, graph.spec.stages) for n in ref.names]
     return out + [(key, t) for key, teachers in kind.teachers(config) for t in teachers]
+
+
+ROUND_PREVIOUS = "prev."  # in a rounds block: `prev.X` is the round before's X
+
+
+def round_name(name: str, r: int) -> str:
+    """Round r's copy of a block stage (round 0: the stage of that name outside the block)."""
+    return name if r == 0 else f"{name}_r{r}"
+
+
+def _expand_rounds(graph: Graph) -> None:
+    """Rounds: the `rounds.stages` block repeated `count` times after the pipeline's stages (round 0),
+    round r's copy of X named X_r<r>. In the block, a key naming a block stage names this round's copy;
+    `prev.X` names round r-1's X (round 1: the stage X outside the block, which must exist); any other
+    name, the stage or teacher outside. An export's file gets `_r<r>`; a generate stage's `params.seed` is
+    offset by r (unset: r), so that each round draws new samples (the same request would be the last
+    round's cached answer for a row that failed again). The copies are ordinary stages
+    (then replicated like any other, when they read a replicated one); `graph.rounds` / `round_of`
+    remember the grouping for status, reports and the stop rule (pipeline.rounds_stop). Done on the
+    config, first."""
+    rounds = graph.spec.rounds
+    if rounds is None:
+        return
+    stages, block = graph.spec.stages, rounds.stages
+    where = lambda n: f"{graph.path}:{line_of(graph.text, ['rounds', 'stages', n]) or ''}: rounds stage '{n}'"  # noqa: E731
+    if rounds.stop is not None:
+        stop = rounds.stop
+        if block.get(stop.evaluate) is None or block[stop.evaluate].kind != "evaluate":
+            raise SynthError(f"{graph.path}: rounds.stop.evaluate: {stop.evaluate!r} is not an evaluate stage of the "
+                             "rounds block")
+        if stop.model not in block[stop.evaluate].models or block.get(stop.model) is None \
+                or block[stop.model].kind != "train":
+            raise SynthError(f"{graph.path}: rounds.stop.model: {stop.model!r} must be a train stage of the rounds "
+                             f"block that {stop.evaluate!r} evaluates")
+        for base in (stop.evaluate, stop.model):
+            if base not in stages:
+                raise SynthError(f"{graph.path}: rounds.stop: round 0 needs a stage {base!r} outside the block too "
+                                 "(what round 1 is compared with)")
+    expanded = dict(stages)
+    for r in range(1, rounds.count + 1):
+        for name, config in block.items():
+            copy = round_name(name, r)
+            if copy in stages or copy in block:
+                raise SynthError(f"{where(name)}: round {r}'s copy is named {copy!r}, which is taken; rename one")
+            data = config.model_dump(by_alias=True)
+            for key, target in _named(graph, config):
+                if target.startswith(ROUND_PREVIOUS):
+                    base = target[len(ROUND_PREVIOUS):]
+                    if base not in block:
+                        raise SynthError(f"{where(name)}: key {key!r}: {target!r}: {base!r} is not a stage of the "
+                                         "rounds block (prev.X names the round before's copy of a block stage)")
+                    if r == 1 and base not in stages:
+                        raise SynthError(f"{where(name)}: key {key!r}: {target!r}: round 1 reads round 0's "
+                                         f"{base!r}, a stage outside the block, and there is none")
+                    renamed = round_name(base, r - 1)
+                elif target in block:
+                    renamed = round_name(target, r)
+                else:
+                    continue
+                value = data[key]
+                data[key] = [renamed if v == target else v for v in value] if isinstance(value, list) \
+                    else renamed if value == target else value
+            if config.kind == "export":  # each round writes its own file: <stem>_r<r><suffix>
+                path = Path(data["path"])
+                data["path"] = str(path.with_name(f"{path.stem}_r{r}{path.suffix}"))
+            if config.kind == "generate":  # new samples each round: a row failed again must not get the
+                data["params"]["seed"] = (data["params"].get("seed") or 0) + r  # cached answers of the last
+            expanded[copy] = type(config).model_validate(data)
+            graph.round_of[copy] = (name, r)
+            graph.rounds.setdefault(name, ())
+            graph.rounds[name] += (copy,)
+    graph.spec.stages = expanded
 
 
 def _expand_replicas(graph: Graph) -> None:

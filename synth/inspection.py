@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from synth.errors import SynthError, one_line
+from synth.explore import cell, row_panel
 from synth.ids import sample_seed
 from synth.store import fetch_one, Store, quote_ident, rejection_reasons
 
@@ -74,25 +75,16 @@ def format_rows(table, fmt: str, console: Console, max_width: int = 60) -> None:
         writer = csv.writer(buf, lineterminator="\n")  # not the csv module's \r\n: ids piped into `synth why`
         writer.writerow(table.column_names)
         for row in rows:
-            writer.writerow([_cell(v) for v in row.values()])
+            writer.writerow([cell(v) for v in row.values()])
         print(buf.getvalue(), end="")
         return
     out = Table(show_lines=False)
     for name in table.column_names:
         out.add_column(name, overflow="fold", max_width=max_width)
     for row in rows:
-        out.add_row(*[Text(_cell(v, max_width * 3)) for v in row.values()])
+        out.add_row(*[Text(cell(v, max_width * 3)) for v in row.values()])
     console.print(out)
     console.print(f"[dim]{len(rows)} row{'' if len(rows) == 1 else 's'}[/dim]")
-
-
-def _cell(value, limit: int | None = None) -> str:
-    if value is None:
-        return ""
-    text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
-    if limit and len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return text
 
 
 def status_rows(pipeline) -> list[dict]:
@@ -138,6 +130,23 @@ def status_rows(pipeline) -> list[dict]:
     return rows
 
 
+def rounds_line(pipeline, rows: list[dict]) -> str:
+    """`rounds:` in one line: per round whether its stages are all done, some, none, or stopped by the rule."""
+    by_round: dict[int, list[dict]] = {}
+    for r in rows:
+        by_round.setdefault(pipeline.round_number(r["stage"]), []).append(r)
+    parts = []
+    for number in sorted(n for n in by_round if n):
+        stages = by_round[number]
+        done = sum(1 for r in stages if r["state"] == "done" and r["fresh"] == "fresh")
+        stopped = any(r["why"].startswith("not run: the rounds stopped") for r in stages)
+        state = "stopped" if stopped and not done else "done" if done == len(stages) else \
+            "running" if any(r["state"] == "running" for r in stages) else f"{done}/{len(stages)} stages done"
+        parts.append(f"round {number} {state}")
+    why = next((r["why"] for r in rows if r["why"].startswith("not run: the rounds stopped")), "")
+    return f"rounds ({pipeline.spec.rounds.count}): " + ", ".join(parts) + (f" — {why[len('not run: '):]}" if why else "")
+
+
 def last_runs(store: Store, n: int = 5) -> list[dict]:
     if not store.exists():
         return []
@@ -157,9 +166,11 @@ def print_status(pipeline, console: Console) -> None:
     for r in rows:
         cost = "" if r.get("cost") is None else f"${r['cost']:,.4f}"
         table.add_row(r["stage"], r["kind"], r["fresh"] if r["state"] != "running" else "running",
-                      *[_cell(r.get(k)) for k in ("rows", "requests", "done", "failed", "pending")],
-                      _cell(r.get("completion_tokens")), cost, r["why"])
+                      *[cell(r.get(k)) for k in ("rows", "requests", "done", "failed", "pending")],
+                      cell(r.get("completion_tokens")), cost, r["why"])
     console.print(table)
+    if pipeline.round_of:
+        console.print(rounds_line(pipeline, rows), highlight=False)
     for line in open_batches(pipeline.store):
         console.print(line, highlight=False)
     for run in last_runs(pipeline.store, 3):
@@ -195,12 +206,7 @@ def show(store: Store, stage: str, n: int, console: Console) -> None:
     if table is None:
         raise SynthError(f"{store.path}: no stage output named {stage!r} (have: {', '.join(_relations(store)) or 'none'})")
     for i, row in enumerate(table.to_pylist(), start=1):
-        grid = Table.grid(padding=(0, 1))
-        grid.add_column(style="bold cyan", no_wrap=True)
-        grid.add_column(overflow="fold")
-        for key, value in row.items():
-            grid.add_row(key, _cell(value))
-        console.print(Panel(grid, title=f"{stage} #{i}", title_align="left"))
+        console.print(row_panel(row, f"{stage} #{i}"))
 
 
 def _relations(store: Store) -> list[str]:
@@ -267,7 +273,7 @@ def _request_lineage(con, rid: str) -> list:
     parts.append(Text(f"model {model} · sample {sample} · sent seed {sample_seed(p.get('seed'), sample)} · "
                       f"params {json.dumps(p)}"))
     for inp, row in inputs:
-        parts.append(Panel(_cell(row), title=f"input row ({inp})", title_align="left"))
+        parts.append(Panel(cell(row), title=f"input row ({inp})", title_align="left"))
     for m in json.loads(messages):
         parts.append(Panel(m["content"], title=m["role"], title_align="left"))
     if comp:
@@ -347,7 +353,7 @@ def _row_lineage(con, row_id: str) -> list | None:
     where = ", ".join(sorted({t for t, _ in found})) or "no stage table (the rows it was judged in)"
     parts = [Text.assemble(("input row ", "bold"), row_id, (f" (a row of {where})", "dim"))]
     for table, row in found:
-        parts.append(Panel(_cell(row), title=f"row of {table}", title_align="left"))
+        parts.append(Panel(cell(row), title=f"row of {table}", title_align="left"))
     parts += _verdict_lines(verdicts)
     parts += _earlier_lines(earlier)
     shown: dict[str, int] = {}

@@ -23,7 +23,7 @@ from rich.console import Console
 
 from synth.context import RunBudget, RunContext, trained_models
 from synth.errors import SynthError, one_line
-from synth.graph import Graph, build
+from synth.graph import Graph, build, round_name
 from synth.ids import content_hash
 from synth.stages import KINDS, kind_of
 
@@ -56,6 +56,12 @@ def staleness(graph: Graph, states: dict[str, dict] | None = None) -> dict[str, 
     out: dict[str, StageStatus] = {}
     for name in graph.order:
         out[name] = StageStatus(name, graph.stage(name).kind, *_why_stale(graph, name, states, trained, out))
+    stopped = rounds_stop(graph) if graph.round_of else None
+    if stopped:  # stale, and `synth run` will not run them: say why
+        for name, st in out.items():
+            if st.stale and graph.round_number(name) >= stopped[0]:
+                out[name] = StageStatus(name, st.kind, True, f"not run: the rounds stopped before round {stopped[0]}: "
+                                                             f"{stopped[1]}")
     return out
 
 
@@ -168,6 +174,32 @@ def preflight(graph: Graph, names: list[str], console: Console, targets: list[st
         graph.kind(name).preflight(graph, name, trained, console, will_run)
 
 
+def rounds_stop(graph: Graph) -> tuple[int, str] | None:
+    """(r, why) when the rounds' stop rule ends the repetition before round r: round r-1's model gained
+    less than `min_gain` points over round r-2's on the stop's evaluate stage (a replicated model: the mean
+    over its replicas). None while no finished round says so (a round not evaluated yet decides nothing)."""
+    rounds = graph.spec.rounds
+    if rounds is None or rounds.stop is None or not graph.store.exists():
+        return None
+    stop = rounds.stop
+    accuracy: dict[int, float] = {}
+    with graph.store.read() as con:
+        for r in range(rounds.count + 1):
+            evaluate, model = round_name(stop.evaluate, r), round_name(stop.model, r)
+            models = list(graph.replicas.get(model, (model,)))
+            found = con.execute("SELECT model, avg(CAST(passed AS DOUBLE)) FROM synth.evaluations WHERE stage = ? AND "
+                                f"model IN ({', '.join('?' * len(models))}) GROUP BY model", [evaluate, *models]).fetchall()
+            if len(found) == len(models):
+                accuracy[r] = sum(a for _, a in found) / len(found)
+    for r in range(2, rounds.count + 1):
+        if r - 1 in accuracy and r - 2 in accuracy:
+            gain = 100 * (accuracy[r - 1] - accuracy[r - 2])
+            if gain < stop.min_gain:
+                return r, (f"round {r - 1} gained {gain:+.1f} points on {round_name(stop.evaluate, r - 1)!r} "
+                           f"(rounds.stop.min_gain {stop.min_gain:g})")
+    return None
+
+
 def _run_stages(ctx: RunContext, names: list[str], targets: list[str] | None, force: bool) -> dict:
     graph, store, console = ctx.graph, ctx.store, ctx.console
     counts: dict = {"stages_run": [], "sent": 0, "cached": 0, "errors": 0, "unsent": 0, "recovered": 0}
@@ -176,6 +208,12 @@ def _run_stages(ctx: RunContext, names: list[str], targets: list[str] | None, fo
             st = staleness(graph)[name]
             if not st.stale and not (force and (not targets or name in targets)):
                 console.print(f"[dim]{name}: up to date[/dim]")
+                continue
+            r = graph.round_number(name)
+            stopped = rounds_stop(graph) if r >= 2 else None
+            if stopped and r >= stopped[0]:  # the stop rule: a later round is not run (and not an error)
+                console.print(f"[dim]{name}: not run: the rounds stopped before round {stopped[0]}: {stopped[1]}[/dim]")
+                counts.setdefault("rounds_stopped", stopped[0])
                 continue
             console.print(f"[bold]{name}[/bold] ({st.kind}): {st.reason}")
             started = time.monotonic()

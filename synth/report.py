@@ -10,9 +10,10 @@
 - **Paired differences**: pairs of models (arms) evaluated on the same rows, compared output by output
   (synth/compare.py): the difference in points, the discordant counts and McNemar's exact p-value (per
   seed for replicated arms, with a paired t-test over seeds). `--compare a,b` names the pairs; by
-  default the report pairs a trained model with its `init` (what that step gained), and trained models
-  that start from the same `student` (what their data or method changed); with no trained models among
-  them, every pair (up to ALL_PAIRS_UP_TO models).
+  default the report pairs a trained model with its `init` (what that step gained), trained models
+  that start from the same `student` (what their data or method changed), a trained model with the
+  teacher whose samples it learned from, and each trained model with each declared teacher evaluated
+  beside it (the gap left); with no trained models among them, every pair (up to ALL_PAIRS_UP_TO models).
 
 Everything is computed from the store (synth.evaluations, synth.verdicts, synth.generations) at report
 time; matplotlib is imported only in write_png, with the non-interactive Agg backend.
@@ -28,7 +29,9 @@ from rich.table import Table
 from synth import compare
 from synth.config import EvaluateStage, TrainStage
 from synth.errors import SynthError
+from synth.graph import round_name
 from synth.inspection import stats_rows
+from synth.pipeline import rounds_stop
 from synth.stages.evaluate import summary, wilson
 
 ALL_PAIRS_UP_TO = 6  # models in an evaluate stage without trained ones: every pair up to this many
@@ -58,8 +61,45 @@ def report_data(pipeline, pairs: list[tuple[str, str]] | None = None) -> dict:
                 comparisons[name] = [{"a": a, "b": b, "why": why, **_flat(compare.compare_arms(results, groups[a],
                                                                                                groups[b]))}
                                      for a, b, why in chosen]
+        rounds = round_rows(pipeline)
+    else:
+        rounds = []
     return {"teachers": teachers, "evaluations": evaluations, "arms": arms, "comparisons": comparisons,
-            "funnel": stats_rows(pipeline)}
+            "rounds": rounds, "funnel": stats_rows(pipeline)}
+
+
+def round_rows(pipeline) -> list[dict]:
+    """`rounds:`: per round (0: the stages outside the block), the accuracy of the round's model on the
+    round's evaluate stage (the stop rule's, else the block's first evaluate stage and the first block train
+    stage it evaluates), its gain over the round before, and whether the round ran or the stop rule ended it."""
+    rounds = pipeline.spec.rounds
+    if rounds is None:
+        return []
+    if rounds.stop is not None:
+        evaluate, model = rounds.stop.evaluate, rounds.stop.model
+    else:
+        block = rounds.stages
+        evaluate = next((n for n, c in block.items() if c.kind == "evaluate"), None)
+        model = next((m for m in (block[evaluate].models if evaluate else []) if m in block and block[m].kind == "train"),
+                     None)
+        if evaluate is None or model is None:
+            return []
+    stopped = rounds_stop(pipeline)
+    out, previous = [], None
+    with pipeline.store.read() as con:
+        for r in range(rounds.count + 1):
+            stage, name = round_name(evaluate, r), round_name(model, r)
+            models = list(pipeline.replicas.get(name, (name,)))
+            n, correct = con.execute(
+                f"SELECT count(*), count(*) FILTER (WHERE passed) FROM synth.evaluations WHERE stage = ? AND model IN "
+                f"({', '.join('?' * len(models))})", [stage, *models]).fetchone()
+            accuracy = correct / n if n else None
+            status = "done" if n else "stopped" if stopped and r >= stopped[0] else "not run"
+            out.append({"round": r, "evaluate": stage, "model": name, "n": n, "correct": correct, "accuracy": accuracy,
+                        "gain_points": None if accuracy is None or previous is None else 100 * (accuracy - previous),
+                        "status": status, **({"why": stopped[1]} if status == "stopped" else {})})
+            previous = accuracy if accuracy is not None else previous
+    return out
 
 
 def _flat(c: dict) -> dict:
@@ -85,9 +125,10 @@ def _check_pairs(pipeline, evaluate_stages: list[str], pairs: list[tuple[str, st
 
 def default_pairs(pipeline, arms: list[str]) -> list[tuple[str, str, str]]:
     """(a, b, why) in the evaluate stage's order: a trained model against its `init` ("init"), trained
-    models from the same `student` against each other ("same student"), a trained model against each
-    declared teacher (not trained by the pipeline) evaluated beside it ("vs teacher"); with no trained
-    models, every pair of up to ALL_PAIRS_UP_TO models ("all pairs")."""
+    models from the same `student` against each other ("same student"), a trained model against the
+    teacher whose samples it learned from ("distilled from"), a trained model against each declared
+    teacher (not trained by the pipeline) evaluated beside it ("vs teacher"); with no trained models,
+    every pair of up to ALL_PAIRS_UP_TO models ("all pairs"). One comparison per pair, its first reason."""
     stages = {arm: pipeline.spec.stages.get(_first(pipeline, arm)) for arm in arms}  # None: a declared teacher
     trained = {arm: stage for arm, stage in stages.items() if isinstance(stage, TrainStage)}
     out: list[tuple[str, str, str]] = []
@@ -101,10 +142,30 @@ def default_pairs(pipeline, arms: list[str]) -> list[tuple[str, str, str]]:
             sa, sb = trained[a], trained[b]
             if not sa.init and not sb.init and sa.student == sb.student:
                 out.append((b, a, "same student"))
+    for arm in trained:
+        source = _distilled_from(pipeline, _first(pipeline, arm))
+        if source in arms and source != arm:
+            out.append((arm, source, "distilled from"))
     out += [(arm, other, "vs teacher") for arm in trained for other in arms if other not in trained]
     if not trained and len(arms) <= ALL_PAIRS_UP_TO:
         out = [(b, a, "all pairs") for i, a in enumerate(arms) for b in arms[i + 1:]]
-    return out
+    seen: set[frozenset] = set()
+    unique = []
+    for a, b, why in out:  # one comparison per pair: the first reason found
+        if frozenset((a, b)) not in seen:
+            seen.add(frozenset((a, b)))
+            unique.append((a, b, why))
+    return unique
+
+
+def _distilled_from(pipeline, train_stage: str) -> str | None:
+    """The model whose samples a train stage learned from: its data's export → the rows' generate stage
+    (through filters and keeps) → that stage's teacher (a replica's teacher as its arm's name)."""
+    export = pipeline.spec.stages.get(pipeline.stage(train_stage).data)
+    source = pipeline.spec.stages.get(pipeline.root(export.input)) if export is not None else None
+    if source is None or source.kind != "generate":
+        return None
+    return pipeline.replica_of.get(source.teacher, source.teacher)
 
 
 def _first(pipeline, arm: str) -> str:
@@ -158,6 +219,16 @@ def print_report(data: dict, console: Console) -> None:
                           f"[{one['ci_low']:.3f}, {one['ci_high']:.3f}]",
                           f"{vote['accuracy']:.3f} ({vote['correct']}/{vote['n']})" if vote else "-",
                           f"[{vote['ci_low']:.3f}, {vote['ci_high']:.3f}]" if vote else "")
+        console.print(table)
+    if data.get("rounds"):
+        table = Table(title="rounds (round 0: the stages before the block)")
+        for col in ("round", "model", "evaluated by", "accuracy", "gain", "status"):
+            table.add_column(col, justify="right" if col in ("round", "accuracy", "gain") else "left")
+        for r in data["rounds"]:
+            table.add_row(str(r["round"]), r["model"], r["evaluate"],
+                          "-" if r["accuracy"] is None else f"{r['accuracy']:.3f} ({r['correct']}/{r['n']})",
+                          "" if r["gain_points"] is None else f"{r['gain_points']:+.1f} points",
+                          r["status"] + (f": {r['why']}" if r.get("why") else ""))
         console.print(table)
     if not any(data["evaluations"].values()):
         console.print("no evaluate stage has run yet")

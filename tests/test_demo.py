@@ -160,7 +160,7 @@ def test_second_run_reuses_everything_and_a_recipe_edit_reruns_only_downstream(d
     report = json.loads((target / "report.json").read_text())
     assert report["this_run"]["requests_sent"] == 0 and report["this_run"]["stages_run"] == 0
     assert sorted(p.name for p in (target / "out" / "models").iterdir()) == models_before
-    assert "world: built" not in second.stderr and "world: wrote" not in second.stderr
+    assert "models: built" not in second.stderr and "world: wrote" not in second.stderr
 
     # a DPO recipe edit: DPO and what reads it run again; the teacher, the students and the samples do not
     (target / "recipes" / "dpo.yaml").write_text(DPO.replace("max_steps: 4", "max_steps: 3"))

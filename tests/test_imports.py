@@ -26,7 +26,8 @@ LIBRARIES = 0
 
 
 def layer(module: str) -> int:
-    if module == "synth" or module in ("synth.cli", "synth.inspection", "synth.report") or \
+    if module == "synth" or module in ("synth.cli", "synth.inspection", "synth.report", "synth.scaffold",
+                                         "synth.explore") or \
             module.startswith("synth.demo"):
         return COMMANDS
     if module == "synth.pipeline":

@@ -25,13 +25,9 @@ from rich.console import Console
 from synth.demo.report import demo_report, print_report, write_png
 from synth.demo.world import corpus, make_splits, write_splits
 from synth.errors import SynthError, one_line
-from synth.ids import content_hash
 from synth.paths import builtin_dir
 from synth.pipeline import load_pipeline, run
-from synth.tiny import build_model
-
-SPEC_FILE = "synth_demo.json"  # in each built model dir: the world spec it was built from
-
+from synth.tiny import build_models
 
 def demo_files() -> Path:
     return builtin_dir("examples") / "demo"
@@ -95,23 +91,10 @@ def build_world(target: Path, console: Console | None = None) -> dict:
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             write_splits(data_dir, {split: rows})
             console.print(f"world: wrote {len(rows)} problems to {path}")
-    world_key = {"seed": spec["seed"], "splits": spec["splits"], "ops": spec["ops"], "vocab_size": spec["vocab_size"]}
-    for name, shape in spec["models"].items():
-        out = target / "models" / name
-        key = content_hash({**world_key, **shape})
-        marker = out / SPEC_FILE
-        if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
-            continue
-        if out.exists():
-            shutil.rmtree(out)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_model(tmp, corpus(splits), hidden=shape["hidden"], layers=shape["layers"], heads=shape["heads"],
-                    intermediate=4 * shape["hidden"], vocab_size=spec["vocab_size"], max_positions=256,
-                    split_digits=True, seed=spec["seed"])
-        (tmp / SPEC_FILE).write_text(json.dumps({"key": key, **world_key, **shape}, indent=2))
-        tmp.rename(out)  # whole or absent: a killed build leaves only the .tmp dir, rebuilt next time
-        console.print(f"world: built {out} ({shape['hidden']} wide, {shape['layers']} layers, random weights)")
+    # the starting models: `synth models`' builder (synth.tiny.build_models), on the world's text
+    build_models(target / "models", corpus(splits), spec["models"], vocab_size=spec["vocab_size"],
+                 split_digits=True, max_positions=256, seed=spec["seed"],
+                 key_extra={"splits": spec["splits"], "ops": spec["ops"]}, console=console)
     return spec
 
 
