@@ -259,6 +259,24 @@ class EvaluateStage(_Stage):
     verify: EvalVerify
 
 
+class MixStage(_Stage):
+    """Several teachers' samples on one prompt set combined into one training set by a declared rule."""
+    kind: Literal["mix"]
+    inputs: list[str] = Field(min_length=2, description="generated rows (generate, keep or filter stages of "
+                              "generate stages on the same input), one per teacher")
+    rule: Literal["union", "quota", "weights", "best"] = Field(
+        description="union: every row; quota: at most quota[input] rows of each; weights: the largest mix in "
+                    "these proportions the inputs allow (or `size` rows); best: per input row, the top "
+                    "`per_input` samples of all teachers by the `by` stages' scores")
+    quota: dict[str, int] | None = Field(None, description="rule quota: input -> most rows taken from it")
+    weights: dict[str, float] | None = Field(None, description="rule weights: input -> its share (any scale)")
+    size: int | None = Field(None, ge=1, description="rule weights: total rows (default: as many as fit)")
+    by: dict[str, str] | None = Field(None, description="rule best: input -> the verify or judge stage whose "
+                                      "verdict scores rank its rows")
+    per_input: int = Field(1, ge=1, description="rule best: rows kept per input row")
+    seed: int = Field(0, description="which rows a quota or weights take, and how best breaks ties")
+
+
 class FailuresStage(_Stage):
     """The rows an evaluate stage's model got wrong, as rows a generate stage can read (the failure-mining
     loop: generate targeted data on what the student failed). Its rows are the evaluate stage's input rows."""
@@ -288,8 +306,8 @@ class TrainStage(_Stage):
 
 # A stage kind's config model is listed here once; each has its module in synth/stages (KINDS there).
 Stage = Annotated[Union[LoadStage, GenerateStage, ScoreStage, ExportStage, VerifyStage, VoteStage, JudgeStage,
-                        DedupStage, DecontaminateStage, FilterStage, KeepStage, PairsStage, EvaluateStage, FailuresStage,
-                        TrainStage],
+                        DedupStage, DecontaminateStage, FilterStage, KeepStage, MixStage, PairsStage, EvaluateStage,
+                        FailuresStage, TrainStage],
                   Field(discriminator="kind")]
 # kind -> its config model, read from the union (as TEACHER_MODELS below)
 STAGE_MODELS = {get_args(model.model_fields["kind"].annotation)[0]: model for model in get_args(get_args(Stage)[0])}

@@ -39,7 +39,7 @@ from synth.prompts import Template
 from synth.seeds import Seeds
 from synth.store import Store
 
-ROWS = ("load", "generate", "keep", "failures")  # kinds whose output is rows with ids (what `input` reads)
+ROWS = ("load", "generate", "keep", "failures", "mix")  # kinds whose output is rows with ids (what `input` reads)
 
 
 @dataclass(frozen=True)

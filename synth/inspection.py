@@ -437,8 +437,10 @@ def _short_details(details: str, limit: int = 160) -> str:
 
 def stats_rows(pipeline) -> list[dict]:
     """Per filter stage: rows judged, passed, rejected and the top rejection reasons; per keep stage:
-    rows kept of its input. Reasons that carry a row id or file (duplicate_of:<id>) are grouped."""
-    names = [n for n in pipeline.order if pipeline.kind(n).same_rows]  # the filters and keeps
+    rows kept of its input; per mix stage: rows available and taken, and per input (a teacher and its
+    filters) its funnel and price (`sources`, mix_sources). Reasons that carry a row id or file
+    (duplicate_of:<id>) are grouped."""
+    names = [n for n in pipeline.order if pipeline.kind(n).same_rows or pipeline.stage(n).kind == "mix"]
     if not names or not pipeline.store.exists():
         return []
     out = []
@@ -447,9 +449,16 @@ def stats_rows(pipeline) -> list[dict]:
                                           "WHERE table_schema = 'main'").fetchall()}
         for name in names:
             stage = pipeline.stage(name)
-            row = {"stage": name, "kind": stage.kind, "input": stage.input}
+            row = {"stage": name, "kind": stage.kind,
+                   "input": ", ".join(stage.inputs) if stage.kind == "mix" else stage.input}
             if name not in have:
                 out.append({**row, "judged": None})
+                continue
+            if stage.kind == "mix":
+                sources = mix_sources(con, pipeline, name)
+                available, taken = sum(x["kept"] for x in sources), sum(x["taken"] for x in sources)
+                out.append({**row, "judged": available, "passed": taken, "rejected": available - taken, "reasons": [],
+                            "sources": sources})
                 continue
             if stage.kind == "keep":
                 kept = fetch_one(con, f"SELECT count(*) FROM {quote_ident(name)}")[0]
@@ -461,6 +470,30 @@ def stats_rows(pipeline) -> list[dict]:
                                             "WHERE stage = ?", [name])
             out.append({**row, "judged": judged, "passed": passed, "rejected": judged - passed,
                         "reasons": [{"reason": r, "rows": n} for _, r, n in rejection_reasons(con, [name], 5)]})
+    return out
+
+
+def mix_sources(con, pipeline, name: str) -> list[dict]:
+    """Per input of a mix stage (a teacher and its filters): the teacher, its samples, the rows its filters
+    kept, the rows the mix took, and what its generation cost per kept and per taken row (with prices)."""
+    stage = pipeline.stage(name)
+    taken = dict(con.execute(f"SELECT source, count(*) FROM {quote_ident(name)} GROUP BY source").fetchall())
+    out = []
+    for inp in stage.inputs:
+        root = pipeline.root(inp)
+        samples = fetch_one(con, "SELECT count(*) FROM synth.generations WHERE stage = ?", [root])[0]
+        kept = fetch_one(con, f"SELECT count(*) FROM {quote_ident(inp)}")[0]
+        row = {"input": inp, "teacher": pipeline.stage(root).teacher, "samples": samples, "kept": kept,
+               "taken": taken.get(inp, 0), "cost": None, "cost_per_kept": None, "cost_per_taken": None}
+        prices = pipeline.prices(root)
+        if prices is not None:
+            tokens_in, tokens_out = fetch_one(con, "SELECT coalesce(sum(c.prompt_tokens), 0), coalesce(sum("
+                                                   "c.completion_tokens), 0) FROM synth.generations g JOIN "
+                                                   "synth.completions c USING (id) WHERE g.stage = ?", [root])
+            row["cost"] = prices.cost(tokens_in, tokens_out)
+            row["cost_per_kept"] = row["cost"] / kept if kept else None
+            row["cost_per_taken"] = row["cost"] / row["taken"] if row["taken"] else None
+        out.append(row)
     return out
 
 
@@ -495,3 +528,15 @@ def print_stats(pipeline, console: Console) -> None:
         table.add_row(r["stage"], r["kind"], r["input"], str(r["judged"]), str(r["passed"]), str(r["rejected"]),
                       rate, reasons)
     console.print(table)
+    money = lambda v: "-" if v is None else f"${v:,.4f}"  # noqa: E731
+    for r in rows:
+        if r.get("sources"):
+            per = Table(title=f"mix '{r['stage']}': per teacher (its samples, kept by its filters, taken by the mix)")
+            for col in ("input", "teacher", "samples", "kept", "kept rate", "taken", "cost", "per kept row",
+                        "per taken row"):
+                per.add_column(col, justify="left" if col in ("input", "teacher") else "right")
+            for x in r["sources"]:
+                per.add_row(x["input"], x["teacher"], str(x["samples"]), str(x["kept"]),
+                            f"{x['kept'] / x['samples']:.1%}" if x["samples"] else "-", str(x["taken"]),
+                            money(x["cost"]), money(x["cost_per_kept"]), money(x["cost_per_taken"]))
+            console.print(per)

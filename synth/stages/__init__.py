@@ -13,7 +13,7 @@ from synth.config import STAGE_MODELS
 from synth.errors import SynthError
 from synth.graph import Kind
 from synth.stages import (decontaminate, dedup, evaluate, export, failures, filter as filter_, generate, judge, keep,
-                          load, pairs, score, train, verify, vote)
+                          load, mix, pairs, score, train, verify, vote)
 
 # Literal, in the order `synth stats` and error messages list them.
 KINDS: dict[str, Kind] = {
@@ -28,6 +28,7 @@ KINDS: dict[str, Kind] = {
     "decontaminate": decontaminate.KIND,
     "filter": filter_.KIND,
     "keep": keep.KIND,
+    "mix": mix.KIND,
     "pairs": pairs.KIND,
     "evaluate": evaluate.KIND,
     "failures": failures.KIND,

@@ -323,7 +323,7 @@ def _write_atomic(out: Path, records: list[dict], fmt: str = "sft") -> None:
 
 def references(stage: ExportStage, stages) -> list[Ref]:
     sources = ("pairs",) if stage.format == "dpo" else ("generate", "keep", "score") if stage.format == "kd" else \
-        ("generate", "keep", "load") if stage.prompt else ("generate", "keep")
+        ("generate", "keep", "load") if stage.prompt else ("generate", "keep", "mix")
     return [Ref("input", (stage.input,), sources, hint=f" for format {stage.format}")]
 
 
@@ -393,7 +393,7 @@ def _check_source(graph: Graph, name: str) -> None:
             raise SynthError(f"{where(name, 'response')}: key 'response': the input has no column "
                              f"{stage.response!r} (its columns: {', '.join(graph.columns[stage.input])})")
         graph.add_template(name, template)
-    elif root_kind != "generate":
+    elif root_kind not in ("generate", "mix"):  # a mix's rows are generated rows of several teachers
         raise SynthError(f"{where(name, 'input')}: key 'input': format 'sft' exports generated rows; "
                          f"{stage.input!r} carries {graph.root(stage.input)!r}'s rows")
     elif stage.prompt or stage.response:
