@@ -277,6 +277,23 @@ class MixStage(_Stage):
     seed: int = Field(0, description="which rows a quota or weights take, and how best breaks ties")
 
 
+class CommandStage(_Stage):
+    """A shell command synth does not wrap (an external evaluation harness, a custom trainer), run as a stage:
+    fingerprinted by its command, its inputs and its files; its first output loadable as its rows."""
+    kind: Literal["command"]
+    run: str = Field(min_length=1, description="the command (bash); {placeholders}: each input's name, output, "
+                     "outputs_dir, store, pipeline_dir, run_id; {{ and }} for literal braces")
+    inputs: list[str] = Field(default_factory=list, description="stages it reads: a train stage is its model dir, "
+                              "an export stage its file, any other stage its rows written to a parquet file")
+    files: list[str] = Field(default_factory=list, description="files it reads (scripts, data), relative to the "
+                             "pipeline: their bytes are part of its fingerprint")
+    outputs: list[str] = Field(min_length=1, description="files it writes, relative to the pipeline; the first one "
+                               "(.jsonl, .json, .csv, .parquet) is the stage's rows")
+    columns: list[str] | None = Field(None, description="the columns of the first output, for the stages that read "
+                                      "its rows (checked when it has run)")
+    timeout_s: float = Field(3600.0, gt=0)
+
+
 class FailuresStage(_Stage):
     """The rows an evaluate stage's model got wrong, as rows a generate stage can read (the failure-mining
     loop: generate targeted data on what the student failed). Its rows are the evaluate stage's input rows."""
@@ -307,7 +324,7 @@ class TrainStage(_Stage):
 # A stage kind's config model is listed here once; each has its module in synth/stages (KINDS there).
 Stage = Annotated[Union[LoadStage, GenerateStage, ScoreStage, ExportStage, VerifyStage, VoteStage, JudgeStage,
                         DedupStage, DecontaminateStage, FilterStage, KeepStage, MixStage, PairsStage, EvaluateStage,
-                        FailuresStage, TrainStage],
+                        FailuresStage, TrainStage, CommandStage],
                   Field(discriminator="kind")]
 # kind -> its config model, read from the union (as TEACHER_MODELS below)
 STAGE_MODELS = {get_args(model.model_fields["kind"].annotation)[0]: model for model in get_args(get_args(Stage)[0])}

@@ -39,7 +39,8 @@ from synth.prompts import Template
 from synth.seeds import Seeds
 from synth.store import Store
 
-ROWS = ("load", "generate", "keep", "failures", "mix")  # kinds whose output is rows with ids (what `input` reads)
+# kinds whose output is rows with ids (what `input` reads); a command stage's when it declares `columns`
+ROWS = ("load", "generate", "keep", "failures", "mix", "command")
 
 
 @dataclass(frozen=True)
@@ -577,16 +578,20 @@ def check_outputs(graph: Graph) -> None:
             continue
         out, stage = paths[0], graph.stage(name)
         for target in paths:
-            clash = inputs.get(target) or (f"the output of export '{written[target]}'" if target in written else None)
+            clash = inputs.get(target) or (f"the output of {graph.stage(written[target]).kind} '{written[target]}'" if target in written else None)
             if clash is None and out.suffix == "":  # a directory export replaces the whole directory
                 clash = next((what for p, what in inputs.items() if out in p.parents), None) or \
-                    next((f"the output of export '{n}'" for p, n in written.items() if out in p.parents
+                    next((f"the output of {graph.stage(n).kind} '{n}'" for p, n in written.items() if out in p.parents
                           and n != name), None)
             if clash is None:  # inside an earlier directory export
-                clash = next((f"the output of export '{n}'" for p, n in written.items()
+                clash = next((f"the output of {graph.stage(n).kind} '{n}'" for p, n in written.items()
                               if p.suffix == "" and p in target.parents and n != name), None)
             if clash:
-                raise SynthError(f"{graph.where(name, 'path')}: key 'path': {stage.path} would overwrite {clash}; "
-                                 "an export replaces its path, so write it somewhere new")
+                field = "outputs" if stage.kind == "command" else "path"
+                shown = stage.path if field == "path" else \
+                    next(o for o in stage.outputs if key(graph.resolve(o)) == target)
+                what = "a command writes its outputs" if field == "outputs" else "an export replaces its path"
+                raise SynthError(f"{graph.where(name, field)}: key {field!r}: {shown} would overwrite {clash}; "
+                                 f"{what}, so write it somewhere new")
             written[target] = name
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from synth.config import STAGE_MODELS
 from synth.errors import SynthError
 from synth.graph import Kind
-from synth.stages import (decontaminate, dedup, evaluate, export, failures, filter as filter_, generate, judge, keep,
-                          load, mix, pairs, score, train, verify, vote)
+from synth.stages import (command, decontaminate, dedup, evaluate, export, failures, filter as filter_, generate,
+                          judge, keep, load, mix, pairs, score, train, verify, vote)
 
 # Literal, in the order `synth stats` and error messages list them.
 KINDS: dict[str, Kind] = {
@@ -33,6 +33,7 @@ KINDS: dict[str, Kind] = {
     "evaluate": evaluate.KIND,
     "failures": failures.KIND,
     "train": train.KIND,
+    "command": command.KIND,
 }
 
 # every config model has a module and every module a config model, each declared under its own kind
