@@ -458,5 +458,24 @@ def diff(target: Path, a: str, b: str | None, runs: str | None, n: int, fmt: str
     print_diff(result, _console(), fmt)
 
 
+# ---- prompt templates, read-only (synth/prompts_cmd.py): list them, preview one stage's render --------------
+
+@main.command()
+@PIPELINE
+@click.argument("stage", required=False)
+@click.option("--row", "row_id", default=None, metavar="ID", help="Render STAGE on the input row with this id.")
+@click.option("--index", type=int, default=None, metavar="N",
+              help="Render STAGE on its N-th input row (from 0, in the order the stage reads them).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def prompts(pipeline: Path, stage: str | None, row_id: str | None, index: int | None, fmt: str) -> None:
+    """List the prompt templates PIPELINE can use (its prompts/ folder over the built-ins): source, built-ins
+    shadowed, parser, variables, the stages that render each. With STAGE (generate, judge, evaluate, or an
+    export with `prompt:`): its prompt rendered on one input row (default: the first) exactly as `synth run`
+    would send it, with the request ids and whether each is cached. Calls no teacher, writes nothing."""
+    from synth.prompts_cmd import run_prompts
+
+    run_prompts(pipeline, stage, row_id, index, fmt, _console())
+
+
 if __name__ == "__main__":
     main()
