@@ -136,6 +136,19 @@ def graded_pipeline(workspace, questions: int, p: float, samples: int, **stages:
         "graded": "kind: verify, input: solutions, method: math, answer: answer, reference: gold", **stages})
 
 
+def weak_strong_evaluation(workspace, questions: int):
+    """`questions` held-out rows "Q<i>: what is it?" (gold i) and an evaluate stage `report` of two echo teachers,
+    weak (right with probability 0.3) and strong (0.8)."""
+    heldout = [{"id": f"h{i}", "question": f"Q{i}: what is it?", "answer_gold": str(i)} for i in range(questions)]
+    return make_pipeline(workspace, files={"heldout.jsonl": heldout}, teachers={
+        "weak": echo_teacher(scripted_answers(p=0.3), model="weak"),
+        "strong": echo_teacher(scripted_answers(p=0.8), model="strong")}, stages={
+        "heldout": "kind: load, path: heldout.jsonl",
+        "report": "kind: evaluate, input: heldout, models: [weak, strong], prompt: solve, "
+                  "params: {temperature: 1.0, max_tokens: 16, seed: 0}, "
+                  "verify: {answer: answer, reference: answer_gold, method: math}"})
+
+
 def synth_run(pipeline: Path, targets: list[str] | None = None, **kwargs) -> dict:
     """`synth run` in this process (synth.run), quiet unless a console is given: the run's counts."""
     import synth as synth_api

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from conftest import echo_teacher, make_pipeline, query, scripted_answers, synth, synth_run
+from conftest import echo_teacher, make_pipeline, query, scripted_answers, synth, synth_run, weak_strong_evaluation
 from synth.errors import SynthError
 
 QUESTIONS = 60
@@ -23,14 +23,7 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
 
 
 def test_evaluate_summary_is_recomputable_and_report_is_written(workspace):
-    heldout = [{"id": f"h{i}", "question": f"Q{i}: what is it?", "answer_gold": str(i)} for i in range(QUESTIONS)]
-    path = make_pipeline(workspace, files={"heldout.jsonl": heldout}, teachers={
-        "weak": echo_teacher(scripted_answers(p=0.3), model="weak"),
-        "strong": echo_teacher(scripted_answers(p=0.8), model="strong")}, stages={
-        "heldout": "kind: load, path: heldout.jsonl",
-        "report": "kind: evaluate, input: heldout, models: [weak, strong], prompt: solve, "
-                  "params: {temperature: 1.0, max_tokens: 16, seed: 0}, "
-                  "verify: {answer: answer, reference: answer_gold, method: math}"})
+    path = weak_strong_evaluation(workspace, QUESTIONS)
     synth_run(path)
     store = workspace / "out" / "run.duckdb"
     per_row = query(store, "SELECT model, passed, completion_tokens FROM report")
@@ -75,14 +68,8 @@ def test_report_compares_pairs_with_mcnemar_by_hand(workspace):
     """Two declared teachers evaluated on the same rows: the report pairs them by default ("all pairs"), and
     --compare picks a pair; the difference, the discordant counts and McNemar's exact p-value match a count
     by hand from the per-row results (two-sided binomial test at 1/2 on the discordant pairs)."""
-    heldout = [{"id": f"h{i}", "question": f"Q{i}: what is it?", "answer_gold": str(i)} for i in range(QUESTIONS)]
-    path = make_pipeline(workspace, files={"heldout.jsonl": heldout}, teachers={
-        "weak": echo_teacher(scripted_answers(p=0.3), model="weak"),
-        "strong": echo_teacher(scripted_answers(p=0.8), model="strong")}, stages={
-        "heldout": "kind: load, path: heldout.jsonl",
-        "report": "kind: evaluate, input: heldout, models: [weak, strong], prompt: solve, "
-                  "params: {temperature: 1.0, max_tokens: 16, seed: 0}, "
-                  "verify: {answer: answer, reference: answer_gold, method: math}"})
+    path = weak_strong_evaluation(workspace, QUESTIONS)
+    heldout = [{"id": f"h{i}"} for i in range(QUESTIONS)]
     synth_run(path)
     passed = {(m, i): p for m, i, p in query(workspace / "out" / "run.duckdb",
                                             "SELECT model, input_id, passed FROM report")}

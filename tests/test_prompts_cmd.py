@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import echo_teacher, graded_pipeline, make_pipeline, query, scripted_answers, synth, synth_run, write
+from conftest import (echo_teacher, graded_pipeline, make_pipeline, query, synth, synth_run, weak_strong_evaluation,
+                      write)
 
 
 def lines(proc) -> list[dict]:
@@ -116,14 +117,7 @@ def test_render_is_what_a_run_sends_before_and_after_it(workspace):
 
 
 def test_evaluate_renders_each_models_calls(workspace):
-    heldout = [{"id": f"h{i}", "question": f"Q{i}: what is it?", "answer_gold": str(i)} for i in range(3)]
-    path = make_pipeline(workspace, files={"heldout.jsonl": heldout}, teachers={
-        "weak": echo_teacher(scripted_answers(p=0.3), model="weak"),
-        "strong": echo_teacher(scripted_answers(p=0.8), model="strong")}, stages={
-        "heldout": "kind: load, path: heldout.jsonl",
-        "report": "kind: evaluate, input: heldout, models: [weak, strong], prompt: solve, "
-                  "params: {temperature: 1.0, max_tokens: 16, seed: 0}, "
-                  "verify: {answer: answer, reference: answer_gold, method: math}"})
+    path = weak_strong_evaluation(workspace, 3)
     synth_run(path)
     calls = lines(synth("prompts", path, "report", "--row", "h1", "--format", "json"))
     assert [(c["calls"], c["teacher"], c["model"]) for c in calls] == [("report_weak", "weak", "weak"),
