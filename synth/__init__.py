@@ -36,10 +36,10 @@ def load(path: str | Path):
 
 
 def run(pipeline, targets: list[str] | None = None, force: bool = False, max_cost: float | None = None,
-        console=None, only: bool = False) -> dict:
+        console=None, only: bool = False, jobs: int = 1) -> dict:
     """`synth run` in this process: run the stale stages of `pipeline` (a path, or a Graph from
     synth.load) or of `targets` and what they read, in DAG order (`only`: the targets alone, refused while
-    a stage they read is stale); returns the run's counts (`run_id`,
+    a stage they read is stale; `jobs`: independent train stages in that many worker processes at a time); returns the run's counts (`run_id`,
     `stages_run`, `sent`, `cached`, `errors`, `unsent`, `stages`: each stage's own counts). A user's
     mistake raises SynthError (the CLI's one line); failed requests do not raise: they are in
     counts["errors"] (the CLI's exit code 1). `console`: a rich Console for the progress (default: stderr).
@@ -50,6 +50,7 @@ def run(pipeline, targets: list[str] | None = None, force: bool = False, max_cos
     if not isinstance(pipeline, Graph):
         pipeline = load_pipeline(Path(pipeline))
     argv = ["run", str(pipeline.path), *(targets or []), *(["--force"] if force else []),
-            *(["--max-cost", str(max_cost)] if max_cost is not None else []), *(["--only"] if only else [])]
+            *(["--max-cost", str(max_cost)] if max_cost is not None else []), *(["--only"] if only else []),
+            *(["--jobs", str(jobs)] if jobs > 1 else [])]
     return run_pipeline(pipeline, list(targets) if targets else None, force=force, argv=argv, console=console,
-                        max_cost=max_cost, only=only)
+                        max_cost=max_cost, only=only, jobs=jobs)

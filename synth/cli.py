@@ -139,7 +139,9 @@ PIPELINE = click.argument("pipeline", type=click.Path(path_type=Path))
                                            "(naming it) when one of those is stale.")
 @click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), default=None, metavar="USD",
               help="Stop generating (resumably) once this run has spent this much at the teachers' prices.")
-def run(pipeline: Path, stages: tuple[str, ...], force: bool, only: bool, max_cost: float | None) -> None:
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train up to this many independent train stages at once (worker processes sharing the cores).")
+def run(pipeline: Path, stages: tuple[str, ...], force: bool, only: bool, max_cost: float | None, jobs: int) -> None:
     """Run the stale stages of PIPELINE (or the named STAGES and what they read), in DAG order."""
     from synth.pipeline import load_pipeline, run as run_pipeline
 
@@ -147,7 +149,7 @@ def run(pipeline: Path, stages: tuple[str, ...], force: bool, only: bool, max_co
     _show_progress_logs()
     _sigterm_as_interrupt()
     counts = run_pipeline(p, list(stages) or None, force=force, argv=sys.argv[1:], console=_err_console(),
-                          max_cost=max_cost, only=only)
+                          max_cost=max_cost, only=only, jobs=jobs)
     click.echo(f"run {counts['run_id']}: {len(counts['stages_run'])} stages run, {counts['sent']} requests sent, "
                f"{counts['cached']} cached, {counts['errors']} errors", err=True)
     if counts.get("stopped_at_budget"):

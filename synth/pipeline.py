@@ -14,6 +14,9 @@ Each stage runs through one lookup in synth/stages' KINDS table: `kind_of(kind).
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -114,9 +117,10 @@ def plan(graph: Graph, targets: list[str] | None = None) -> list[dict]:
 
 
 def run(graph: Graph, targets: list[str] | None = None, *, force: bool = False, argv: list[str] | None = None,
-        console: Console | None = None, max_cost: float | None = None, only: bool = False) -> dict:
+        console: Console | None = None, max_cost: float | None = None, only: bool = False, jobs: int = 1) -> dict:
     """Run every stale stage among the targets (default: all) and their upstream, in DAG order; with
-    `only`, the targets alone (with their companions), refusing when an input they read is stale.
+    `only`, the targets alone (with their companions), refusing when an input they read is stale; with
+    `jobs` > 1, independent train stages in that many worker processes at a time (_run_parallel).
     Records one run row. Returns the run's counts. Holds the store's writer lock throughout (one run per
     store at a time). Everything checkable is checked before anything is written."""
     console = console or Console(stderr=True)
@@ -140,7 +144,7 @@ def run(graph: Graph, targets: list[str] | None = None, *, force: bool = False, 
         run_id = graph.store.start_run("run", argv or sys.argv[1:], str(graph.path),
                                        graph.spec.model_dump(mode="json"))
         ctx = RunContext(graph, run_id, console, trained_models(graph.store.stage_states()), run_budget)
-        return _run_stages(ctx, names, targets, force)
+        return _run_stages(ctx, names, targets, force, jobs)
 
 
 def only_stages(graph: Graph, targets: list[str]) -> list[str]:
@@ -200,31 +204,104 @@ def rounds_stop(graph: Graph) -> tuple[int, str] | None:
     return None
 
 
-def _run_stages(ctx: RunContext, names: list[str], targets: list[str] | None, force: bool) -> dict:
+def _run_parallel(ctx: RunContext, batch: list[tuple[str, "StageStatus"]], jobs: int) -> dict[str, dict]:
+    """Train stages whose inputs are done, each in a worker process (synth/stage_worker.py), at most `jobs` at
+    a time, the cores divided among them (OMP_NUM_THREADS). Each records itself in the store as in process;
+    here its state is read back (its model becomes a teacher for what follows). A failed worker's line is on
+    stderr; the others finish, then one SynthError names the failed ones (a re-run resumes them). Any
+    exception here (Ctrl-C, SIGTERM) stops every worker first; a kill -9 of this process kills them too
+    (PR_SET_PDEATHSIG in the worker)."""
+    graph, console = ctx.graph, ctx.console
+    threads = max(1, (os.cpu_count() or 1) // min(jobs, len(batch) or 1))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SYNTH_WORKER_PARENT": str(os.getpid())}
+    queue, running, results, failed = list(batch), {}, {}, []
+    started: dict[str, float] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                name, st = queue.pop(0)
+                console.print(f"[bold]{name}[/bold] ({st.kind}): {st.reason} · in a worker process ({threads} threads)")
+                started[name] = time.monotonic()
+                running[name] = subprocess.Popen(
+                    [sys.executable, "-m", "synth.stage_worker", str(graph.path), ctx.run_id, name,
+                     json.dumps(ctx.trained)], env=env, stdin=subprocess.DEVNULL)
+            time.sleep(0.1)
+            for name, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                state = graph.store.stage_states().get(name, {})
+                if proc.returncode != 0 or state.get("status") != "done" or state.get("run_id") != ctx.run_id:
+                    failed.append(name)
+                    continue
+                detail = state["detail"]
+                ctx.set_trained(name, detail["model_dir"])
+                results[name] = {"rows": state["rows"], "model_dir": detail["model_dir"],
+                                 "seconds": round(time.monotonic() - started[name], 3)}
+    except BaseException:
+        for proc in running.values():
+            proc.terminate()
+        for proc in running.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+    if failed:
+        raise SynthError(f"train stage{'s' if len(failed) > 1 else ''} {', '.join(failed)} failed in "
+                         f"{'their worker processes' if len(failed) > 1 else 'its worker process'} (the error is "
+                         "above); a re-run resumes from the last checkpoint")
+    return results
+
+
+def _run_stages(ctx: RunContext, names: list[str], targets: list[str] | None, force: bool, jobs: int = 1) -> dict:
     graph, store, console = ctx.graph, ctx.store, ctx.console
     counts: dict = {"stages_run": [], "sent": 0, "cached": 0, "errors": 0, "unsent": 0, "recovered": 0}
+    def to_run(name: str) -> StageStatus | None:
+        """Its status when it is to run now; None (said why) when it is up to date or the rounds stopped."""
+        st = staleness(graph)[name]
+        if not st.stale and not (force and (not targets or name in targets)):
+            console.print(f"[dim]{name}: up to date[/dim]")
+            return None
+        r = graph.round_number(name)
+        stopped = rounds_stop(graph) if r >= 2 else None
+        if stopped and r >= stopped[0]:  # the stop rule: a later round is not run (and not an error)
+            console.print(f"[dim]{name}: not run: the rounds stopped before round {stopped[0]}: {stopped[1]}[/dim]")
+            counts.setdefault("rounds_stopped", stopped[0])
+            return None
+        return st
+
+    def add(name: str, result: dict) -> None:
+        counts["stages_run"].append(name)
+        if result.get("stopped") == "budget":
+            counts.setdefault("stopped_at_budget", []).append(name)
+        for key in ("sent", "cached", "errors", "unsent", "recovered"):
+            counts[key] += result.get(key, 0)
+        counts.setdefault("stages", {})[name] = result
+
+    pending = list(names)
     try:
-        for name in names:
-            st = staleness(graph)[name]
-            if not st.stale and not (force and (not targets or name in targets)):
-                console.print(f"[dim]{name}: up to date[/dim]")
-                continue
-            r = graph.round_number(name)
-            stopped = rounds_stop(graph) if r >= 2 else None
-            if stopped and r >= stopped[0]:  # the stop rule: a later round is not run (and not an error)
-                console.print(f"[dim]{name}: not run: the rounds stopped before round {stopped[0]}: {stopped[1]}[/dim]")
-                counts.setdefault("rounds_stopped", stopped[0])
+        while pending:
+            if jobs > 1 and graph.stage(pending[0]).kind == "train":
+                ready = [n for n in pending if graph.stage(n).kind == "train"
+                         and not any(i in pending for i in graph.inputs[n])]
+                if len(ready) > 1:  # independent trainings: in worker processes, `jobs` at a time
+                    for name in ready:
+                        pending.remove(name)
+                    batch = [(n, st) for n in ready if (st := to_run(n)) is not None]
+                    for name, result in _run_parallel(ctx, batch, jobs).items():
+                        add(name, result)
+                    continue
+            name = pending.pop(0)
+            st = to_run(name)
+            if st is None:
                 continue
             console.print(f"[bold]{name}[/bold] ({st.kind}): {st.reason}")
             started = time.monotonic()
             result = kind_of(st.kind).run(ctx, name)
             result["seconds"] = round(time.monotonic() - started, 3)
-            counts["stages_run"].append(name)
-            if result.get("stopped") == "budget":
-                counts.setdefault("stopped_at_budget", []).append(name)
-            for key in ("sent", "cached", "errors", "unsent", "recovered"):
-                counts[key] += result.get(key, 0)
-            counts.setdefault("stages", {})[name] = result
+            add(name, result)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         try:

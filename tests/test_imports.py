@@ -27,7 +27,7 @@ LIBRARIES = 0
 
 def layer(module: str) -> int:
     if module == "synth" or module in ("synth.cli", "synth.inspection", "synth.report", "synth.scaffold",
-                                         "synth.explore", "synth.prompts_cmd") or \
+                                         "synth.stage_worker", "synth.explore", "synth.prompts_cmd") or \
             module.startswith("synth.demo"):
         return COMMANDS
     if module == "synth.pipeline":

@@ -1,0 +1,109 @@
+"""`synth run --jobs 2`: independent train stages train at once in worker processes (synth/stage_worker.py),
+through the CLI on a real pipeline: the tiny real model, real TRL steps, real DuckDB. Both workers are seen
+alive together; what they record is what an in-process run records; a kill -9 of `synth run` leaves no
+worker behind, and the re-run finishes the trainings; a failing worker is one line naming its stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cli_env, query, synth, write
+
+pytestmark = pytest.mark.slow
+
+
+def workspace_with_two_students(root: Path, tiny_model: Path, steps: int = 40) -> Path:
+    root.mkdir(exist_ok=True)
+    write(root / "rows.jsonl", "".join(json.dumps({"id": f"q{i}", "question": f"Q{i}: what is it?",
+                                                   "answer_gold": f"The answer is {i}."}) + "\n" for i in range(16)))
+    (root / "prompts").mkdir(exist_ok=True)
+    write(root / "prompts" / "solve.yaml", 'user: "{{ question }}"\n')
+    write(root / "sft.yaml", (REPO / "train" / "sft-tiny.yaml").read_text().replace("max_steps: 30", f"max_steps: {steps}"))
+    return write(root / "pipeline.yaml", f"""\
+store: out/run.duckdb
+teachers:
+  base: {{backend: hf, model: {tiny_model}}}
+stages:
+  rows: {{kind: load, path: rows.jsonl}}
+  data: {{kind: export, input: rows, format: sft, prompt: solve, response: answer_gold, path: out/sft.parquet}}
+  one: {{kind: train, method: sft, data: data, student: base, recipe: sft.yaml, seeds: [0, 1]}}
+  later: {{kind: train, method: sft, data: data, init: one, recipe: sft.yaml}}
+""")
+
+
+def workers(root: Path) -> list[int]:
+    """Live worker processes of synth runs in this workspace (from /proc)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = (Path("/proc") / pid / "cmdline").read_bytes().split(b"\0")
+            state = (Path("/proc") / pid / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if b"synth.stage_worker" in cmd and str(root).encode() in b" ".join(cmd) and state != "Z":
+            found.append(int(pid))
+    return found
+
+
+def test_jobs_train_independent_stages_at_once_and_a_kill_leaves_no_worker(tmp_path, tiny_model):
+    root = tmp_path / "ws"
+    pipeline = workspace_with_two_students(root, tiny_model, steps=400)
+    proc = subprocess.Popen([sys.executable, "-m", "synth.cli", "run", str(pipeline), "--jobs", "2"], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, together = time.monotonic() + 300, False
+    while time.monotonic() < deadline and proc.poll() is None and not together:
+        together = len(workers(root)) == 2
+        time.sleep(0.05)
+    assert together, "two workers never ran at once"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    deadline = time.monotonic() + 30
+    while workers(root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not workers(root), "a worker outlived its killed parent"
+
+    # the re-run, with shorter trainings (a new recipe: they start over), finishes everything
+    write(root / "sft.yaml", (REPO / "train" / "sft-tiny.yaml").read_text().replace("max_steps: 30", "max_steps: 6"))
+    out = synth("run", pipeline, "--jobs", "2", timeout=600, check=True)
+    assert "one_s0 (train)" in out.stderr and "in a worker process" in out.stderr
+    store = root / "out" / "run.duckdb"
+    states = {n: (s, json.loads(d)) for n, s, d in query(store, "SELECT name, status, detail FROM synth.stages "
+                                                                  "WHERE kind = 'train'")}
+    assert {n: s for n, (s, _) in states.items()} == {"one_s0": "done", "one_s1": "done", "later_s0": "done",
+                                                     "later_s1": "done"}
+    for name, (_, detail) in states.items():
+        assert (Path(detail["model_dir"]) / "config.json").exists() and detail["steps"] == 6
+        assert [r[0] for r in query(store, f"SELECT step FROM {name} WHERE loss IS NOT NULL")] == list(range(1, 7))
+    run_id = query(store, "SELECT id FROM synth.runs ORDER BY started_at DESC LIMIT 1")[0][0]
+    assert {r[0] for r in query(store, "SELECT DISTINCT run_id FROM synth.stages WHERE kind = 'train'")} == {run_id}
+    # each later_s<seed> started from its own one_s<seed>
+    assert states["later_s1"][1]["model_dir"] != states["later_s0"][1]["model_dir"]
+    again = synth("run", pipeline, "--jobs", "2", check=True)
+    assert "0 stages run" in again.stderr
+
+
+def test_a_failing_worker_is_one_line_and_the_others_finish(tmp_path, tiny_model):
+    root = tmp_path / "ws"
+    pipeline = workspace_with_two_students(root, tiny_model, steps=4)
+    text = pipeline.read_text().replace("seeds: [0, 1]}", "seeds: [0, 1]}\n  bad: {kind: train, method: sft, data: data, "
+                                                         "student: base, recipe: bad.yaml}")
+    pipeline.write_text(text)
+    write(root / "bad.yaml", "max_steps: 4\nlearning_rate: 1.0e-3\nmax_length: 8\nmax_truncated_share: 0.0\n")
+    out = synth("run", pipeline, "--jobs", "2", timeout=600)
+    assert out.returncode == 2, out.stderr
+    assert "train stage bad failed in its worker process (the error is above)" in out.stderr
+    assert out.stderr.count("synth: error:") == 2  # the worker's own line, then the run's
+    states = dict(query(root / "out" / "run.duckdb", "SELECT name, status FROM synth.stages WHERE kind = 'train'"))
+    assert states.get("one_s0") == "done" and states.get("one_s1") == "done" and states.get("bad") != "done"
