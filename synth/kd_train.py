@@ -8,10 +8,14 @@ share the teacher's vocabulary (synth.vocab; checked by the train stage before a
 
 Recipe: TRL's SFTConfig fields (learning rate, steps, batch size, max_length, lora, ...) plus one synth key,
 
-    kd: {alpha: 0.0, temperature: 1.0, divergence: forward_kl, beta: 0.5, chunk_size: 1024}
+    kd: {alpha: 0.0, temperature: 1.0, divergence: forward_kl, beta: 0.5, chunk_size: 1024, kernel: auto}
 
 loss = alpha * CE + (1 - alpha) * T^2 * D(teacher || student) on completion tokens only (synth/kd_loss.py
 states the math: forward KL on the top-k with a tail bucket by default, reverse KL, generalised JSD).
+kernel says which implementation computes it (`kernel_choice`): `auto` the fused Triton kernel
+(synth/kd_kernel.py) when the student's tensors are on CUDA and triton is installed, else the chunked
+PyTorch loss; `triton` that kernel or one SynthError line (at the recipe check when triton is missing,
+at train start when there is no CUDA); `torch` the chunked loss (chunk_size applies to it only).
 
 How it sits on TRL: `KDTrainer` is an SFTTrainer whose dataset arrives tokenised (dataset_kwargs
 skip_prepare_dataset: this module builds input_ids, labels and the teacher arrays, and truncates to
@@ -24,6 +28,7 @@ resume, LoRA, logging) is TRL's and transformers' own. torch/trl are imported in
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,9 @@ from typing import Any
 from synth.errors import SynthError
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-KD_DEFAULTS = {"alpha": 0.0, "temperature": 1.0, "divergence": "forward_kl", "beta": 0.5, "chunk_size": 1024}
+KD_DEFAULTS = {"alpha": 0.0, "temperature": 1.0, "divergence": "forward_kl", "beta": 0.5, "chunk_size": 1024,
+               "kernel": "auto"}
+KERNELS = ("auto", "triton", "torch")
 KD_COLUMNS = ("prompt", "completion_ids", "teacher_ids", "teacher_logprobs")
 
 
@@ -48,6 +55,11 @@ def check_kd(value: Any, at: str) -> dict:
         if key == "divergence":
             if v not in DIVERGENCES:
                 raise SynthError(f"{at}: key 'kd.divergence' must be one of {', '.join(DIVERGENCES)}, got {v!r}")
+        elif key == "kernel":
+            if v not in KERNELS:
+                raise SynthError(f"{at}: key 'kd.kernel' must be one of {', '.join(KERNELS)}, got {v!r}")
+            if v == "triton" and not triton_installed():  # CUDA is known only with torch imported: at train start
+                kernel_choice(v, cuda=True, triton=False, at=at)
         elif key == "chunk_size":
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SynthError(f"{at}: key 'kd.chunk_size' must be a positive integer (tokens per chunk), got {v!r}")
@@ -65,6 +77,30 @@ def check_kd(value: Any, at: str) -> dict:
                 raise SynthError(f"{at}: key 'kd.{key}' must be {rule}, got {value[key]!r}")
         out[key] = v
     return out
+
+
+def triton_installed() -> bool:
+    """Whether triton can be imported here (found, not imported: the recipe checks stay cheap)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernel_choice(setting: str, *, cuda: bool, triton: bool, at: str = "the recipe") -> str:
+    """Which implementation computes the KD loss: 'triton' (synth/kd_kernel.py) or 'torch' (synth/kd_loss.py's
+    chunked loss), for the recipe's kd.kernel (KERNELS) when the student's tensors are on CUDA (`cuda`) and
+    triton is importable (`triton`). `triton` where it cannot run: one SynthError line (`at`: where it is set)."""
+    if setting == "torch":
+        return "torch"
+    if setting == "auto":
+        return "triton" if cuda and triton else "torch"
+    if setting != "triton":
+        raise SynthError(f"{at}: key 'kd.kernel' must be one of {', '.join(KERNELS)}, got {setting!r}")
+    if not triton:
+        raise SynthError(f"{at}: key 'kd.kernel' is triton, but triton is not installed here (pip install triton; "
+                         "it runs on CUDA GPUs): set kernel auto (the kernel where it can run) or torch")
+    if not cuda:
+        raise SynthError(f"{at}: key 'kd.kernel' is triton, but the student is not on a CUDA GPU (the Triton kernel "
+                         "runs on CUDA only): set kernel auto (the chunked PyTorch loss here) or torch")
+    return "triton"
 
 
 def tokenize(rows: list[dict], tokenizer, max_length: int | None) -> tuple[list[dict], dict]:
@@ -162,7 +198,8 @@ def student_parts(model):
 def batch_loss(model, inputs: dict, kd: dict):
     """The KD loss of one collated batch (Collator): the student's final hidden states (the decoder's output,
     no lm_head), shifted so position t predicts token t+1, only the completion's positions kept, then
-    kd_loss with the lm_head weight (logits chunk by chunk)."""
+    kd_loss with the lm_head weight (logits chunk by chunk) or, as kd["kernel"] says (kernel_choice),
+    the fused Triton kernel (logits tile by tile)."""
     from synth.kd_loss import SparseTargets, kd_loss
 
     decoder, head = student_parts(model)
@@ -174,8 +211,11 @@ def batch_loss(model, inputs: dict, kd: dict):
     k = inputs["teacher_ids"].shape[-1]
     targets = SparseTargets(labels=labels[keep], top_ids=inputs["teacher_ids"][:, 1:].reshape(-1, k)[keep],
                             top_logprobs=inputs["teacher_logprobs"][:, 1:].reshape(-1, k)[keep])
-    return kd_loss(h, head.weight, targets, alpha=kd["alpha"], temperature=kd["temperature"],
-                   divergence=kd["divergence"], beta=kd["beta"], chunk_size=kd["chunk_size"])
+    loss = kd_loss
+    if kernel_choice(kd.get("kernel", "auto"), cuda=h.is_cuda, triton=triton_installed()) == "triton":
+        from synth.kd_kernel import kd_loss_triton as loss
+    return loss(h, head.weight, targets, alpha=kd["alpha"], temperature=kd["temperature"],
+                divergence=kd["divergence"], beta=kd["beta"], chunk_size=kd["chunk_size"])
 
 
 def kd_trainer_class():
@@ -210,4 +250,9 @@ def kd_setup(rows: list[dict], tokenizer, recipe: dict, max_length: int | None, 
     if not examples:
         raise SynthError(f"{data_path}: every row's prompt fills max_length {max_length}; raise max_length")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return examples, ready, Collator(pad), check_kd(recipe.get("kd"), str(data_path))
+    kd = check_kd(recipe.get("kd"), str(data_path))
+    if kd["kernel"] == "triton":  # train start: no CUDA here is one line before the trainer is built
+        import torch
+
+        kernel_choice("triton", cuda=torch.cuda.is_available(), triton=triton_installed(), at="the kd recipe")
+    return examples, ready, Collator(pad), kd

@@ -243,7 +243,8 @@ def stop_server(proc: subprocess.Popen) -> None:
 LONGEST_FIRST = [
     "test_vllm.py", "test_demo.py", "test_real_model.py", "test_openai_backend.py", "test_kill_loop.py",
     "test_kd_train.py", "test_batch_api.py", "test_ray.py", "test_crash_resume.py", "test_score.py",
-    "test_pipeline.py", "test_reliability.py", "test_replication.py",
+    "test_pipeline.py", "test_reliability.py", "test_replication.py", "test_parallel_train.py", "test_rounds.py",
+    "test_kd_kernel.py", "test_own_task.py", "test_command_stage.py", "test_mix.py",
     "test_bad_input.py", "test_train_resume.py", "test_logprobs.py", "test_train_pipeline.py", "test_filters.py",
     "test_budget.py", "test_bad_input_table.py", "test_recipe_check.py", "test_refusals.py", "test_rate_limit.py",
     "test_secrets.py", "test_verifier_escapes.py", "test_fuzz_inputs.py", "test_train.py", "test_code_sandbox.py",
