@@ -107,3 +107,12 @@ def test_a_failing_worker_is_one_line_and_the_others_finish(tmp_path, tiny_model
     assert out.stderr.count("synth: error:") == 2  # the worker's own line, then the run's
     states = dict(query(root / "out" / "run.duckdb", "SELECT name, status FROM synth.stages WHERE kind = 'train'"))
     assert states.get("one_s0") == "done" and states.get("one_s1") == "done" and states.get("bad") != "done"
+
+
+def test_bench_quick():
+    """bench/parallel_train.py --quick runs both ways, finds the same models, and ends with its JSON line."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "parallel_train.py"), "--quick"], capture_output=True,
+                          text=True, env=cli_env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "parallel_train" and result["baseline"] > 0 and result["value"] > 0

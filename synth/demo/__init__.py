@@ -7,7 +7,8 @@ The demo's files live in examples/demo (installed under <prefix>/share/synth/exa
   2. writes DIR/data/*.jsonl from world.yaml (synth.demo.world: seeded word problems) and builds the
      random-weight starting models DIR/models/{teacher,student}-init with a tokenizer trained on the
      world's text — each only when world.yaml asks for something different from what is there;
-  3. runs DIR/pipeline.yaml like `synth run` (only what is stale: a second run trains and sends nothing);
+  3. runs DIR/pipeline.yaml like `synth run --jobs 2` (only what is stale: a second run trains and sends
+     nothing; independent trainings two at a time);
   4. computes the report from the store (synth.demo.report), prints it and writes DIR/report.json and
      DIR/report.png.
 """
@@ -15,6 +16,7 @@ The demo's files live in examples/demo (installed under <prefix>/share/synth/exa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -117,7 +119,9 @@ def run_demo(target: Path, console: Console | None = None) -> dict:
                       "recipes/) — edit them and re-run; only what changed runs again")
     build_world(target, console)
     pipeline = load_pipeline(target / "pipeline.yaml")
-    counts = run(pipeline, console=console, argv=["demo", str(target)])
+    # the student arms and their seeds are independent trainings: two at a time on two cores or more
+    jobs = min(2, os.cpu_count() or 1)
+    counts = run(pipeline, console=console, argv=["demo", str(target)], jobs=jobs)
     pipeline = load_pipeline(target / "pipeline.yaml")  # re-read: the trained models' dirs
     report = demo_report(pipeline)
     report["this_run"] = {"seconds": round(time.monotonic() - began, 1), "stages_run": len(counts["stages_run"]),
