@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from synth.kd_loss import IGNORE_INDEX, SparseTargets, _check, _divergence, _teacher
+from synth.kd_loss import IGNORE_INDEX, SparseTargets, _check, _divergence, _teacher, stored_gradients
 
 # tile sizes on a GPU (rows, vocabulary columns, hidden slice) and warps; the interpreter runs smaller ones
 GPU_BLOCKS = (64, 128, 64)
@@ -411,7 +411,4 @@ class _FusedKD(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the stored gradients are constants: a second derivative would be silently wrong
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad_out.to(grad_w.dtype),
-                None, None, None, None, None, None, None, None, None, None)
+        return (*stored_gradients(ctx, grad_out), None, None, None, None, None, None, None, None, None, None)

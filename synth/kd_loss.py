@@ -217,10 +217,15 @@ class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the stored gradients are constants: a second derivative would be silently wrong
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad_out.to(grad_w.dtype),
-                None, None, None, None, None, None, None, None)
+        return (*stored_gradients(ctx, grad_out), None, None, None, None, None, None, None, None)
+
+
+def stored_gradients(ctx, grad_out) -> tuple:
+    """The backward of a loss whose forward stored the gradients of hidden and weight (this module's and
+    kd_kernel.py's): those gradients scaled by the loss's incoming gradient (None where not needed)."""
+    grad_h, grad_w = ctx.saved_tensors
+    return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+            None if grad_w is None else grad_w * grad_out.to(grad_w.dtype))
 
 
 def _chunk(z, labels, ids, lp, vocab, a_ce, a_kd, t, divergence, beta):
