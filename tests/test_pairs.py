@@ -26,9 +26,11 @@ SAMPLES = [  # two groups; ids say what each sample is
 ]
 
 
-def project(workspace, stage: str, verdicts: dict[str, tuple] | None, by_kind: str | None):
-    write(workspace / "samples.jsonl", "".join(json.dumps({"id": i, "input_id": g, "text": f"text of {i}"}) + "\n"
-                                               for i, g in SAMPLES))
+def project(workspace, stage: str, verdicts: dict[str, tuple] | None, by_kind: str | None, prefix: str = ""):
+    """`prefix` renames every sample id (not its text): a fresh run's request ids differ from the last's."""
+    write(workspace / "samples.jsonl", "".join(json.dumps({"id": prefix + i, "input_id": g, "text": f"text of {i}"})
+                                               + "\n" for i, g in SAMPLES))
+    verdicts = {prefix + k: v for k, v in verdicts.items()} if verdicts else verdicts
     write(workspace / "student.jsonl", "".join(json.dumps({"id": f"s_{g}{k}", "input_id": g, "text": f"student {g}{k}"}) + "\n"
                                                for g in "ab" for k in range(2)))
     by = {"verify": "kind: verify, input: samples, method: exact, answer: text, reference: input_id",
@@ -74,6 +76,16 @@ def test_max_per_input_and_seed_are_deterministic(workspace):
     picks = {tuple(project(workspace, f"by: f, max_per_input: 1, seed: {s}", VERIFIED, "verify")[1][0][:2])
              for s in range(8)}
     assert len(picks) > 1  # the seed changes which of group a's four candidates is picked
+
+
+def test_the_pairs_taken_depend_on_the_texts_not_the_ids(workspace):
+    """A trained student's request ids carry its model directory, named by run id: a fresh run of the same
+    pipeline has other ids for the same samples. The pairs taken must be the same texts."""
+    texts = {}
+    for prefix in ("", "run2-"):
+        _, got = project(workspace, "by: f, max_per_input: 1, seed: 5", VERIFIED, "verify", prefix=prefix)
+        texts[prefix] = sorted((c.removeprefix(prefix), r.removeprefix(prefix)) for c, r, _, _ in got)
+    assert texts[""] == texts["run2-"] and len(texts[""]) == 2
 
 
 def test_plurality_beats_minority_only(workspace):

@@ -11,8 +11,10 @@ A pair stores the two row ids, the rule and the margin (synth.pairs) — never t
 stage's view joins the texts for reading. Pairs are distinct by text: a candidate whose two texts are
 the same is no preference and is dropped, and samples that repeat the same two texts make one
 candidate, not several (else a repeated pair would be trained on, and weighted, once per repeat).
-Selection is deterministic under `seed`: candidates are ordered by md5(seed, chosen, rejected) within
-their group and the first `max_per_input` are kept.
+Selection is deterministic under `seed`: candidates are ordered by md5(seed, group, chosen text,
+rejected text) within their group and the first `max_per_input` are kept — by texts, so that a fresh run
+of the same pipeline picks the same pairs even where the samples' request ids differ (a trained
+student's carry its model directory, named by run id).
 """
 
 from __future__ import annotations
@@ -80,13 +82,17 @@ def run(ctx: RunContext, name: str) -> dict:
     graph, run_id = ctx.graph, ctx.run_id
     stage: PairsStage = graph.stage(name)
     rule = rule_of(graph, name)
-    order = f"md5(concat_ws('|', {int(stage.seed)}, chosen_id, rejected_id))"
+    # which candidates are taken: by their texts, not their row ids. A trained student's request ids carry
+    # its model directory (named by run id), so an order by ids would pick other pairs on every fresh run
+    # of the same pipeline; the texts are what the student wrote, the same every time.
+    by_ids = f"md5(concat_ws('|', {int(stage.seed)}, chosen_id, rejected_id))"  # which of equal texts: any
+    by_texts = f"md5(concat_ws('|', {int(stage.seed)}, CAST(grp AS VARCHAR), chosen_text, rejected_text))"
     distinct = (f"SELECT * FROM ({candidates_sql(graph, name)}) WHERE chosen_text IS DISTINCT FROM rejected_text "
-                f"QUALIFY row_number() OVER (PARTITION BY grp, chosen_text, rejected_text ORDER BY {order}) = 1")
+                f"QUALIFY row_number() OVER (PARTITION BY grp, chosen_text, rejected_text ORDER BY {by_ids}) = 1")
     select = (f"SELECT {sql_str(name)} AS stage, CAST(chosen_id AS VARCHAR) AS chosen_id, "
               f"CAST(rejected_id AS VARCHAR) AS rejected_id, CAST(grp AS VARCHAR) AS input_id, {sql_str(rule)} AS rule, "
               f"margin, ? AS run_id, ? AS created_at FROM (SELECT *, row_number() OVER (PARTITION BY grp ORDER BY "
-              f"{order}) AS k FROM ({distinct})) WHERE k <= {int(stage.max_per_input)}")
+              f"{by_texts}) AS k FROM ({distinct})) WHERE k <= {int(stage.max_per_input)}")
     with ctx.store.write() as con:
         for source in filter(None, (stage.input, stage.versus)):
             cols = {c[0] for c in con.execute(f"SELECT * FROM {quote_ident(source)} LIMIT 0").description}
