@@ -286,6 +286,20 @@ def _named(graph: Graph, config) -> list[tuple[str, str]]:
     return out + [(key, t) for key, teachers in kind.teachers(config) for t in teachers]
 
 
+def _rename(data: dict, key: str, target: str, renamed: str) -> None:
+    """In a stage's config dump, `target` named by `key` (a name or a list of names) becomes `renamed`: how a
+    round's or a replica's copy reads the copies beside it."""
+    value = data[key]
+    data[key] = [renamed if v == target else v for v in value] if isinstance(value, list) \
+        else renamed if value == target else value
+
+
+def _suffixed(path: str, suffix: str) -> str:
+    """<stem><suffix><extension>: the file of an export's copy (a round's, a replica's)."""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}{suffix}{p.suffix}"))
+
+
 ROUND_PREVIOUS = "prev."  # in a rounds block: `prev.X` is the round before's X
 
 
@@ -343,12 +357,9 @@ def _expand_rounds(graph: Graph) -> None:
                     renamed = round_name(target, r)
                 else:
                     continue
-                value = data[key]
-                data[key] = [renamed if v == target else v for v in value] if isinstance(value, list) \
-                    else renamed if value == target else value
+                _rename(data, key, target, renamed)
             if config.kind == "export":  # each round writes its own file: <stem>_r<r><suffix>
-                path = Path(data["path"])
-                data["path"] = str(path.with_name(f"{path.stem}_r{r}{path.suffix}"))
+                data["path"] = _suffixed(data["path"], f"_r{r}")
             if config.kind == "generate":  # new samples each round: a row failed again must not get the
                 data["params"]["seed"] = (data["params"].get("seed") or 0) + r  # cached answers of the last
             expanded[copy] = type(config).model_validate(data)
@@ -413,14 +424,11 @@ def _expand_replicas(graph: Graph) -> None:
             data = config.model_dump(by_alias=True)
             for key, target in _named(graph, config):
                 if target in seeds_of:
-                    value = data[key]
-                    data[key] = [f"{v}_s{seed}" if v == target else v for v in value] if isinstance(value, list) \
-                        else f"{target}_s{seed}" if value == target else value
+                    _rename(data, key, target, f"{target}_s{seed}")
             if config.kind == "train":
                 data.update(seeds=None, seed=seed)
             if config.kind == "export":  # each replica writes its own file: <stem>_s<seed><suffix>
-                path = Path(data["path"])
-                data["path"] = str(path.with_name(f"{path.stem}_s{seed}{path.suffix}"))
+                data["path"] = _suffixed(data["path"], f"_s{seed}")
             expanded[replica] = type(config).model_validate(data)
             graph.replica_of[replica] = name
             replicas.append(replica)

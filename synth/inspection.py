@@ -19,7 +19,7 @@ from rich.text import Text
 from synth.errors import SynthError, one_line
 from synth.explore import cell, row_panel
 from synth.ids import sample_seed
-from synth.store import fetch_one, Store, quote_ident, rejection_reasons
+from synth.store import fetch_one, has_table, Store, quote_ident, rejection_reasons
 
 
 def store_for(path: Path) -> Store:
@@ -108,8 +108,7 @@ def status_rows(pipeline) -> list[dict]:
                     "FROM synth.generations g LEFT JOIN synth.completions c USING (id) GROUP BY g.stage").fetchall():
                 counts[r[0]] = {"requests": r[1], "done": r[2], "failed": r[3], "pending": r[1] - r[2] - r[3],
                                 "completion_tokens": int(r[4]), "prompt_tokens": int(r[5])}
-            if fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'synth' "
-                              "AND table_name = 'scores'")[0]:  # a store from before migration 13 has none
+            if has_table(con, "synth", "scores"):  # a store from before migration 13 has none
                 for r in con.execute(  # score stages: sequences to score, scored, failed; tokens scored
                         "SELECT s.stage, count(*), count(t.id), count(*) FILTER (WHERE t.id IS NULL AND s.score_id IN "
                         "(SELECT request_id FROM synth.errors e WHERE e.stage = s.stage)), "
@@ -185,8 +184,7 @@ def open_batches(store: Store) -> list[str]:
     if not store.exists():
         return []
     with store.read() as con:
-        if not fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'synth' "
-                              "AND table_name = 'batches'")[0]:
+        if not has_table(con, "synth", "batches"):
             return []
         rows = con.execute("SELECT stage, batch_id, status, requests, detail, updated_at FROM synth.batches WHERE "
                            "status IN ('uploaded', 'validating', 'in_progress', 'finalizing', 'cancelling') "
@@ -316,7 +314,7 @@ def _pair_lineage(con, pair_id: str) -> list | None:
 
 def _score_lineage(con, score_id: str) -> list | None:
     """A sequence a score stage had its teacher score: which row, which stage, how many tokens, top-k."""
-    if not _has_relation(con, "synth", "scores"):  # a store from before migration 13
+    if not has_table(con, "synth", "scores"):  # a store from before migration 13
         return None
     rows = con.execute("SELECT s.stage, s.id, s.tokens_from, len(t.token_ids), t.tokenizer "
                        "FROM synth.scores s LEFT JOIN synth.token_logprobs t ON t.id = s.score_id "
@@ -383,11 +381,6 @@ def _rows_where(con, sql: str, params: list) -> list[dict]:
     cur = con.execute(sql, params)
     columns = [d[0] for d in cur.description]
     return [dict(zip(columns, r)) for r in cur.fetchall()]
-
-
-def _has_relation(con, schema: str, name: str) -> bool:
-    return bool(fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? "
-                               "AND table_name = ?", [schema, name])[0])
 
 
 def _verdicts(con, row_id: str) -> list[tuple]:
@@ -485,12 +478,8 @@ def mix_sources(con, pipeline, name: str) -> list[dict]:
         kept = fetch_one(con, f"SELECT count(*) FROM {quote_ident(inp)}")[0]
         row = {"input": inp, "teacher": pipeline.stage(root).teacher, "samples": samples, "kept": kept,
                "taken": taken.get(inp, 0), "cost": None, "cost_per_kept": None, "cost_per_taken": None}
-        prices = pipeline.prices(root)
-        if prices is not None:
-            tokens_in, tokens_out = fetch_one(con, "SELECT coalesce(sum(c.prompt_tokens), 0), coalesce(sum("
-                                                   "c.completion_tokens), 0) FROM synth.generations g JOIN "
-                                                   "synth.completions c USING (id) WHERE g.stage = ?", [root])
-            row["cost"] = prices.cost(tokens_in, tokens_out)
+        row["cost"] = generation_cost(con, pipeline, root)
+        if row["cost"] is not None:
             row["cost_per_kept"] = row["cost"] / kept if kept else None
             row["cost_per_taken"] = row["cost"] / row["taken"] if row["taken"] else None
         out.append(row)
@@ -499,14 +488,19 @@ def mix_sources(con, pipeline, name: str) -> list[dict]:
 
 def _cost_per_kept(con, pipeline, name: str, kept: int) -> float | None:
     """What the generation behind a keep stage cost (all its samples, kept or not) per kept row."""
-    root = pipeline.root(name)
-    prices = pipeline.prices(root)
-    if prices is None or not kept:
+    cost = generation_cost(con, pipeline, pipeline.root(name))
+    return None if cost is None or not kept else cost / kept
+
+
+def generation_cost(con, pipeline, stage: str) -> float | None:
+    """What a generate stage's answers cost at its teacher's prices (None: the teacher has none)."""
+    prices = pipeline.prices(stage)
+    if prices is None:
         return None
     tokens_in, tokens_out = fetch_one(con, "SELECT coalesce(sum(c.prompt_tokens), 0), coalesce(sum(c.completion_tokens), 0) "
                                            "FROM synth.generations g JOIN synth.completions c USING (id) "
-                                           "WHERE g.stage = ?", [root])
-    return prices.cost(tokens_in, tokens_out) / kept
+                                           "WHERE g.stage = ?", [stage])
+    return prices.cost(tokens_in, tokens_out)
 
 
 def print_stats(pipeline, console: Console) -> None:

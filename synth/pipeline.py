@@ -178,6 +178,21 @@ def preflight(graph: Graph, names: list[str], console: Console, targets: list[st
         graph.kind(name).preflight(graph, name, trained, console, will_run)
 
 
+def round_evaluations(graph: Graph, evaluate: str, model: str) -> list[tuple[str, str, dict[str, tuple[int, int]]]]:
+    """Per round r = 0..count (`rounds:`): (round r's evaluate stage, round r's model, {replica of that model:
+    (correct, outputs)} for those it has evaluated) — read by the stop rule and by `synth report`."""
+    out = []
+    with graph.store.read() as con:
+        for r in range(graph.spec.rounds.count + 1):
+            stage, name = round_name(evaluate, r), round_name(model, r)
+            models = list(graph.replicas.get(name, (name,)))
+            found = con.execute("SELECT model, count(*) FILTER (WHERE passed), count(*) FROM synth.evaluations WHERE "
+                                f"stage = ? AND model IN ({', '.join('?' * len(models))}) GROUP BY model",
+                                [stage, *models]).fetchall()
+            out.append((stage, name, {m: (correct, n) for m, correct, n in found}))
+    return out
+
+
 def rounds_stop(graph: Graph) -> tuple[int, str] | None:
     """(r, why) when the rounds' stop rule ends the repetition before round r: round r-1's model gained
     less than `min_gain` points over round r-2's on the stop's evaluate stage (a replicated model: the mean
@@ -187,14 +202,9 @@ def rounds_stop(graph: Graph) -> tuple[int, str] | None:
         return None
     stop = rounds.stop
     accuracy: dict[int, float] = {}
-    with graph.store.read() as con:
-        for r in range(rounds.count + 1):
-            evaluate, model = round_name(stop.evaluate, r), round_name(stop.model, r)
-            models = list(graph.replicas.get(model, (model,)))
-            found = con.execute("SELECT model, avg(CAST(passed AS DOUBLE)) FROM synth.evaluations WHERE stage = ? AND "
-                                f"model IN ({', '.join('?' * len(models))}) GROUP BY model", [evaluate, *models]).fetchall()
-            if len(found) == len(models):
-                accuracy[r] = sum(a for _, a in found) / len(found)
+    for r, (_, model, found) in enumerate(round_evaluations(graph, stop.evaluate, stop.model)):
+        if len(found) == len(graph.replicas.get(model, (model,))):  # every replica evaluated
+            accuracy[r] = sum(correct / n for correct, n in found.values()) / len(found)
     for r in range(2, rounds.count + 1):
         if r - 1 in accuracy and r - 2 in accuracy:
             gain = 100 * (accuracy[r - 1] - accuracy[r - 2])

@@ -29,9 +29,8 @@ from rich.table import Table
 from synth import compare
 from synth.config import EvaluateStage, TrainStage
 from synth.errors import SynthError
-from synth.graph import round_name
 from synth.inspection import stats_rows
-from synth.pipeline import rounds_stop
+from synth.pipeline import round_evaluations, rounds_stop
 from synth.stages.evaluate import summary, wilson
 
 ALL_PAIRS_UP_TO = 6  # models in an evaluate stage without trained ones: every pair up to this many
@@ -86,19 +85,14 @@ def round_rows(pipeline) -> list[dict]:
             return []
     stopped = rounds_stop(pipeline)
     out, previous = [], None
-    with pipeline.store.read() as con:
-        for r in range(rounds.count + 1):
-            stage, name = round_name(evaluate, r), round_name(model, r)
-            models = list(pipeline.replicas.get(name, (name,)))
-            n, correct = con.execute(
-                f"SELECT count(*), count(*) FILTER (WHERE passed) FROM synth.evaluations WHERE stage = ? AND model IN "
-                f"({', '.join('?' * len(models))})", [stage, *models]).fetchone()
-            accuracy = correct / n if n else None
-            status = "done" if n else "stopped" if stopped and r >= stopped[0] else "not run"
-            out.append({"round": r, "evaluate": stage, "model": name, "n": n, "correct": correct, "accuracy": accuracy,
-                        "gain_points": None if accuracy is None or previous is None else 100 * (accuracy - previous),
-                        "status": status, **({"why": stopped[1]} if status == "stopped" else {})})
-            previous = accuracy if accuracy is not None else previous
+    for r, (stage, name, found) in enumerate(round_evaluations(pipeline, evaluate, model)):
+        correct, n = sum(c for c, _ in found.values()), sum(k for _, k in found.values())
+        accuracy = correct / n if n else None
+        status = "done" if n else "stopped" if stopped and r >= stopped[0] else "not run"
+        out.append({"round": r, "evaluate": stage, "model": name, "n": n, "correct": correct, "accuracy": accuracy,
+                    "gain_points": None if accuracy is None or previous is None else 100 * (accuracy - previous),
+                    "status": status, **({"why": stopped[1]} if status == "stopped" else {})})
+        previous = accuracy if accuracy is not None else previous
     return out
 
 

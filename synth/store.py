@@ -396,7 +396,7 @@ class Store:
         if not self.exists():
             return {}
         with self.read() as con:
-            if not _has_table(con, "synth", "stages"):
+            if not has_table(con, "synth", "stages"):
                 return {}
             cur = con.execute("SELECT name, kind, fingerprint, status, rows, run_id, updated_at, detail "
                               "FROM synth.stages")
@@ -514,7 +514,8 @@ class StoreReader:
                 raise SynthError(f"{self.path}: query failed: {one_line(exc)}{hint}") from None
 
 
-def _has_table(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+def has_table(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+    """Whether the store has this table or view (an older store lacks what later migrations add)."""
     return fetch_one(con, "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND "
                        "table_name = ?", [schema, table])[0] > 0
 
