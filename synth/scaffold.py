@@ -212,7 +212,7 @@ def _recipe(from_scratch: bool, teacher: bool = False) -> str:
                 "max_truncated_share: 0.02\n")
     return ("# TRL SFTConfig fields (TRL's docs are the reference), plus synth's keys. A pretrained student:\n"
             "# a low learning rate, LoRA (merged on save), a couple of epochs.\n"
-            "num_train_epochs: 2\nlearning_rate: 1.0e-4\nlr_scheduler_type: cosine\nwarmup_ratio: 0.05\n"
+            "num_train_epochs: 2\nlearning_rate: 1.0e-4\nlr_scheduler_type: cosine\nwarmup_steps: 10\n"
             "per_device_train_batch_size: 8\nmax_length: 1024\nassistant_only_loss: true\nlogging_steps: 10\n"
             "seed: 0\nlora: {r: 16, alpha: 32, dropout: 0.05}\n")
 

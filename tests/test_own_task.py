@@ -118,3 +118,17 @@ def test_new_and_models_mistakes_are_one_line(workspace):
     assert spec["teachers"]["teacher"] == {"backend": "openai", "model": "gpt-4o-mini"}
     assert spec["stages"]["correct"]["kind"] == "verify" and spec["stages"]["correct"]["reference"] == "gold"
     assert "wrote" in ok.stderr
+
+
+def test_new_with_a_pretrained_student_writes_a_recipe_trl_accepts(workspace, tiny_model):
+    """A student that `synth models` did not build is fine-tuned (LoRA recipe); that recipe must pass the
+    recipe check the pipeline's load runs (it once named warmup_ratio, which TRL's SFTConfig no longer has)."""
+    from synth import load as synth_load
+
+    write(workspace / "rows.jsonl", json.dumps({"id": "a", "question": "q?", "answer": "x"}) + "\n")
+    synth("new", workspace / "ws", "--seeds", workspace / "rows.jsonl", "--teacher", f"hf:{tiny_model}",
+          "--student", str(tiny_model), check=True)
+    assert "lora:" in (workspace / "ws" / "recipes" / "student.yaml").read_text()
+    graph = synth_load(workspace / "ws" / "pipeline.yaml")
+    assert graph.stage("student").student == str(tiny_model)
+    assert synth("plan", workspace / "ws" / "pipeline.yaml").returncode == 0
