@@ -145,6 +145,23 @@ def test_builtin_filters(workspace):
         check(v, {"ok": (True, None), **expected})
 
 
+def test_reasoning_length_bounds_a_trace_by_its_counted_or_estimated_tokens(workspace):
+    rows = [{"id": "ok", "text": "7", "reasoning": "3 + 4 is 7", "reasoning_tokens": 6},
+            {"id": "long", "text": "7", "reasoning": "short text", "reasoning_tokens": 900},  # the count wins
+            {"id": "guessed", "text": "7", "reasoning": "x" * 4000, "reasoning_tokens": None},  # ~1,000 tokens
+            {"id": "none", "text": "7", "reasoning": None, "reasoning_tokens": None},
+            {"id": "blank", "text": "7", "reasoning": "  ", "reasoning_tokens": 0}]
+    v = run_filter(workspace, rows, "kind: filter, use: reasoning_length, args: {max_tokens: 500}")
+    check(v, {"ok": (True, None), "long": (False, "trace_too_long"), "guessed": (False, "trace_too_long"),
+              "none": (False, "no_trace"), "blank": (False, "no_trace")})
+    assert v["guessed"][2] == 1000.0
+    v = run_filter(workspace, rows, "kind: filter, use: reasoning_length, args: {min_tokens: 0, min_chars: 20}")
+    check(v, {"ok": (False, "trace_too_short"), "long": (False, "trace_too_short"), "guessed": (True, None),
+              "none": (False, "no_trace")})
+    v = run_filter(workspace, rows, "kind: filter, use: reasoning_length, args: {min_tokens: 0}")  # a trace optional
+    check(v, {"ok": (True, None), "none": (True, None), "blank": (True, None)})
+
+
 def test_workspace_python_filter_with_args(workspace):
     rows = [{"id": "a", "text": "apples"}, {"id": "b", "text": "bananas"}]
     v = run_filter(workspace, rows, "kind: filter, use: startswith, args: {prefix: a}", extra_files={

@@ -48,6 +48,27 @@ def test_answers_are_checked_against_the_schema_and_its_properties_are_columns(w
     assert params["json_schema"] == VERDICT  # the schema is part of what is sent, hence of the request id
 
 
+def test_a_property_named_like_a_generation_column_is_its_own_column(workspace):
+    """{reasoning, answer} is the usual schema for a small model: its `reasoning` property must not be lost
+    to (nor overwrite) the teacher's trace column: it is answer_reasoning; so for `text`, `id`."""
+    schema = {"type": "object", "properties": {"reasoning": {"type": "string"}, "answer": {"type": "integer"},
+                                               "text": {"type": "string"}}, "required": ["reasoning", "answer"]}
+    rules = [{"match": r"Q(\d+):", "reply": '<think>the trace</think>{"reasoning": "add them", '
+                                            '"answer": {{ match[1] }}, "text": "t", "id": "x"}'}]
+    pipeline = make_pipeline(workspace, teachers={"t": echo_teacher(rules)}, files={
+        "prompts/j.yaml": 'user: "{{ question }}"\nparse: json\n'}, stages={
+        "problems": "kind: load, path: seeds.jsonl, limit: 2",
+        "solutions": {"kind": "generate", "input": "problems", "teacher": "t", "prompt": "solve", "schema": schema},
+        "free": {"kind": "generate", "input": "problems", "teacher": "t", "prompt": "j"}})
+    synth_run(pipeline)
+    store = workspace / "out" / "run.duckdb"
+    assert query(store, "SELECT reasoning, answer_reasoning, answer, answer_text FROM solutions ORDER BY input_id") == \
+        [("the trace", "add them", "0", "t"), ("the trace", "add them", "1", "t")]
+    # parse: json without a schema: every key of the answers, the taken names renamed alike
+    row = query(store, "SELECT reasoning, answer_reasoning, answer_id, answer_text, answer FROM free ORDER BY input_id")
+    assert row[0] == ("the trace", "add them", "x", "t", "0")
+
+
 def test_a_valid_object_that_breaks_the_schema_fails_with_the_path(workspace):
     rules = [{"match": "Q", "reply": '{"verdict": "maybe"}'}]
     pipeline = make_pipeline(workspace, teachers={"t": echo_teacher(rules)}, stages={

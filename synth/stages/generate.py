@@ -488,16 +488,16 @@ def _completion_rows(completions: list[Completion], teacher: str, run_id: str) -
 def _create_view(con, graph: Graph, name: str) -> None:
     stage: GenerateStage = graph.stage(name)
     parse = graph.templates[name].spec.parse
-    parsed_cols = answer_columns(graph, name)
+    keys = answer_keys(graph, name)
     if parse == "json":
-        keys = con.execute("SELECT DISTINCT unnest(json_keys(parsed)) AS k FROM synth.generations "
-                           "WHERE stage = ? AND parsed IS NOT NULL ORDER BY k", [name]).fetchall()
-        parsed_cols += [k[0] for k in keys if k[0] not in GENERATION_COLUMNS and k[0] not in parsed_cols]
-    own = GENERATION_COLUMNS + parsed_cols
+        found = con.execute("SELECT DISTINCT unnest(json_keys(parsed)) AS k FROM synth.generations "
+                            "WHERE stage = ? AND parsed IS NOT NULL ORDER BY k", [name]).fetchall()
+        keys += [k[0] for k in found if k[0] not in keys and answer_alias(k[0]) not in map(answer_alias, keys)]
+    own = GENERATION_COLUMNS + [answer_alias(k) for k in keys]
     select = ["g.id", "g.input_id", "g.sample", "g.teacher", "r.model", "c.text", "c.finish_reason",
               "c.prompt_tokens", "c.completion_tokens", "c.reasoning", "c.reasoning_tokens"]
-    select += [f"json_extract_string(g.parsed, {sql_str('$.' + json.dumps(k))}) AS {quote_ident(k)}"
-               for k in parsed_cols]
+    select += [f"json_extract_string(g.parsed, {sql_str('$.' + json.dumps(k))}) AS {quote_ident(answer_alias(k))}"
+               for k in keys]
     select += [f"i.{quote_ident(c)} AS {quote_ident(input_alias(c, own))}"
                for c in graph.columns[stage.input] if c != "id"]
     Store.replace_view(con, name, (
@@ -508,10 +508,21 @@ def _create_view(con, graph: Graph, name: str) -> None:
 
 # ---- load time ------------------------------------------------------------------------------------------
 
-def answer_columns(graph: Graph, name: str) -> list[str]:
-    """The columns a stage reads out of each answer: its template's parser's, then its schema's properties."""
+def answer_keys(graph: Graph, name: str) -> list[str]:
+    """The keys a stage reads out of each answer: its template's parser's, then its schema's properties."""
     parsed = list(PARSER_COLUMNS[graph.templates[name].spec.parse])
-    return parsed + [p for p in schemas.properties(graph.schemas.get(name)) if p not in parsed + GENERATION_COLUMNS]
+    return parsed + [p for p in schemas.properties(graph.schemas.get(name)) if p not in parsed]
+
+
+def answer_alias(key: str) -> str:
+    """The column of an answer's key: the key, or answer_<key> where a generation column has its name (a
+    schema's `reasoning` property beside the teacher's trace, an `id` or `text` key)."""
+    return f"answer_{key}" if key in GENERATION_COLUMNS else key
+
+
+def answer_columns(graph: Graph, name: str) -> list[str]:
+    """The columns a stage reads out of each answer (answer_keys, named by answer_alias)."""
+    return [answer_alias(k) for k in answer_keys(graph, name)]
 
 
 def answer_parser(graph: Graph, name: str):
