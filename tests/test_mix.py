@@ -11,7 +11,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import echo_teacher, make_pipeline, query, scripted_answers, synth, synth_run
+from conftest import echo_teacher, fill_workspace, make_pipeline, query, scripted_answers, synth, synth_run
 from synth import load as synth_load
 from synth.errors import SynthError
 
@@ -35,8 +35,11 @@ def mixture(workspace, mix: str, **extra: str):
     return make_pipeline(workspace, files={"questions.jsonl": rows}, teachers=teachers, stages=stages)
 
 
-def md5_order(ids: list[str], seed: int = 0) -> list[str]:
-    return sorted(ids, key=lambda i: hashlib.md5(f"{i}:{seed}".encode()).hexdigest())
+def md5_order(store, stage: str, seed: int = 0) -> list[str]:
+    """The ids of a stage's rows in the mix's order: md5 of seed|input_id|sample|text, ties by md5 of id:seed."""
+    rows = query(store, f"SELECT id, input_id, sample, text FROM {stage}")
+    return [r[0] for r in sorted(rows, key=lambda r: (hashlib.md5(f"{seed}|{r[1]}|{r[2]}|{r[3]}".encode()).hexdigest(),
+                                                      hashlib.md5(f"{r[0]}:{seed}".encode()).hexdigest()))]
 
 
 def kept_ids(store, teacher: str) -> list[str]:
@@ -65,17 +68,37 @@ def test_mix_rules_take_what_they_say(workspace, rule):
     got = taken(store)
     if rule == "union":
         want = {"cheap_kept": set(cheap), "dear_kept": set(dear)}
-    elif rule == "quota":  # at most 5 of cheap's, 40 of dear's, the first in md5(id:seed) order
-        want = {"cheap_kept": set(md5_order(cheap, 3)[:5]), "dear_kept": set(md5_order(dear, 3)[:40])}
+    elif rule == "quota":  # at most 5 of cheap's, 40 of dear's, the first in the seeded md5 order of their texts
+        want = {"cheap_kept": set(md5_order(store, "cheap_kept", 3)[:5]),
+                "dear_kept": set(md5_order(store, "dear_kept", 3)[:40])}
     else:  # shares 1:3; the largest total that fits: min(cheap / 0.25, dear / 0.75)
         total = int(min(len(cheap) / 0.25, len(dear) / 0.75))
         n_cheap, n_dear = round(0.25 * total), round(0.75 * total)
-        want = {"cheap_kept": set(md5_order(cheap)[:n_cheap]), "dear_kept": set(md5_order(dear)[:n_dear])}
+        want = {"cheap_kept": set(md5_order(store, "cheap_kept")[:n_cheap]),
+                "dear_kept": set(md5_order(store, "dear_kept")[:n_dear])}
         assert abs(len(got["dear_kept"]) - 3 * len(got["cheap_kept"])) <= 2
     assert got == want
     assert exported(workspace) == sum(len(v) for v in want.values())
     state = json.loads(query(store, "SELECT detail FROM synth.stages WHERE name = 'mixed'")[0][0])
     assert state["taken"] == {k: len(v) for k, v in want.items()}
+
+
+def test_a_quota_takes_the_same_rows_when_only_the_request_ids_change(workspace, tmp_path):
+    """A trained teacher's request ids name its run's model directory, so a fresh run of the same pipeline has
+    other ids for the same texts: the rows a quota takes must not depend on them (they did: md5(id) order)."""
+    def texts_taken(folder, dear_model):
+        pipeline = mixture(folder, "rule: quota, quota: {cheap_kept: 5, dear_kept: 7}, seed: 1")
+        pipeline.write_text(pipeline.read_text().replace('"model": "dear"', f'"model": "{dear_model}"'))
+        synth_run(pipeline)
+        return sorted(query(folder / "out" / "run.duckdb", "SELECT source, input_id, sample, text FROM mixed"))
+
+    other = tmp_path / "other"
+    other.mkdir()
+    fill_workspace(other)
+    first, second = texts_taken(workspace, "dear"), texts_taken(other, "dear-run-2")
+    ids = [query(f / "out" / "run.duckdb", "SELECT id FROM dear_kept ORDER BY input_id, sample") for f in (workspace, other)]
+    assert ids[0] != ids[1]  # other request ids ...
+    assert first == second and len(first) == 12  # ... the same rows taken
 
 
 def test_mix_best_takes_each_inputs_best_sample_and_stats_price_each_teacher(workspace):

@@ -7,7 +7,8 @@ Each input is generated rows (a generate stage, or a keep/filter of one: a teach
 of them are samples on the same input stage (one prompt set). The output is a view of the rows taken,
 with the columns the inputs share plus `source` (the input each row came from). Rules:
 - union: every row of every input;
-- quota: at most quota[input] rows of each (which ones: md5(id, seed) order, reproducible);
+- quota: at most quota[input] rows of each (which ones: a seeded md5 order of input row, sample and
+  text: reproducible across fresh runs);
 - weights: shares in the given proportions: N = `size`, else the largest total the inputs allow
   (min over inputs of available / share), and round(share x N) rows of each, in the same order;
 - best: per input row (input_id), the `per_input` rows with the highest verdict score over all inputs,
@@ -75,7 +76,11 @@ def check(graph: Graph, name: str) -> list[str]:
 
 
 def _order(seed: int) -> str:
-    return f"md5(CAST(id AS VARCHAR) || ':' || {int(seed)})"
+    """A reproducible shuffle by what a row is (its input row, sample number and text), not by its request id:
+    a trained teacher's ids carry its run-named model directory, so an id order picked other rows on every
+    fresh run of the same pipeline (as pairs did; see pairs.py). The id only breaks ties."""
+    content = f"md5(concat_ws('|', {int(seed)}, CAST(input_id AS VARCHAR), CAST(sample AS VARCHAR), text))"
+    return f"{content}, md5(CAST(id AS VARCHAR) || ':' || {int(seed)})"
 
 
 def taken_counts(stage: MixStage, available: dict[str, int]) -> dict[str, int] | None:
