@@ -125,6 +125,10 @@ def run(ctx: RunContext, name: str) -> dict:
                 "ORDER BY s.input_id, s.sample, s.id").fetchall()
         records = [rec for rid, msgs, text, ans, trace in rows for suffix, target in with_reasoning(text, trace, stage)
                    for rec in sft_records(rid + suffix, json.loads(msgs), target, ans, stage)]
+        # samples with a trace and no answer after it (cut at max_tokens inside the trace): left out by
+        # with_reasoning; counted so the export's row count is explained
+        if unanswered := sum(1 for _, _, text, _, trace in rows if trace and not (text or "").strip()):
+            detail["unanswered"] = unanswered
     if out.suffix == "":
         _write_dataset_dir(out, records, stage.format, dataset_card(ctx, name, len(records)))
     else:
@@ -145,6 +149,8 @@ def run(ctx: RunContext, name: str) -> dict:
     if not records:
         ctx.console.print(f"  [bold yellow]{name}: warning: wrote an empty {stage.format} file ({out}): "
                           + (f"the filters rejected every row (most often: {reasons}); " if reasons else
+                             f"every sample's trace was cut at max_tokens before an answer ({detail['unanswered']} "
+                             "unanswered: raise the generate stage's max_tokens); " if detail.get("unanswered") else
                              f"its input '{stage.input}' has no rows; ")
                           + "a train stage on it would fail. `synth stats` shows the funnel[/bold yellow]",
                           highlight=False)
@@ -208,7 +214,12 @@ KD_SCHEMA_FIELDS = [("completion", "string"), ("completion_ids", "ids"), ("logpr
 
 def with_reasoning(text: str, trace: str | None, stage: ExportStage) -> list[tuple[str, str]]:
     """(id suffix, assistant text) per example of one sample: its answer text (reasoning: drop, or no
-    trace), the trace in the student's think tags before it (think), or both as two examples."""
+    trace), the trace in the student's think tags before it (think), or both as two examples. A sample
+    whose trace has no answer after it (the trace was cut at max_tokens: split_reasoning leaves the text
+    empty) gives none: `think` would close a tag the teacher never closed and train an empty answer, `drop`
+    an empty answer."""
+    if trace and not (text or "").strip():
+        return []
     if stage.reasoning == "drop" or not trace:
         return [("", text)]
     start, end = stage.think_tags
@@ -249,6 +260,9 @@ def provenance(ctx: RunContext, name: str, rows: int, vocabulary: str | None = N
         "pipeline": str(graph.path), "store": str(ctx.store.path), "stage": name, "rows": rows,
         "format": graph.stage(name).format,
         **({"tokenizer": vocabulary} if graph.stage(name).format == "kd" else {}),
+        # the tags its traces are in: the train stage's readiness checks them against the student's template
+        **({"reasoning": graph.stage(name).reasoning, "think_tags": list(graph.stage(name).think_tags)}
+           if getattr(graph.stage(name), "reasoning", "drop") != "drop" else {}),
         "teachers": {t: ctx.teacher_config(t).model for t in sorted({getattr(s, "teacher", None)
                                                                             for s in stages.values()} - {None})},
         "templates": sorted({s.prompt for s in stages.values() if getattr(s, "prompt", None)}),
