@@ -2,7 +2,7 @@
 generate stages judge and evaluate): which rows a stage renders, and the requests they become.
 
 Contract (DESIGN.md, "Data model"): a request's id is the hash of (model, rendered messages, sampling
-params, sample index), so the same row, template, model and params always give the same ids (the
+params, sample index; and a teacher's reasoning_tags when not the default: answers are stored split by them), so the same row, template, model and params always give the same ids (the
 cache), and rows that render the same messages share their requests (`collapsed`).
 """
 
@@ -16,7 +16,7 @@ from synth.errors import MissingValue
 from synth.graph import Graph
 from synth.ids import content_hash, prompt_id, request_id
 from synth.store import Store, fetch_one, quote_ident
-from synth.teachers import Request
+from synth.teachers import DEFAULT_REASONING_TAGS, Request
 
 PAIR_COLUMNS = ["a", "b", "a_id", "b_id"]  # what a pairwise critic's template gets besides the row's columns
 
@@ -40,6 +40,14 @@ def build_requests(graph: Graph, name: str, rows: list[dict], model: str) -> Pla
     params = stage.params.model_dump(exclude_none=True)
     if name in graph.schemas:  # structured output: the schema is part of what is sent, hence of the ids
         params["json_schema"] = graph.schemas[name]
+    # An answer is stored split by its teacher's reasoning_tags (trace apart from text), so other tags are
+    # another stored result: part of the id when not the default (the ids of every default teacher stay
+    # as they were). Not sent: the params the request carries stay as they are.
+    id_params = params
+    teacher = graph.spec.teachers.get(getattr(stage, "teacher", None) or "")
+    tags = getattr(teacher, "reasoning_tags", DEFAULT_REASONING_TAGS)
+    if tuple(tags) != DEFAULT_REASONING_TAGS:
+        id_params = {**params, "reasoning_tags": list(tags)}
     planned = Planned([], {}, {}, {}, 0, {})
     for row in rows:
         try:
@@ -50,7 +58,7 @@ def build_requests(graph: Graph, name: str, rows: list[dict], model: str) -> Pla
         pid = prompt_id(messages)
         planned.prompts[pid] = messages
         for k in range(stage.samples):
-            rid = request_id(model, messages, params, k)
+            rid = request_id(model, messages, id_params, k)
             planned.by_input.setdefault(str(row["id"]), []).append(rid)
             if rid in planned.input_of:
                 planned.collapsed += 1

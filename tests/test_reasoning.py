@@ -50,6 +50,27 @@ def test_think_tags_from_an_in_process_teacher_become_the_reasoning_column(works
     assert all(r[0].startswith("\\boxed{") and r[1].startswith("Let me add: the sum is") and r[2] for r in rows)
 
 
+def test_reasoning_tags_are_part_of_what_is_cached(workspace):
+    """Answers are stored split by the teacher's reasoning_tags: two teachers on one model with other tags
+    are two results (not the first one's split read back from the cache), and a changed reasoning_tags
+    asks again. The default tags leave the ids as they always were."""
+    rules = [{"match": r"Q(\d+)", "reply": "<think>sum {{ match[1] }}</think>\\boxed{ {{ match[1] }} }"}]
+    split, whole = echo_teacher(rules, model="m"), echo_teacher(rules, model="m", reasoning_tags=[])
+    pipeline = make_pipeline(workspace, teachers={"split": split, "whole": whole}, stages={
+        "problems": "kind: load, path: seeds.jsonl, limit: 2",
+        "a": "kind: generate, input: problems, teacher: split, prompt: solve",
+        "b": "kind: generate, input: problems, teacher: whole, prompt: solve"})
+    counts = synth_run(pipeline)
+    store = workspace / "out" / "run.duckdb"
+    assert counts["stages"]["b"]["sent"] == 2  # not cached from a's
+    assert query(store, "SELECT reasoning, text FROM a ORDER BY input_id")[0] == ("sum 0", "\\boxed{ 0 }")
+    assert query(store, "SELECT reasoning, text FROM b ORDER BY input_id")[0] == \
+        (None, "<think>sum 0</think>\\boxed{ 0 }")
+    # the default tags, spelled out: the same ids as before
+    pipeline.write_text(pipeline.read_text().replace('"model": "m"}', '"model": "m", "reasoning_tags": ["<think>", "</think>"]}', 1))
+    assert synth_run(pipeline, ["a"], force=True)["stages"]["a"]["sent"] == 0
+
+
 class ReasoningServer(ScriptedTeacher):
     """An OpenAI-compatible reasoning model: `reasoning_content` beside the answer, reasoning tokens in the
     usage, and (as OpenAI's o-series) a 400 unsupported_parameter for temperature."""

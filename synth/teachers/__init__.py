@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from synth.teachers.base import (  # the package's public names (the backends import synth.teachers.base)
-    CHARS_PER_TOKEN, Capabilities, Completion, EchoRule, EchoTeacherConfig, HFTeacherConfig,
+    CHARS_PER_TOKEN, DEFAULT_REASONING_TAGS, Capabilities, Completion, EchoRule, EchoTeacherConfig, HFTeacherConfig,
     OpenAITeacherConfig, POLICY_CAUSES, Prices, Request, SamplingParams, ScoreRequest, Teacher, TeacherBase,
     TeacherConfig,
     VLLMTeacherConfig, _TeacherConfig, approx_prompt_tokens, content_filtered, estimated_tokens,
@@ -20,7 +20,7 @@ from synth.teachers.base import (  # the package's public names (the backends im
     token_logprobs, vocabulary_of,
 )
 
-__all__ = ['CHARS_PER_TOKEN', 'Capabilities', 'Completion', 'EchoRule', 'EchoTeacherConfig', 'HFTeacherConfig',
+__all__ = ['CHARS_PER_TOKEN', 'DEFAULT_REASONING_TAGS', 'Capabilities', 'Completion', 'EchoRule', 'EchoTeacherConfig', 'HFTeacherConfig',
            'OpenAITeacherConfig', 'POLICY_CAUSES', 'Prices', 'Request', 'SamplingParams', 'ScoreRequest', 'Teacher',
            'TeacherBase', 'TeacherConfig', 'VLLMTeacherConfig', '_TeacherConfig', 'approx_prompt_tokens',
            'content_filtered', 'estimated_tokens', 'model_signature', 'prompt_token_counter',

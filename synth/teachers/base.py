@@ -296,12 +296,15 @@ class Prices(BaseModel):
         return ((prompt_tokens or 0) * self.input + (completion_tokens or 0) * self.output) / 1e6
 
 
+DEFAULT_REASONING_TAGS = ("<think>", "</think>")  # what a teacher's reasoning_tags are unless it says
+
+
 class _TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="hub id or local directory (relative to the pipeline file)")
     prices: Prices | None = Field(None, description="USD per million input/output tokens")
     reasoning_tags: list[Annotated[str, Field(min_length=1)]] = Field(
-        default_factory=lambda: ["<think>", "</think>"], min_length=0, max_length=2,
+        default_factory=lambda: list(DEFAULT_REASONING_TAGS), min_length=0, max_length=2,
         description="the tags around a reasoning trace written in the text: it is moved to the `reasoning` column "
                     "and the text keeps the answer; [] keeps the text whole")
 
