@@ -6,7 +6,7 @@ whose assistant turn is `<think>3+4 is 7</think>\\boxed{7}`; greedy and sampled 
 trace in think tags and a boxed answer after it. Through real pipeline files and the CLI: the generate
 stage moves the trace to the `reasoning` column and keeps the answer in `text` (which the boxed parser
 reads); the trace's tokens are part of `completion_tokens`, so `synth plan`'s bound and `synth status`'s
-spend cover them (`reasoning_tokens` is the server's count: an in-process teacher leaves it NULL);
+spend cover them, and `reasoning_tokens` counts the trace with its tags (re-tokenised by the teacher's tokenizer);
 a chat template that opens the tag in the prompt (`...</think>answer`) is split too, `reasoning_tags: []`
 keeps the text whole; a trace cut at max_tokens is all reasoning, never an answer (and an sft export
 leaves such a sample out); the export writes the trace in the student's think tags, and a student
@@ -171,7 +171,9 @@ def test_hf_teacher_splits_the_trace_and_prices_it(tmp_path, models):
     for _, _, reasoning, text, _, _, completion_tokens, reasoning_tokens, _ in rows:
         whole = len(tok(f"<think>{reasoning}</think>{text}")["input_ids"]) + 1
         assert completion_tokens == whole > len(tok(text)["input_ids"]) + 1 + len(tok(reasoning)["input_ids"])
-        assert reasoning_tokens is None  # the server's count (usage.completion_tokens_details); hf has none
+        # the trace with its tags, re-tokenised by the teacher's tokenizer: what generating it took
+        assert reasoning_tokens == len(tok(f"<think>{reasoning}</think>", add_special_tokens=False)["input_ids"])
+        assert 0 < reasoning_tokens < completion_tokens
     cost = (sum(r[8] for r in rows) * 1000 + sum(r[6] for r in rows) * 2000) / 1e6
     status = synth("status", pipeline, check=True).stdout
     assert f"${cost:,.4f}" in status, status
@@ -340,7 +342,7 @@ def test_vllm_teacher_splits_the_trace(tmp_path, models):
     tok = AutoTokenizer.from_pretrained(models["think"])
     for _, _, reasoning, text, _, _, completion_tokens, reasoning_tokens, _ in rows:
         assert completion_tokens == len(tok(f"<think>{reasoning}</think>{text}")["input_ids"]) + 1
-        assert reasoning_tokens is None
+        assert reasoning_tokens == len(tok(f"<think>{reasoning}</think>", add_special_tokens=False)["input_ids"])
 
 
 def test_an_export_of_only_cut_traces_says_why_it_is_empty(workspace):

@@ -40,6 +40,7 @@ from synth.store import error_rows, fetch_one, logprob_rows, Store, now, quote_i
 from synth.teachers import (Completion, OpenAITeacherConfig, Request, content_filtered, load_teacher,
                             prompt_token_counter, split_reasoning, vocabulary_of)
 from synth.teachers.openai import resolve_api_key
+from synth.vocab import load_tokenizer
 
 MAX_API_LOGPROBS = 20  # top_logprobs: the most OpenAI's chat API (and vLLM's server, by default) return
 
@@ -148,7 +149,7 @@ def run(ctx: RunContext, name: str) -> dict:
     sent, errors, tokens, answered = 0, 0, 0, 0  # sent counts an on_length retry as a request of its own
     buffer: list[Completion] = []
     by_id = {r.id: r for r in pending}
-    policies = Policies(graph, name, by_id)
+    policies = Policies(graph, name, by_id, tokenizer)
     journal = Journal(store.path, name, run_id)
     unwritten: list[str] = []  # why the last commit failed, while answers wait in the journal
 
@@ -328,10 +329,13 @@ def describe_answers(graph: Graph, name: str, quality: dict) -> list[str]:
         share = parsed["readable"] / parsed["answers"]
         lines.append(f"  {name}: parser {parse} read {parsed['readable']}/{parsed['answers']} answers ({share:.0%})")
         if share < LOW_PARSE_RATE:
+            ask = "" if parse == "json" else ", ask for JSON (`parse: json`)"
             lines.append(f"  [yellow]{name}: warning: only {share:.0%} of the answers follow the template's answer "
-                         f"format (parser {parse}), so filters that read the answer reject the rest; add few-shot "
-                         "examples to the template, ask for JSON (`parse: json`), or pick another parser — README, "
-                         "\"When answers do not parse\"[/yellow]")
+                         f"format (parser {parse}), so filters that read the answer reject the rest; give the stage "
+                         f"a `schema:` (structured output, enforced by hf, vllm and OpenAI-compatible servers), add "
+                         f"few-shot examples to the template{ask}, or pick a parser for what the teacher does write "
+                         "(then check that the parsed answers are right, not only readable) — README, \"When "
+                         "answers do not parse\"[/yellow]")
     if identical and identical["of"]:
         share = identical["inputs"] / identical["of"]
         lines.append(f"  {name}: {identical['inputs']}/{identical['of']} inputs got {stage.samples} identical samples")
@@ -383,8 +387,9 @@ class Policies:
     on_refusal; the server's content filter always): a Completion to record, or None when the answer
     was queued for its one retry."""
 
-    def __init__(self, graph: Graph, name: str, requests: dict[str, Request]):
+    def __init__(self, graph: Graph, name: str, requests: dict[str, Request], tokenizer: str | None = None):
         self.stage: GenerateStage = graph.stage(name)
+        self.tokenizer = tokenizer  # the teacher's (vocabulary_of): counts a trace the server did not count
         self.retry_tokens = self.stage.retry_max_tokens or 2 * self.stage.params.max_tokens
         self.retried: set[str] = set()
         self.queue: list[Request] = []  # on_length retries, sent after the first pass
@@ -400,6 +405,8 @@ class Policies:
         c = split_reasoning(content_filtered(c), self.reasoning_tags)
         if not c.ok:
             return c
+        if c.reasoning and c.reasoning_tokens is None and self.tokenizer:
+            c.reasoning_tokens = self.trace_tokens(c.reasoning)
         if c.request_id in self.retried:
             c.retry_max_tokens = self.retry_tokens
         if c.finish_reason == "length" and self.stage.on_length != "keep":
@@ -418,6 +425,19 @@ class Policies:
         if problem:
             return c.rejected("schema_violation", f"the answer does not follow the stage's schema: {problem}")
         return c
+
+
+    def trace_tokens(self, trace: str) -> int | None:
+        """The tokens a trace split from the text took, re-tokenised with its tags by the teacher's tokenizer
+        (within a token or two of what was generated: the split strips the whitespace around the tags);
+        None when the tokenizer cannot be loaded here."""
+        tags = self.reasoning_tags if len(self.reasoning_tags) == 2 else ["", ""]
+        try:
+            tok = load_tokenizer(self.tokenizer)
+        except SynthError:
+            self.tokenizer = None  # not again for every answer
+            return None
+        return len(tok(f"{tags[0]}{trace}{tags[1]}", add_special_tokens=False)["input_ids"])
 
 
 class Budget:
