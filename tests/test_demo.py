@@ -144,6 +144,15 @@ def test_report_is_written_and_recomputes_from_per_row_results(demo_dir):
         kept = con.execute("SELECT count(*) FROM kept").fetchone()[0]
         assert kept == right
         assert next(r for r in report["funnel"] if r["stage"] == "kept")["passed"] == kept
+        # answer formats: the schema makes every reply the object; final_number's right answers, recounted
+        formats = {r["stage"]: r for r in report["formats"]}
+        assert formats["as_json_schema"]["parsed"] == formats["as_json_schema"]["n"] == 40
+        rows = con.execute("SELECT input_id, text FROM as_json_final_number").fetchall()
+        finals = [re.findall(r"-?\d+(?:\.\d+)?", t or "") for _, t in rows]
+        assert formats["as_json_final_number"]["correct"] == sum(
+            bool(f) and number(f[-1]) == number(gold_heldout[i]) for (i, _), f in zip(rows, finals))
+        assert formats["eval"]["n"] == 40 and formats["eval"]["correct"] == report["counts"]["teacher_greedy_accuracy"]["correct"]
+        assert "answer formats" in first.stdout
     finally:
         con.close()
     stages = {r["stage"]: r for r in report["stages"]}

@@ -47,6 +47,11 @@ LABELS = {
     "student_dpo_accuracy": "B + DPO",
     "student_onpolicy_accuracy": "D: B + on-policy KD",
 }
+# section 7 of the pipeline (answer formats): stage -> what it is; read when the pipeline has them
+FORMATS = {"as_json": "asked for JSON (parse: json)",
+           "as_json_schema": "asked for JSON, with a schema (xgrammar)",
+           "as_json_final_number": "asked for JSON, parse: final_number"}
+FORMAT_INPUT = "format_problems"
 # name -> (method's arm, baseline arm): report key `<name>_gain_points` = mean over seeds of method - baseline
 COMPARISONS = {"filtering": ("student_b", "student_a"), "kd": ("student_c", "student_b"),
                "dpo": ("student_b_dpo", "student_b"), "onpolicy": ("student_d", "student_b")}
@@ -120,7 +125,33 @@ def demo_report(pipeline) -> dict:
     report["funnel"] = [{k: r.get(k) for k in ("stage", "kind", "input", "judged", "passed", "reasons")}
                         for r in stats_rows(pipeline)]
     report["stages"] = stages
+    report["formats"] = _formats(pipeline)
     return report
+
+
+def _formats(pipeline) -> list[dict]:
+    """Per answer-format stage (FORMATS): replies, how many its parser read (the stage's own `parsed`), how
+    many are right (the answer equals gold as numbers); then the teacher in its own format (prompt solve,
+    the evaluate stage's greedy rows) on the same problems. [] when the pipeline has no such stages."""
+    names = [n for n in FORMATS if n in pipeline.spec.stages]
+    if not names or FORMAT_INPUT not in pipeline.spec.stages:
+        return []
+    states = pipeline.store.stage_states()
+    out = []
+    with pipeline.store.read() as con:
+        for name in names:
+            parsed = ((states.get(name) or {}).get("detail") or {}).get("parsed") or {}
+            columns = {r[0] for r in con.execute(f"DESCRIBE {quote_ident(name)}").fetchall()}
+            right = fetch_one(con, f"SELECT count(*) FILTER (WHERE try_cast(answer AS DOUBLE) = try_cast(gold AS "
+                                   f"DOUBLE)) FROM {quote_ident(name)}")[0] if {"answer", "gold"} <= columns else 0
+            out.append({"stage": name, "label": FORMATS[name], "n": parsed.get("answers", 0),
+                        "parsed": parsed.get("readable", 0), "correct": right})
+        own = con.execute(f"SELECT count(*), count(*) FILTER (WHERE passed) FROM {quote_ident(EVAL)} "
+                          f"WHERE model = 'teacher' AND input_id IN (SELECT id FROM {quote_ident(FORMAT_INPUT)})"
+                          ).fetchone()
+    out.append({"stage": EVAL, "label": "its own format (prompt solve, parse: boxed)", "n": own[0],
+                "parsed": None, "correct": own[1]})
+    return out
 
 
 def _stage_rows(con, pipeline) -> list[dict]:
@@ -181,6 +212,14 @@ def print_report(report: dict, console: Console) -> None:
         reasons = ", ".join(f"{x['reason']} {x['rows']}" for x in r.get("reasons") or [])
         funnel.add_row(r["stage"], r["kind"], str(r["judged"]), str(r["passed"]), reasons)
     console.print(funnel)
+    if report.get("formats"):
+        formats = Table(title="answer formats: the teacher on the same held-out problems, greedy")
+        for col in ("asked", "stage", "parsed / n", "right / n"):
+            formats.add_column(col, justify="right" if "/" in col else "left")
+        for r in report["formats"]:
+            formats.add_row(r["label"], r["stage"], "-" if r["parsed"] is None else f"{r['parsed']} / {r['n']}",
+                            f"{r['correct']} / {r['n']}")
+        console.print(formats)
     stages = Table(title="stages (wall time of the run that built each)")
     for col in ("stage", "kind", "rows", "tokens", "seconds"):
         stages.add_column(col, justify="left" if col in ("stage", "kind") else "right")
