@@ -319,6 +319,9 @@ class TrainStage(_Stage):
                                     "stages <name>_s<seed> (each a model and a teacher); the stages that read this "
                                     "one are replicated with it, and an evaluate stage evaluates every replica")
     seed: int | None = Field(None, description="the recipe's seed, overridden (what each replica of `seeds` sets)")
+    gpus: int | None = Field(None, ge=1, le=1024, description="train on this many GPUs of this machine, one DDP "
+                             "process each, started by torchrun (synth/train_launch.py); the recipe's batch size is "
+                             "per GPU. Unset or 1: one plain process")
 
 
 # A stage kind's config model is listed here once; each has its module in synth/stages (KINDS there).

@@ -24,6 +24,13 @@ the batch, and whose compute_loss takes the student's final hidden states (the d
 lm_head not applied) and the lm_head weight to `kd_loss`, which computes logits chunk by chunk: the
 batch x length x vocabulary logits never exist. Everything else (optimizer, scheduler, checkpoints,
 resume, LoRA, logging) is TRL's and transformers' own. torch/trl are imported inside (seconds).
+
+Under DDP (a train stage's `gpus: N`: synth/train_launch.py) the hidden states come from a forward of the
+model as the Trainer hands it to compute_loss, i.e. through DistributedDataParallel's own forward (a hook
+on the decoder keeps its output; the lm_head runs on the last position only): a call of the unwrapped
+decoder skips DDP's forward bookkeeping, and the ranks step on unsynchronised gradients (measured: two
+gloo ranks' weights differed after 4 steps). Through the wrapped forward DDP all-reduces the gradients and
+the ranks end identical (tests/test_multi_process_train.py).
 """
 
 from __future__ import annotations
@@ -195,22 +202,44 @@ def student_parts(model):
     return lm.get_decoder(), head
 
 
-def batch_loss(model, inputs: dict, kd: dict):
+def batch_loss(model, inputs: dict, kd: dict, student=None):
     """The KD loss of one collated batch (Collator): the student's final hidden states (the decoder's output,
     no lm_head), shifted so position t predicts token t+1, only the completion's positions kept, then
     kd_loss with the lm_head weight (logits chunk by chunk) or, as kd["kernel"] says (kernel_choice),
-    the fused Triton kernel (logits tile by tile)."""
+    the fused Triton kernel (logits tile by tile).
+
+    `model` runs the forward: the Trainer's model as compute_loss gets it (wrapped by DDP, and by
+    accelerate's autocast, where they apply), so that DDP all-reduces the gradients; `student` is the same
+    model unwrapped (default: `model`), where the decoder and the lm_head are found. The forward asks for
+    the logits of the last position only (logits_to_keep, where the model takes it): the batch's full
+    logits are never computed."""
+    import inspect
+
     from synth.kd_loss import SparseTargets, kd_loss
 
-    decoder, head = student_parts(model)
-    hidden = decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                     use_cache=False).last_hidden_state
+    student = model if student is None else student
+    decoder, head = student_parts(student)
+    captured = []
+
+    def keep(module, args, output):  # the decoder's output: the final hidden states, normed
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    lm = student.get_base_model() if hasattr(student, "get_base_model") else student
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(lm).forward).parameters else {}
+    handle = decoder.register_forward_hook(keep)
+    try:
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, **extra)
+    finally:
+        handle.remove()
+    hidden = captured[-1]
     labels = inputs["labels"][:, 1:].reshape(-1)
-    keep = labels != -100
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
+    kept = labels != -100
+    # under autocast (float32 weights, bf16/fp16 mixed precision) the hidden states arrive in the autocast
+    # dtype; kd_loss takes one dtype (and computes the logits in float32 at least)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[kept].to(head.weight.dtype)
     k = inputs["teacher_ids"].shape[-1]
-    targets = SparseTargets(labels=labels[keep], top_ids=inputs["teacher_ids"][:, 1:].reshape(-1, k)[keep],
-                            top_logprobs=inputs["teacher_logprobs"][:, 1:].reshape(-1, k)[keep])
+    targets = SparseTargets(labels=labels[kept], top_ids=inputs["teacher_ids"][:, 1:].reshape(-1, k)[kept],
+                            top_logprobs=inputs["teacher_logprobs"][:, 1:].reshape(-1, k)[kept])
     loss = kd_loss
     if kernel_choice(kd.get("kernel", "auto"), cuda=h.is_cuda, triton=triton_installed()) == "triton":
         from synth.kd_kernel import kd_loss_triton as loss
@@ -233,7 +262,8 @@ def kd_trainer_class():
             self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean: the Trainer divides by GA steps
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = batch_loss(self.accelerator.unwrap_model(model), inputs, self.kd)
+            # the forward through `model` as given (DDP's wrapper under gpus: N): see batch_loss
+            loss = batch_loss(model, inputs, self.kd, student=self.accelerator.unwrap_model(model))
             return (loss, {"loss": loss}) if return_outputs else loss
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

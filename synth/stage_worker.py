@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -30,18 +29,7 @@ from synth.errors import SynthError
 from synth.pipeline import load_pipeline
 from synth.secrets import scrub
 from synth.stages import kind_of
-
-
-def die_with_parent(parent: int) -> None:
-    """SIGKILL this process when its parent dies (Linux); if the parent is already gone, exit now."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the parent's own cleanup is all there is
-        pass
-    if os.getppid() != parent:  # it died before prctl took effect
-        os._exit(1)
+from synth.train_launch import die_with_parent  # one PR_SET_PDEATHSIG helper for every child process
 
 
 def main(argv: list[str]) -> int:

@@ -40,6 +40,7 @@ import yaml
 
 from synth import kd_train
 from synth.errors import SynthError, one_line
+from synth.paths import export_sidecar
 
 METHODS = ("sft", "dpo", "kd")
 DEFAULT_MAX_TRUNCATED_SHARE = 0.05
@@ -342,13 +343,58 @@ def _clipped_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+# Keys TRL's config for a method has but its trainer does not honour: TRL 1.16's DPOTrainer warns about
+# padding_free and trains padded (dpo_trainer.py: "temporarily unavailable after a refactor"). A recipe
+# asking for them is refused (unsupported_key) rather than trained otherwise than it says.
+UNSUPPORTED = {"dpo": {"padding_free": "TRL's DPOTrainer (1.16) ignores it and pads (it is disabled there until a "
+                                      "later TRL)"}}
+
+
+def unsupported_key(method: str, recipe: dict) -> str | None:
+    """The first key of `recipe` that TRL's trainer for `method` would silently not honour, as
+    "key 'k': why; remove it", or None."""
+    for key, why in UNSUPPORTED.get(method, {}).items():
+        if recipe.get(key) not in (None, False):
+            return f"key {key!r}: {why}; remove it (a {method} recipe cannot use it)"
+    return None
+
+
+def load_dtype(recipe: dict, cuda: bool) -> str | None:
+    """The dtype the student's weights are loaded in (TRL's model_init_kwargs dtype), when synth chooses it:
+    "bfloat16" on a CUDA GPU when the recipe does not say otherwise, so that the weights are bf16 and
+    the optimizer and activations follow (TRL would load float32 and run bf16 only under autocast: twice
+    the weight and optimizer memory, and method kd's loss, computed outside autocast, in float32). None
+    (TRL's float32) on CPU (no native bf16 here), when the recipe sets model_init_kwargs' dtype itself,
+    asks for fp16 (mixed precision needs float32 master weights: the grad scaler refuses fp16 gradients)
+    or turns bf16 off (it asks for float32)."""
+    init = _init_kwargs(recipe)
+    if not cuda or "dtype" in init or "torch_dtype" in init:
+        return None
+    if recipe.get("fp16") or recipe.get("bf16") is False:
+        return None
+    return "bfloat16"
+
+
+def _init_kwargs(recipe: dict) -> dict:
+    """The recipe's model_init_kwargs as a dict (TRL takes a mapping or its JSON text)."""
+    init = recipe.get("model_init_kwargs")
+    if isinstance(init, str):
+        with contextlib.suppress(ValueError):
+            init = json.loads(init)
+    return dict(init) if isinstance(init, dict) else {}
+
+
 def build_config(method: str, recipe: dict, out_dir: Path, checkpoint_dir: Path | None = None):
     """TRL's config from a recipe plus synth's defaults: checkpoints under checkpoint_dir (default
     out_dir/checkpoints) every DEFAULT_SAVE_STEPS of the run, at most DEFAULT_SAVE_TOTAL_LIMIT kept,
-    no reporting, quiet progress; on CPU float32 without gradient checkpointing, on GPU bf16."""
+    no reporting, quiet progress; on CPU float32 without gradient checkpointing, on GPU bf16 (the
+    weights loaded in bf16: load_dtype). A key the method's trainer would ignore: SynthError (unsupported_key)."""
     import torch
 
     cls = _config_class(method)
+    problem = unsupported_key(method, recipe)
+    if problem:
+        raise SynthError(f"the {method} recipe: {problem}")
     kwargs = {k: v for k, v in recipe.items() if k not in SYNTH_KEYS}
     kwargs["output_dir"] = str(checkpoint_dir or Path(out_dir) / "checkpoints")
     kwargs.setdefault("report_to", [])
@@ -366,6 +412,9 @@ def build_config(method: str, recipe: dict, out_dir: Path, checkpoint_dir: Path 
         kwargs["remove_unused_columns"] = False
     if torch.cuda.is_available():
         kwargs.setdefault("bf16", not kwargs.get("fp16", False))
+        dtype = load_dtype(recipe, cuda=True)
+        if dtype:
+            kwargs["model_init_kwargs"] = {**_init_kwargs(recipe), "dtype": dtype}
     else:
         # TRL's configs default to bf16 and gradient checkpointing; this CPU has no native bf16 and
         # checkpointing only slows small models down. transformers >= 5.2x renamed gradient_checkpointing
@@ -528,9 +577,9 @@ class _Annotations:
 
 
 @functools.lru_cache(maxsize=None)
-def config_fields(method: str) -> dict[str, Any] | None:
-    """The init fields of TRL's config class for `method` with their types, read from the installed
-    source without importing it; None when TRL is not installed or its source cannot be read."""
+def _config_chain(method: str) -> tuple[_Source, list[tuple[ast.ClassDef, Path]]] | None:
+    """TRL's config class for `method` and its bases down to TrainingArguments (class node, its file), read
+    from the installed source; None when TRL is not installed or laid out otherwise."""
     if method not in CONFIG_CLASSES:
         return None
     package, relative, name = CONFIG_CLASSES[method]
@@ -549,6 +598,34 @@ def config_fields(method: str) -> dict[str, Any] | None:
             return None
     if not chain or chain[-1][0].name != "TrainingArguments":
         return None  # a layout this reader does not know
+    return source, chain
+
+
+def config_default(method: str, name: str) -> Any:
+    """The default of field `name` of TRL's config for `method` when it is a literal (`x: int = 1024` or
+    `field(default=1024)`), read from the source like config_fields; None when not known."""
+    found = _config_chain(method)
+    for node, _ in found[1] if found else []:  # the subclass first: its default wins
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == name:
+                value = stmt.value
+                if isinstance(value, ast.Call):
+                    value = next((k.value for k in value.keywords if k.arg == "default"), None)
+                try:
+                    return ast.literal_eval(value) if value is not None else None
+                except ValueError:
+                    return None
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def config_fields(method: str) -> dict[str, Any] | None:
+    """The init fields of TRL's config class for `method` with their types, read from the installed
+    source without importing it; None when TRL is not installed or its source cannot be read."""
+    found = _config_chain(method)
+    if found is None:
+        return None
+    source, chain = found
     fields: dict[str, Any] = {}
     for node, path in reversed(chain):  # base first: a subclass's field replaces its base's
         annotations = _Annotations(source, path)
@@ -631,22 +708,59 @@ def _texts(rows: list[dict], method: str, tokenizer) -> list[str]:
     return out
 
 
-def _has_think(row: dict) -> bool:
-    return "<think>" in (text := json.dumps(row, ensure_ascii=False)) or "</think>" in text
+DEFAULT_THINK_TAGS = ("<think>", "</think>")
+
+
+def export_think_tags(data_path: Path) -> tuple[str, str]:
+    """The think tags an export put its traces in (its sidecar's `think_tags`), else <think>…</think>."""
+    path = Path(data_path)
+    out = path.parent if path.name == "data.parquet" and (path.parent / "synth.json").is_file() else path
+    try:
+        tags = json.loads(export_sidecar(out).read_text(encoding="utf-8")).get("think_tags")
+    except (OSError, ValueError, AttributeError):
+        tags = None
+    return tuple(tags) if isinstance(tags, list) and len(tags) == 2 else DEFAULT_THINK_TAGS
+
+
+def _think(rows: list[dict], texts: list[str], method: str, tokenizer, tags: tuple[str, str]) -> dict:
+    """Think tags per the student's template: rows carrying the tags; rows whose trace (between the tags in
+    the last assistant turn) the chat template drops when it renders them (DeepSeek-R1's keeps only what
+    follows </think>); how many tokens each tag is in the student's vocabulary (1: a token of its own)."""
+    start, end = tags
+    carrying = [i for i, r in enumerate(rows) if start in (t := json.dumps(r, ensure_ascii=False)) or end in t]
+    dropped = 0
+    if method == "sft":
+        for i in carrying:
+            content = str((rows[i]["messages"][-1] or {}).get("content") or "")
+            trace = content.split(start, 1)[-1].split(end, 1)[0].strip() if end in content else ""
+            if trace and trace not in texts[i]:
+                dropped += 1
+    return {"think_tags": len(carrying), "think_dropped": dropped,
+            "think_tag_tokens": {t: len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in tags}
+            if carrying else {}}
 
 
 def readiness(data_path: Path, model_dir: str, method: str, max_length: int | None) -> dict:
     """How the data fits the student: token lengths under its tokenizer and chat template, how many
-    rows max_length would truncate, and how many rows carry <think> tags."""
+    rows max_length would truncate, and the rows with think tags (the export's) and what the student's
+    template does with them (_think)."""
     from transformers import AutoTokenizer
 
     rows = load_rows(data_path, method)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    return _readiness(rows, tokenizer, method, max_length)
+    return _readiness(rows, tokenizer, method, max_length, export_think_tags(data_path))
 
 
-def _readiness(rows: list[dict], tokenizer, method: str, max_length: int | None) -> dict:
+def _readiness(rows: list[dict], tokenizer, method: str, max_length: int | None,
+               think_tags: tuple[str, str] = DEFAULT_THINK_TAGS) -> dict:
+    """readiness() on rows already read; raises SynthError when the student's template would drop traces."""
     texts = _texts(rows, method, tokenizer)
+    think = _think(rows, texts, method, tokenizer, think_tags)
+    if think["think_dropped"]:
+        raise SynthError(
+            f"the student's chat template drops the {think_tags[0]}…{think_tags[1]} trace of {think['think_dropped']} "
+            f"of {think['think_tags']} rows when it renders them, so training would never see those traces: export "
+            "with reasoning: drop, or train a student whose template keeps the trace")
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     lengths = [len(x) for x in ids]
     if method == "dpo":  # a row is as long as its longer side
@@ -659,7 +773,7 @@ def _readiness(rows: list[dict], tokenizer, method: str, max_length: int | None)
     truncated = sum(1 for n in lengths if max_length is not None and n > max_length)
     return {"rows": len(rows), "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": ordered[-1],
             "max_length": max_length, "truncated": truncated, "truncated_share": truncated / len(rows),
-            "think_tags": sum(1 for r in rows if _has_think(r))}
+            **think}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -809,7 +923,14 @@ def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Pat
             resume: bool = False, on_resume: Callable[[int, Path], None] | None = None) -> Prepared:
     """Everything `train` does before trainer.train(): data read and checked against max_length, the
     recipe turned into TRL's config, the checkpoint to resume from chosen (or the old ones removed),
-    assistant_only_loss mapped onto the student's chat template (loss_mask), and TRL's trainer built."""
+    assistant_only_loss mapped onto the student's chat template (loss_mask), and TRL's trainer built.
+
+    In one of several DDP processes (gpus: N, synth/train_launch.py) each rank prepares its own trainer
+    (TRL's config joins the process group); only rank 0 removes checkpoints. The launching parent has
+    already chosen the checkpoint and removed the stale and incomplete ones before any rank started, so
+    every rank finds the same one."""
+    import torch
+
     cls = _config_class(method)
     start = str(init or model)
     out_dir = Path(out_dir)
@@ -822,6 +943,8 @@ def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Pat
     from transformers import AutoTokenizer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
+    if torch.cuda.is_available():  # peak_memory_mb covers loading the model too
+        torch.cuda.reset_peak_memory_stats()
     recipe = dict(recipe)
     lora = recipe.get("lora") or None
     max_share = recipe.get("max_truncated_share", DEFAULT_MAX_TRUNCATED_SHARE)
@@ -832,7 +955,7 @@ def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Pat
     if method == "kd":
         rows, ready, collator, kd = kd_train.kd_setup(rows, tokenizer, recipe, max_length, data_path)
     else:
-        ready, collator, kd = _readiness(rows, tokenizer, method, max_length), None, None
+        ready, collator, kd = _readiness(rows, tokenizer, method, max_length, export_think_tags(data_path)), None, None
     if ready["truncated_share"] > max_share:
         raise SynthError(
             f"{data_path}: {ready['truncated']} of {ready['rows']} rows ({ready['truncated_share']:.1%}) exceed "
@@ -850,8 +973,9 @@ def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Pat
     seed = recipe.get("seed", 0)
     transformers.set_seed(seed)
     config = build_config(method, recipe, out_dir, checkpoint_dir)
-    checkpoint = latest_checkpoint(checkpoint_dir) if resume else None
-    if checkpoint is None and checkpoint_dir.exists():
+    main = config.process_index == 0  # the process that saves (the only one outside DDP)
+    checkpoint = latest_checkpoint(checkpoint_dir, prune=main) if resume else None
+    if checkpoint is None and checkpoint_dir.exists() and main:
         shutil.rmtree(checkpoint_dir)
 
     peft_config = None
@@ -918,32 +1042,42 @@ def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path,
     recipe, data and model); incomplete ones are removed, and on_resume(step, checkpoint) is called.
     Without resume, checkpoints already there are removed and training starts at step 0. After the
     model is saved the checkpoints are deleted. result["resumed_from"] is the step resumed from or None;
-    result["log"] holds every logging step of the whole training, the resumed-from run's included."""
+    result["log"] holds every logging step of the whole training, the resumed-from run's included.
+    This process trains alone; several (DDP) run this same function each (synth/train_launch.py)."""
     out_dir = Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     prepared = prepare(method, data_path, model, recipe, out_dir, init, on_log, checkpoint_dir=checkpoint_dir,
                        resume=resume, on_resume=on_resume)
+    return fit(prepared, out_dir, checkpoint_dir)
+
+
+def fit(prepared: Prepared, out_dir: Path, checkpoint_dir: Path) -> dict:
+    """trainer.train() on a prepared trainer (from its checkpoint when it has one), the model saved to
+    out_dir/model (a LoRA adapter merged into it), the checkpoints removed: train's result. Under DDP
+    every rank trains; only the main process (rank 0) saves the model and removes the checkpoints, and
+    its result is the one a stage records (the loss and num_tokens in the log are gathered over the
+    ranks; peak_memory_mb is rank 0's GPU's)."""
+    import torch
+
     trainer, tokenizer, log, checkpoint = prepared.trainer, prepared.tokenizer, prepared.log, prepared.checkpoint
-    model_dir = out_dir / "model"
+    model_dir = Path(out_dir) / "model"
+    main = trainer.is_world_process_zero()
     with _quiet():
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         seconds = time.perf_counter() - prepared.began
+        if main:
+            final = trainer.model  # the model itself, not its DDP wrapper (trainer.model_wrapped)
+            if prepared.lora:
+                final = final.merge_and_unload()
+            final.save_pretrained(model_dir)
+            tokenizer.save_pretrained(model_dir)
+    if main:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model is saved: the checkpoints are spent
 
-        final = trainer.model
-        if prepared.lora:
-            final = final.merge_and_unload()
-        final.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model is saved: the checkpoints are spent
-
-    # TRL logs num_tokens (non-padding tokens so far) at each logging step
+    # TRL logs num_tokens (non-padding tokens so far, all ranks together) at each logging step
     tokens = next((e["num_tokens"] for e in reversed(log) if "num_tokens" in e), None)
     runtime = output.metrics.get("train_runtime") or seconds
+    cuda = torch.cuda.is_available()
     return {
         "model_dir": str(model_dir),
         "steps": int(output.global_step),

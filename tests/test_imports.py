@@ -34,7 +34,8 @@ def layer(module: str) -> int:
         return ORCHESTRATOR
     if module == "synth.stages" or module.startswith("synth.stages."):
         return STAGES
-    if module in ("synth.graph", "synth.context", "synth.requests", "synth.filterfiles", "synth.verdict_store"):
+    if module in ("synth.graph", "synth.context", "synth.requests", "synth.filterfiles", "synth.verdict_store",
+                  "synth.student_fit"):
         return BELOW_STAGES
     return LIBRARIES
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import json
@@ -32,7 +33,7 @@ from typing import Mapping
 
 import pyarrow as pa
 
-from synth import train
+from synth import student_fit, train, train_launch
 from synth.config import TrainStage
 from synth.context import RunContext
 from synth.errors import SynthError
@@ -88,9 +89,12 @@ def check(graph: Graph, name: str) -> None:
     if not recipe.is_file():
         raise SynthError(f"{graph.where(name, 'recipe')}: key 'recipe': no such file {recipe}")
     try:
-        train.check_recipe(recipe, stage.method, base_model(graph, name, None))
+        keys = train.check_recipe(recipe, stage.method, base_model(graph, name, None))
     except SynthError as exc:
         raise SynthError(f"{graph.where(name, 'recipe')}: key 'recipe': {exc}") from None
+    problem = train.unsupported_key(stage.method, keys)  # a key TRL has but would not honour for this method
+    if problem:
+        raise SynthError(f"{graph.where(name, 'recipe')}: key 'recipe': {recipe}: {problem}")
 
 
 def kd_teacher(graph: Graph, name: str) -> str:
@@ -119,12 +123,69 @@ def vocabulary_problem(graph: Graph, name: str, trained, vocabulary: str | None 
 
 
 def preflight(graph: Graph, name: str, trained, console, will_run: bool) -> None:
-    """method kd: teacher and student share a vocabulary (one line naming both tokenizers otherwise)."""
+    """Before anything is written: the data will fit the student (student_fit: prompt lengths against
+    max_length, think tags its template keeps; a refusal is one line, a doubt a warning), and for method
+    kd, teacher and student share a vocabulary (one line naming both tokenizers otherwise)."""
+    if will_run:
+        fit = data_fit(graph, name)
+        if fit.errors:
+            raise SynthError(f"{graph.where(name)}: {fit.errors[0]}")
+        for warning in fit.warnings:
+            console.print(f"[yellow]{graph.where(name)}: warning: {warning}[/yellow]", highlight=False)
+        train_launch.check_gpus(graph, name)  # gpus: N needs N visible CUDA GPUs (or the CPU test path)
     if graph.stage(name).method != "kd":
         return
     problem = vocabulary_problem(graph, name, trained)
     if problem:
         raise SynthError(f"{graph.where(name, 'student')}: method kd: {problem}")
+
+
+_FITS: dict[tuple, tuple[Graph, student_fit.Fit]] = {}  # replicas of one arm share their data and student
+
+
+def data_fit(graph: Graph, name: str) -> student_fit.Fit:
+    """student_fit.fit for this stage: its student (the root of an init chain), its recipe's max_length
+    (TRL's default when unset) and max_truncated_share."""
+    stage: TrainStage = graph.stage(name)
+    student = base_model(graph, name, None)
+    key = (id(graph), stage.data, str(student), stage.recipe, stage.method)
+    if key in _FITS and _FITS[key][0] is graph:
+        return _FITS[key][1]
+    recipe = train.check_recipe(graph.resolve(stage.recipe), stage.method)
+    max_length = recipe.get("max_length", train.config_default(stage.method, "max_length"))
+    share = recipe.get("max_truncated_share", train.DEFAULT_MAX_TRUNCATED_SHARE)
+    fit = student_fit.fit(graph, name, str(student) if student else None, recipe, max_length, share)
+    _FITS[key] = (graph, fit)
+    return fit
+
+
+@functools.lru_cache(maxsize=64)  # the arms' replicas train on one file
+def _data_readiness(data: str, mtime_ns: int, student: str, method: str, max_length: int) -> dict:
+    return train.readiness(Path(data), student, method, max_length)
+
+
+def estimate(graph: Graph, name: str, statuses, trained) -> dict:
+    """For `synth plan`: how the data fits the student (student_fit), and once the export's file is written
+    and fresh, its measured lengths (synth.train.readiness)."""
+    stage: TrainStage = graph.stage(name)
+    fit = data_fit(graph, name)
+    note = fit.note()
+    data = graph.resolve(graph.stage(stage.data).path)
+    data = data / "data.parquet" if data.suffix == "" else data
+    student = base_model(graph, name, None)
+    if stage.method != "kd" and not statuses[stage.data].stale and data.is_file() and fit.max_length \
+            and student and (Path(student) / "config.json").is_file():
+        try:
+            ready = _data_readiness(str(data), data.stat().st_mtime_ns, str(student), stage.method, fit.max_length)
+            measured = (f"data: {ready['rows']:,} rows, p99 {ready['p99']:,} / longest {ready['max']:,} tokens of "
+                        f"max_length {fit.max_length:,}, {ready['truncated']:,} over")
+        except SynthError as exc:  # what training would refuse with: the plan says it, it does not stop
+            measured = f"will fail: {exc}"
+        note = measured + (f"; {note}" if note else "")
+    return {"note": f"{statuses[name].reason} · {note}" if note else statuses[name].reason,
+            "fit": {"max_length": fit.max_length, "prompts": fit.prompts, "longest_prompt": fit.longest_prompt,
+                    "prompts_over": fit.over, "max_tokens": fit.max_tokens, "think_dropped": fit.think_dropped,
+                    "errors": fit.errors, "warnings": fit.warnings}}
 
 
 def fingerprint(graph: Graph, name: str, trained) -> dict[str, str]:
@@ -192,6 +253,7 @@ def run(ctx: RunContext, name: str) -> dict:
     stage: TrainStage = graph.stage(name)
     if importlib.util.find_spec("trl") is None:
         raise SynthError(f"{graph.where(name)}: train stages need TRL: pip install 'synth-distill[train]'")
+    train_launch.check_gpus(graph, name)  # the preflight's check, again: never N processes on CPU unasked
     recipe = train.load_recipe(graph.resolve(stage.recipe), stage.method)
     if stage.seed is not None:  # a replica of `seeds`, or the stage's own override
         recipe["seed"] = stage.seed
@@ -240,10 +302,18 @@ def run(ctx: RunContext, name: str) -> dict:
         if out.exists():
             shutil.rmtree(out)  # a half-written attempt of this very run
         _remove_leftovers(models, name, out)
-        console.print(f"  {name}: {stage.method} on {data.name} from {base}")
+        processes = train_launch.process_count(stage.gpus)
+        on = "" if processes == 1 else f" in {processes} CPU processes ({train_launch.CPU_SWITCH})" \
+            if train_launch.cpu_processes() else f" on {processes} GPUs (DDP)"
+        console.print(f"  {name}: {stage.method} on {data.name} from {base}{on}")
         live.start()
-        result = train.train(stage.method, data, base, recipe, out, init=None, on_log=on_log,
-                             checkpoint_dir=attempt / "checkpoints", resume=resume, on_resume=on_resume)
+        if processes > 1:  # DDP through torchrun; this process still writes the store (synth/train_launch.py)
+            result = train_launch.train(stage.method, data, base, recipe, out, init=None, on_log=on_log,
+                                        processes=processes, checkpoint_dir=attempt / "checkpoints", resume=resume,
+                                        on_resume=on_resume, where=graph.where(name))
+        else:
+            result = train.train(stage.method, data, base, recipe, out, init=None, on_log=on_log,
+                                 checkpoint_dir=attempt / "checkpoints", resume=resume, on_resume=on_resume)
         summary = {k: result.get(k) for k in ("steps", "resumed_from", "train_loss", "seconds", "tokens_per_s",
                                               "peak_memory_mb", "readiness", "loss_mask")}
         rows = live.finish(result.get("log") or [])
@@ -316,9 +386,10 @@ class LiveLog:
 KIND = Kind(
     name="train", run=run, references=references, check=check, fingerprint=fingerprint, preflight=preflight,
     missing_output=missing_output,
+    estimate=estimate,
     provides_teacher=lambda name, stage: HFTeacherConfig(backend="hf", model=f"<trained by stage {name}>",
                                                          batch_size=stage.batch_size),
     reads=lambda graph, name: {graph.resolve(graph.stage(name).recipe): f"the recipe of stage '{name}'"},
     not_fingerprinted=frozenset({"batch_size"}),  # how its model generates later, not what it trains
-    later_keys={"seeds": None, "seed": None},
+    later_keys={"seeds": None, "seed": None, "gpus": None},
 )
