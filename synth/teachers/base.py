@@ -311,7 +311,7 @@ class _TeacherConfig(BaseModel):
 
 class HFTeacherConfig(_TeacherConfig):
     backend: Literal["hf"]
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu, cuda, cuda:N, or auto (a CUDA GPU when torch sees one, else cpu)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(16, ge=1)
 

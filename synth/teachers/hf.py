@@ -24,6 +24,11 @@ from synth.teachers.base import (Completion, HFTeacherConfig, Request, ScoreRequ
                                  resolve_model_path, token_logprobs)
 
 
+def device_of(device: str, cuda: bool) -> str:
+    """A teacher's `device` as torch takes it: auto is the first CUDA GPU when torch sees one, else the CPU."""
+    return ("cuda" if cuda else "cpu") if device == "auto" else device
+
+
 class HFTeacher(TeacherBase):
     def __init__(self, name: str, config: HFTeacherConfig, base_dir: Path):
         import torch
@@ -35,11 +40,15 @@ class HFTeacher(TeacherBase):
         self.name, self.config, self.model = name, config, config.model
         self.capabilities = config.capabilities()
         path = resolve_model_path(config.model, base_dir)
+        device = device_of(config.device, torch.cuda.is_available())
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SynthError(f"teacher '{name}': device {config.device!r} asks for a CUDA GPU and torch sees none here; "
+                             "use device: auto (a GPU when there is one, else the CPU) or cpu")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             dtype = torch.float32 if config.dtype == "float32" else (config.dtype if config.dtype == "auto"
                                                                      else getattr(torch, config.dtype))
-            self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(config.device).eval()
+            self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         except (OSError, ValueError) as exc:
             raise SynthError(f"teacher '{name}': cannot load model {config.model!r}: "
                              f"{scrub(' '.join(str(exc).split()))[:300]}") from None
@@ -63,6 +72,8 @@ class HFTeacher(TeacherBase):
         for start in range(0, len(requests), size):
             if self._stopped:
                 return
+            if start:  # the previous batch's answers are all out: let the stage commit them before this batch's
+                self.on_idle()  # minutes of generating (else `synth status` lags a whole batch behind)
             batch = list(requests[start:start + size])
             # Requests of one batch must share sampling params; split where they differ.
             groups: dict[str, list[Request]] = {}
