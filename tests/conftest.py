@@ -242,7 +242,8 @@ def stop_server(proc: subprocess.Popen) -> None:
 # fill the gaps at the end. Only the order changes; every test runs as before.
 LONGEST_FIRST = [
     "test_vllm.py", "test_demo.py", "test_real_model.py", "test_think_teacher.py", "test_openai_backend.py",
-    "test_kill_loop.py", "test_student_fit.py",
+    "test_kill_loop.py", "test_multi_process_train.py", "test_trained_teacher.py", "test_real_model_server.py",
+    "test_student_fit.py",
     "test_kd_train.py", "test_batch_api.py", "test_ray.py", "test_crash_resume.py", "test_score.py",
     "test_pipeline.py", "test_reliability.py", "test_replication.py", "test_parallel_train.py", "test_rounds.py",
     "test_kd_kernel.py", "test_own_task.py", "test_command_stage.py", "test_mix.py",
