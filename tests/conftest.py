@@ -187,6 +187,23 @@ def query(store: Path, sql: str) -> list[tuple]:
         con.close()
 
 
+def live_processes(marker: bytes, root: Path) -> list[int]:
+    """Pids of live (not zombie) processes whose command line has `marker` and names a path under `root` (from
+    /proc): a test's child processes, to check that none outlives a kill."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = (Path("/proc") / pid / "cmdline").read_bytes().split(b"\0")
+            state = (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()[0]  # after "(comm)"
+        except OSError:
+            continue
+        if marker in cmd and str(root).encode() in b" ".join(cmd) and state != "Z":
+            found.append(int(pid))
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,6 @@ written. Plus the pure parts: the load dtype on a GPU, the gpus check's line, an
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, fill_workspace, graded_pipeline, make_pipeline, query, synth
+from conftest import cli_env, fill_workspace, graded_pipeline, live_processes, make_pipeline, query, synth
 from synth.errors import SynthError
 from synth.train import latest_checkpoint
 
@@ -61,18 +60,7 @@ def sft_pipeline(root: Path, student: Path, *, length: str = "num_train_epochs: 
 def launched(root: Path) -> list[int]:
     """Live processes of a multi-process training in this workspace: torchrun (started through
     synth.train_launch agent) and its ranks (their command lines name the spec under root)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = (Path("/proc") / pid / "cmdline").read_bytes().split(b"\0")
-            state = (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if b"synth.train_launch" in cmd and str(root).encode() in b" ".join(cmd) and state != "Z":
-            found.append(int(pid))
-    return found
+    return live_processes(b"synth.train_launch", root)
 
 
 def state_of(store: Path, name: str) -> tuple[str, dict]:

@@ -6,7 +6,6 @@ worker behind, and the re-run finishes the trainings; a failing worker is one li
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli_env, query, synth, write
+from conftest import REPO, cli_env, live_processes, query, synth, write
 
 pytestmark = pytest.mark.slow
 
@@ -41,18 +40,7 @@ stages:
 
 def workers(root: Path) -> list[int]:
     """Live worker processes of synth runs in this workspace (from /proc)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = (Path("/proc") / pid / "cmdline").read_bytes().split(b"\0")
-            state = (Path("/proc") / pid / "stat").read_text().split()[2]
-        except OSError:
-            continue
-        if b"synth.stage_worker" in cmd and str(root).encode() in b" ".join(cmd) and state != "Z":
-            found.append(int(pid))
-    return found
+    return live_processes(b"synth.stage_worker", root)
 
 
 def test_jobs_train_independent_stages_at_once_and_a_kill_leaves_no_worker(tmp_path, tiny_model):
