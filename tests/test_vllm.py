@@ -381,3 +381,21 @@ def test_scoring_through_vllm_server(workspace, vllm_server, tiny_model):
     assert len(rows) == len(SEEDS)
     for captured, served, ids, generated, k in rows:
         assert ids == generated and k == 2 and served == pytest.approx(captured, abs=2e-3)
+
+
+def test_more_prompt_tokens_in_flight_than_one_engine_step_takes(teacher, engine_slots):
+    """On CPU, vLLM 0.32 kills the engine ("CPU Generator does not use offset") when it splits the prompt of a
+    seeded request over two steps, and every request synth sends has its seed: more prompt tokens in flight than
+    one step's max_num_batched_tokens (4096 on CPU) ended the stage. The teacher turns chunked prefill off on
+    CPU: every request is answered."""
+    from synth.teachers import Request
+
+    engine_slots(64)
+    budget = teacher.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    requests = [Request(f"long{i}", [{"role": "user", "content": f"Q{i}: " + " ".join(
+        f"what is {i * 97 + j} + {j}?" for j in range(20))}], {"temperature": 0.8, "max_tokens": 2, "seed": 0}, 0)
+        for i in range(64)]
+    assert sum(len(teacher._prompt_ids(r.messages)) for r in requests) > budget
+    completions = list(teacher.generate(requests))
+    assert sorted(c.request_id for c in completions) == sorted(r.id for r in requests)
+    assert all(c.ok for c in completions), [c.error_message for c in completions if not c.ok][:2]

@@ -24,6 +24,7 @@ from synth.teachers.base import (Completion, Request, ScoreRequest, estimated_to
                                  token_logprobs)
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+VLLM_MAX_LOGPROBS = 20  # vLLM's server refuses top_logprobs above its --max-logprobs (default 20)
 
 
 class _Retryable(Exception):
@@ -78,6 +79,12 @@ def request_body(model: str, request: Request, config=None) -> dict:
         body["logprobs"], body["top_logprobs"] = True, p["logprobs"]
         if config is not None and config.vllm_server:
             body["return_tokens_as_token_ids"] = True  # ids, not strings: the positions of KD need them
+            # vLLM's server (0.32) returns the first top_logprobs entries of {sampled token, k best}, the sampled
+            # one first: asked for k, a sample outside the k best pushes the k-th best out. Asked for k + 1, the
+            # k best are always there (parse_logprobs sorts and keeps k). Not past the server's default
+            # --max-logprobs (20), which would refuse every request: at k = 20 the 20th may be the sample.
+            if 0 < p["logprobs"] < VLLM_MAX_LOGPROBS:
+                body["top_logprobs"] = p["logprobs"] + 1
     if p.get("json_schema") is not None:
         body["response_format"] = response_format(p["json_schema"])
     if config is not None and config.reasoning_effort:
@@ -143,7 +150,13 @@ def parse_logprobs(teacher_name: str, request: Request, choice: dict) -> dict | 
         return {"token": t.get("token"), "token_id": int(match.group(1)) if match else None,
                 "logprob": float(t["logprob"])}
 
-    return logprobs_from_entries([{**entry(t), "top": [entry(a) for a in (t.get("top_logprobs") or [])]}
+    # Best first before the cut to k: vLLM's server (0.32) lists the SAMPLED token first in `top_logprobs`, then
+    # the k best by rank (k+1 entries when the sampled token is not among them), where OpenAI sends the k best
+    # sorted. Cut unsorted, a sample outside the top k displaced the k-th best and `top` was out of order (the KD
+    # targets of a vllm_server teacher were wrong; tests/test_real_model_server.py compares them with its scores).
+    # A stable sort: OpenAI's order is kept as is.
+    return logprobs_from_entries([{**entry(t), "top": sorted((entry(a) for a in (t.get("top_logprobs") or [])),
+                                                             key=lambda a: -a["logprob"])}
                                   for t in content], k)
 
 

@@ -158,7 +158,9 @@ class OpenAITeacher(TeacherBase):
         # the same keys as the raw HTTP path (request_body: omit, a reasoning model's keys, response_format);
         # what the SDK has no argument for goes in extra_body
         body = request_body(self.model, request, self.config)
-        extra_body = {k: body.pop(k) for k in ("top_k",) if k in body} or None
+        # (return_tokens_as_token_ids, a vllm_server teacher's: passed as a keyword, the SDK raised TypeError and
+        # every request asking for logprobs was a client_error row)
+        extra_body = {k: body.pop(k) for k in ("top_k", "return_tokens_as_token_ids") if k in body} or None
         started = time.monotonic()
         try:
             response = await client.chat.completions.create(**body, extra_body=extra_body)

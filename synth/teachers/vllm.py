@@ -76,6 +76,11 @@ class VLLMTeacher(TeacherBase):
                   "enable_prefix_caching": True, "seed": 0}
         if on_cpu:
             kwargs["enforce_eager"] = True
+            # vLLM 0.32's CPU runner kills the engine ("CPU Generator does not use offset") when it splits the
+            # prompt of a seeded request over two steps (chunked prefill: more prompt tokens in flight than
+            # max_num_batched_tokens, 4096 on CPU) - and every request synth sends has its seed: 128 prompts of
+            # 59 tokens in flight ended the stage. Without chunking a prompt waits for the next step instead.
+            kwargs["enable_chunked_prefill"] = False
         if config.max_model_len:
             kwargs["max_model_len"] = config.max_model_len
         # structured output (a stage's schema) as compact JSON, as the hf backend's: free whitespace lets a weak
