@@ -352,4 +352,5 @@ def test_an_export_of_only_cut_traces_says_why_it_is_empty(workspace):
         "solutions": "kind: generate, input: problems, teacher: t, prompt: solve",
         "sft": "kind: export, input: solutions, path: out/sft.jsonl, reasoning: think"})
     ran = synth("run", pipeline, check=True)
-    assert "every sample's trace was cut at max_tokens before an answer (3 unanswered" in ran.stderr
+    said = " ".join(ran.stderr.split())  # rich wraps the line at the console's width
+    assert "every sample's trace was cut at max_tokens before an answer (3 unanswered" in said
