@@ -59,8 +59,11 @@ def pipeline_with_student(workspace: Path, student: Path, max_length: int = 512,
 
 
 def plan_rows(pipeline: Path) -> dict[str, dict]:
-    ran = synth("plan", pipeline, "--format", "json", check=True)
-    return {r["stage"]: r for r in json.loads(ran.stdout)}
+    """`synth plan --format json`'s rows, in process (the CLI prints exactly these; tests/test_pipeline.py
+    runs the command itself)."""
+    from synth.pipeline import load_pipeline, plan
+
+    return {r["stage"]: json.loads(json.dumps(r)) for r in plan(load_pipeline(pipeline))}
 
 
 def test_a_template_that_drops_traces_is_refused_before_the_teacher_is_asked(workspace, stripping_student):
@@ -79,7 +82,8 @@ def test_a_template_that_drops_traces_is_refused_before_the_teacher_is_asked(wor
 
 
 def test_synths_own_template_keeps_traces_and_the_plan_says_so(workspace, tiny_model):
-    row = plan_rows(pipeline_with_student(workspace, tiny_model))["sft"]
+    ran = synth("plan", pipeline_with_student(workspace, tiny_model), "--format", "json", check=True)
+    row = {r["stage"]: r for r in json.loads(ran.stdout)}["sft"]  # through the CLI once
     assert row["fit"]["think_dropped"] is False and row["fit"]["errors"] == []
     assert "keeps <think>…</think>" in row["note"]
     assert row["fit"]["prompts"] == 12 and 0 < row["fit"]["longest_prompt"] < 512 and row["fit"]["max_tokens"] == 64
