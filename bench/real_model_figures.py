@@ -42,6 +42,19 @@ BOXED = 'system: "Solve step by step and end with \\\\boxed{ANSWER}."\nuser: "{{
 JSON_TEMPLATE = ('system: "Solve the problem. Reply with only a JSON object of the form {\\"answer\\": INTEGER}."\n'
                  'user: "{{ question }}"\nparse: json\n')
 SCHEMA = "{type: object, properties: {answer: {type: integer}}, required: [answer]}"
+# the fixes README's "When answers do not parse" names, each measured: two worked examples of the format
+# (few-shot turns), and a schema with room to reason before the answer (bounded: a small model rambles
+# inside an unbounded string until max_tokens, and the cut JSON is a schema_violation)
+FEW_SHOT = BOXED.replace("parse: boxed\n", "") + (
+    'examples:\n'
+    '  - {user: "Q20: what is 20 + 21?", assistant: "20 + 21 = 41. \\\\boxed{41}"}\n'
+    '  - {user: "Q30: what is 30 + 31?", assistant: "30 + 31 = 61. \\\\boxed{61}"}\n'
+    'parse: boxed\n')
+REASONING_TEMPLATE = ('system: "Solve the problem. Reply with only a JSON object of the form '
+                      '{\\"reasoning\\": \\"ONE SHORT SENTENCE\\", \\"answer\\": INTEGER}."\n'
+                      'user: "{{ question }}"\nparse: json\n')
+REASONING_SCHEMA = ("{type: object, properties: {reasoning: {type: string, maxLength: 160}, answer: {type: integer}}, "
+                    "required: [reasoning, answer]}")
 
 
 def stage_lines(log: str) -> list[str]:
@@ -65,33 +78,35 @@ def parse_rates(model: Path, work: Path, max_tokens: int, batch_size: int) -> di
     params = json.dumps({"temperature": 0.0, "max_tokens": max_tokens})
     out = {}
 
-    t = time.perf_counter()
-    p = rm.workspace(work, QUESTIONS, teacher, f"prompt: solve, params: {params}", {"solve": BOXED})
-    res = rm.run_synth(p, check=False)
-    parsed = res["detail"]["parsed"]
-    correct = query(p, f"SELECT count(*) FROM {rm.STAGE} s JOIN problems q ON s.input_id = q.id "
-                       "WHERE trim(s.answer) = q.answer_gold")[0][0]
-    out["boxed"] = {**parsed, "rate": round(parsed["readable"] / max(parsed["answers"], 1), 3),
-                    "correct": correct, "seconds": round(time.perf_counter() - t, 1),
-                    "lines": stage_lines(res["log"])}
-    print(f"  (i) no schema, parse boxed: {parsed['readable']}/{parsed['answers']} readable, {correct} correct "
-          f"({out['boxed']['seconds']} s)", flush=True)
+    for key, template, label in (("boxed", BOXED, "no schema"), ("few_shot", FEW_SHOT, "two few-shot turns")):
+        t = time.perf_counter()
+        p = rm.workspace(work, QUESTIONS, teacher, f"prompt: solve, params: {params}", {"solve": template})
+        res = rm.run_synth(p, check=False)
+        parsed = res["detail"]["parsed"]
+        correct = query(p, f"SELECT count(*) FROM {rm.STAGE} s JOIN problems q ON s.input_id = q.id "
+                           "WHERE trim(s.answer) = q.answer_gold")[0][0]
+        out[key] = {**parsed, "rate": round(parsed["readable"] / max(parsed["answers"], 1), 3),
+                    "correct": correct, "seconds": round(time.perf_counter() - t, 1), "lines": stage_lines(res["log"])}
+        print(f"  (i) {label}, parse boxed: {parsed['readable']}/{parsed['answers']} readable, {correct} correct "
+              f"({out[key]['seconds']} s)", flush=True)
 
-    t = time.perf_counter()
-    p = rm.workspace(work, QUESTIONS, teacher, f"prompt: solve, params: {params}, schema: {SCHEMA}",
-                     {"solve": JSON_TEMPLATE})
-    res = rm.run_synth(p, check=False)
-    rows, answered = query(p, f"SELECT count(*), count(answer) FROM {rm.STAGE}")[0]
-    violations = query(p, "SELECT count(*) FROM synth.errors WHERE cause = 'schema_violation'")[0][0]
-    other = query(p, "SELECT count(*) FROM synth.errors WHERE cause <> 'schema_violation'")[0][0]
-    correct = query(p, f"SELECT count(*) FROM {rm.STAGE} s JOIN problems q ON s.input_id = q.id "
-                       "WHERE CAST(s.answer AS VARCHAR) = q.answer_gold")[0][0]
-    out["schema"] = {"answered": answered, "asked": len(QUESTIONS), "rows": rows, "schema_violation": violations,
-                     "other_errors": other, "rate": round(answered / len(QUESTIONS), 3), "correct": correct,
-                     "parsed": res["detail"].get("parsed"), "seconds": round(time.perf_counter() - t, 1),
-                     "lines": stage_lines(res["log"])}
-    print(f"  (i) schema, parse json: {answered}/{len(QUESTIONS)} with an answer, {violations} schema_violation, "
-          f"{correct} correct ({out['schema']['seconds']} s)", flush=True)
+    for key, template, schema in (("schema", JSON_TEMPLATE, SCHEMA),
+                                  ("schema_reasoning", REASONING_TEMPLATE, REASONING_SCHEMA)):
+        t = time.perf_counter()
+        p = rm.workspace(work, QUESTIONS, teacher, f"prompt: solve, params: {params}, schema: {schema}",
+                         {"solve": template})
+        res = rm.run_synth(p, check=False)
+        rows, answered = query(p, f"SELECT count(*), count(answer) FROM {rm.STAGE}")[0]
+        violations = query(p, "SELECT count(*) FROM synth.errors WHERE cause = 'schema_violation'")[0][0]
+        other = query(p, "SELECT count(*) FROM synth.errors WHERE cause <> 'schema_violation'")[0][0]
+        correct = query(p, f"SELECT count(*) FROM {rm.STAGE} s JOIN problems q ON s.input_id = q.id "
+                           "WHERE CAST(s.answer AS VARCHAR) = q.answer_gold")[0][0]
+        out[key] = {"answered": answered, "asked": len(QUESTIONS), "rows": rows, "schema_violation": violations,
+                    "other_errors": other, "rate": round(answered / len(QUESTIONS), 3), "correct": correct,
+                    "parsed": res["detail"].get("parsed"), "seconds": round(time.perf_counter() - t, 1),
+                    "lines": stage_lines(res["log"])}
+        print(f"  (i) {key}, parse json: {answered}/{len(QUESTIONS)} with an answer, {violations} schema_violation, "
+              f"{correct} correct ({out[key]['seconds']} s)", flush=True)
     return out
 
 
@@ -168,7 +183,7 @@ def main() -> None:
         speed = hf_speed(args, model, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    b, s = parse["boxed"], parse["schema"]
+    b, s, f, r = parse["boxed"], parse["schema"], parse["few_shot"], parse["schema_reasoning"]
     table = [
         ("figure", "measured"),
         (f"parse rate, no schema (\\boxed{{}}, parse: boxed, {args.max_tokens} tokens, greedy)",
@@ -176,6 +191,11 @@ def main() -> None:
         ("parse rate, stage schema {answer: integer} (parse: json)",
          f"{s['answered']}/{s['asked']} ({s['rate']:.0%}); schema_violation {s['schema_violation']}; "
          f"correct {s['correct']}/{s['asked']}"),
+        ("parse rate, two few-shot turns ending in \\boxed{} (parse: boxed)",
+         f"{f['readable']}/{f['answers']} ({f['rate']:.0%}); correct {f['correct']}/{f['answers']}"),
+        ("parse rate, stage schema {reasoning: string ≤ 160, answer: integer} (parse: json)",
+         f"{r['answered']}/{r['asked']} ({r['rate']:.0%}); schema_violation {r['schema_violation']}; "
+         f"correct {r['correct']}/{r['asked']}"),
         ("transformers serve as shipped: inputs with 4 identical samples (t=0.8)",
          f"{shipped['inputs']}/{shipped['of']}"),
         ("transformers serve, generation_config do_sample: true", f"{sampled['inputs']}/{sampled['of']}"),
@@ -188,12 +208,12 @@ def main() -> None:
         print(f"| {k.ljust(width)} | {v} |")
         if i == 0:
             print(f"|{'-' * (width + 2)}|{'-' * (max(len(r[1]) for r in table) + 2)}|")
-    print(f"\nsynth's lines: {b['lines'] + s['lines'] + shipped['lines'] + sampled['lines']}")
+    print(f"\nsynth's lines: {b['lines'] + f['lines'] + s['lines'] + r['lines'] + shipped['lines'] + sampled['lines']}")
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)
-    for d in (b, s, shipped, sampled):
+    for d in (b, f, s, r, shipped, sampled):
         d.pop("lines")
     print(json.dumps({"bench": "real_model_figures", "model": model.name,
-                      "parse_no_schema": b, "parse_schema": s,
+                      "parse_no_schema": b, "parse_few_shot": f, "parse_schema": s, "parse_schema_reasoning": r,
                       "identical_serve_as_shipped": shipped, "identical_serve_do_sample": sampled,
                       "hf_tokens_per_s": speed}))
 
