@@ -8,6 +8,7 @@ the CLI prints it as its one line). Tests of the CLI itself, exit codes, kills a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -185,6 +186,24 @@ def query(store: Path, sql: str) -> list[tuple]:
         return con.execute(sql).fetchall()
     finally:
         con.close()
+
+
+VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "WARNING"}
+
+
+@contextlib.contextmanager
+def start_vllm_server(model: Path, name: str, log: Path, *args: str):
+    """vLLM's OpenAI-compatible server for `model` (served as `name`, float32, eager: CPU) on a free loopback
+    port, with extra command-line `args`: yields its /v1 URL; stopped on exit."""
+    port = free_port()
+    proc = start_server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                         "--served-model-name", name, "--dtype", "float32", "--enforce-eager", *args,
+                         "--host", "127.0.0.1", "--port", str(port)],
+                        f"http://127.0.0.1:{port}/health", log, timeout=300, env=cli_env(**VLLM_CPU_ENV))
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop_server(proc)
 
 
 def live_processes(marker: bytes, root: Path) -> list[int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SEEDS, make_pipeline, query, synth_run, write
+from conftest import SEEDS, fill_workspace, make_pipeline, query, synth_run, write
 
 pytestmark = [pytest.mark.slow]
 
@@ -71,12 +71,7 @@ def pipeline(tmp_path_factory, real_model) -> Path:
     """One workspace for the module: each test runs its targets (and whatever upstream is stale), so
     the tests pass in any order and share what the others already generated."""
     root = tmp_path_factory.mktemp("real")
-    (root / "prompts").mkdir()
-    write(root / "prompts" / "solve.yaml", """\
-        system: "Solve step by step and end with \\\\boxed{ANSWER}."
-        user: "{{ question }}"
-        parse: boxed
-        """)
+    fill_workspace(root)  # prompts/solve.yaml: step by step, ending in \\boxed{}
     return make_pipeline(root, teachers={"smol": {"backend": "hf", "model": str(real_model), "batch_size": 2}},
                          files={"two.jsonl": ROWS, "train/sft.yaml": SFT_RECIPE, "train/dpo.yaml": DPO_RECIPE,
                                 "train/kd.yaml": KD_RECIPE},

@@ -26,18 +26,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import sys
 
 import pytest
 
-from conftest import SEEDS, cli_env, free_port, make_pipeline, query, start_server, stop_server, synth, write
+from conftest import SEEDS, VLLM_CPU_ENV, cli_env, fill_workspace, make_pipeline, query, start_vllm_server, synth
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 if importlib.util.find_spec("vllm") is None:  # not imported here: the server process imports it
     pytest.skip("vLLM is not installed (SYNTH_WITH_VLLM=0)", allow_module_level=True)
 
 # as tests/test_vllm.py: the engine computes on OMP_NUM_THREADS (1, conftest.py) threads, unbound
-CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "WARNING"}
+CPU_ENV = VLLM_CPU_ENV
 ROWS = SEEDS[:4]
 SAMPLES = 3
 K = 4
@@ -47,31 +46,17 @@ SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "requ
 @pytest.fixture(scope="module")
 def server(real_model, tmp_path_factory):
     """vLLM's OpenAI-compatible server for the real model on a free loopback port: its /v1 URL."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    proc = start_server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(real_model),
-                         "--served-model-name", "smol", "--dtype", "float32", "--enforce-eager",
-                         "--max-model-len", "512", "--no-enable-chunked-prefill",
-                         "--host", "127.0.0.1", "--port", str(port),
-                         "--structured-outputs-config", json.dumps({"backend": "xgrammar",
-                                                                    "disable_any_whitespace": True})],
-                        f"http://127.0.0.1:{port}/health", log, timeout=300, env=cli_env(**CPU_ENV))
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop_server(proc)
+    with start_vllm_server(real_model, "smol", tmp_path_factory.mktemp("vllm-server") / "server.log",
+                           "--max-model-len", "512", "--no-enable-chunked-prefill", "--structured-outputs-config",
+                           json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def run(server, real_model, tmp_path_factory):
     """One `synth run` of the module's pipeline (every stage): (the CLI's output, the store, the run's counts)."""
     root = tmp_path_factory.mktemp("served")
-    (root / "prompts").mkdir()
-    write(root / "prompts" / "solve.yaml", """\
-        system: "Solve step by step and end with \\\\boxed{ANSWER}."
-        user: "{{ question }}"
-        parse: boxed
-        """)
+    fill_workspace(root)  # prompts/solve.yaml: step by step, ending in \\boxed{}
     teacher = {"backend": "openai", "model": "smol", "base_url": server, "vllm_server": True,
                "tokenizer": str(real_model), "max_concurrency": 12}
     pipeline = make_pipeline(root, teachers={"served": teacher}, files={"four.jsonl": ROWS}, stages={

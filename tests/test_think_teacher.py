@@ -22,7 +22,7 @@ import shutil
 
 import pytest
 
-from conftest import cli_env, echo_teacher, make_pipeline, query, synth, synth_run
+from conftest import VLLM_CPU_ENV, cli_env, echo_teacher, make_pipeline, query, synth, synth_run
 
 SYSTEM = r"Think inside <think></think>, then answer in \boxed{}."
 # the template synth renders: the same messages the model was trained on (asserted in the first test)
@@ -31,7 +31,7 @@ PROMPT = "system: 'Think inside <think></think>, then answer in \\boxed{}.'\nuse
 TRAIN_PAIRS = [(a, b) for a in range(10) for b in range(10)]
 TRACE = re.compile(r"(\d)\+(\d) is (\d+)")  # what the model writes between the tags
 ANSWER = re.compile(r"\\boxed\{(\d+)\}")
-CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "WARNING"}
+CPU_ENV = VLLM_CPU_ENV
 
 
 def messages(a: int, b: int) -> list[dict]:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 
-from conftest import SEEDS, cli_env, free_port, query, start_server, stop_server, synth, write
+from conftest import SEEDS, VLLM_CPU_ENV, cli_env, query, start_vllm_server, synth, write
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -20,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 # nobind: vLLM leaves OpenMP alone and the engine computes with OMP_NUM_THREADS (1, tests/conftest.py), like
 # every other process here; bound to both cores ("0-1") its two spinning threads slowed down whenever the
 # other test worker was busy (measured: the engine's generations 3-4x slower next to one busy process).
-CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "WARNING"}
+CPU_ENV = VLLM_CPU_ENV
 
 PIPELINE = """\
 store: out/run.duckdb
@@ -85,16 +84,9 @@ def test_offline_vllm_through_the_cli(workspace, tiny_model):
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_model, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    proc = start_server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
-                         "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager",
-                         "--max-model-len", "256", "--host", "127.0.0.1", "--port", str(port)],
-                        f"http://127.0.0.1:{port}/health", log, timeout=300, env=cli_env(**CPU_ENV))
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop_server(proc)
+    with start_vllm_server(tiny_model, "tiny", tmp_path_factory.mktemp("vllm") / "server.log",
+                           "--max-model-len", "256") as url:
+        yield url
 
 
 def test_openai_backend_against_vllm_server(workspace, vllm_server):
