@@ -8,8 +8,8 @@ group| (samples without an answer count in the denominator). Verdicts:
 - not in the plurality class                -> failed, `minority_answer`, score = its share;
 - plurality class but share < min_agreement -> failed, `low_agreement`;
 - a tie for the plurality                   -> failed, `low_agreement` (no class wins);
-- every sample of the group the same text, when at least UNSAMPLED_SHARE of the groups (of 2 or more
-  samples) are so                          -> failed, `identical_samples`: the teacher did not sample (a
+- every sample of the group the same text (of MIN_TELLING_CHARS or more: a bare answer repeats under any
+  sampling), when at least UNSAMPLED_SHARE of such groups (of 2 or more samples) are so                          -> failed, `identical_samples`: the teacher did not sample (a
   server that ignores temperature, greedy decoding), so copies are not independent votes. Below that
   share, identical groups are a confident model's (at temperature 0.7 a well-trained teacher writes the
   same solution 8 times for a third of the demo's problems) and vote as usual;
@@ -24,6 +24,10 @@ from synth import verify
 from synth.store import quote_ident
 
 UNSAMPLED_SHARE = 0.5  # groups all one text, of those with 2+ samples, from which the teacher "did not sample"
+# Texts shorter than this say nothing about sampling: a bare answer (`{"answer": 7}`, a structured-output
+# stage's whole text, or "Paris") repeats under any temperature when the model is sure. Groups of such
+# texts are left out of the unsampled share, and never fail `identical_samples`.
+MIN_TELLING_CHARS = 64
 
 
 def vote(con, source: str, answer: str, group_by: str, method: str, min_agreement: float,
@@ -52,13 +56,15 @@ def vote_sql(source: str, answer: str, group: str, keys: str, min_agreement: flo
         FROM {source} i LEFT JOIN {keys} k ON k.answer = CAST(i.{answer} AS VARCHAR)),
     sizes AS (SELECT grp, class, count(*) AS n FROM s WHERE class IS NOT NULL GROUP BY ALL),
     totals AS (SELECT grp, count(*) AS total,
-                      count(*) >= 2 AND count(sample_text) = count(*) AND count(DISTINCT sample_text) = 1 AS identical
+                      coalesce(min(length(sample_text)) >= {MIN_TELLING_CHARS}, false) AS telling,
+                      count(*) >= 2 AND count(sample_text) = count(*) AND count(DISTINCT sample_text) = 1
+                          AND coalesce(min(length(sample_text)) >= {MIN_TELLING_CHARS}, false) AS identical
                FROM s GROUP BY ALL),
     top AS (SELECT grp, top_n, count(*) FILTER (WHERE n = top_n) AS tied FROM (
               SELECT grp, n, max(n) OVER (PARTITION BY grp) AS top_n FROM sizes) GROUP BY grp, top_n),
     unsampled AS (SELECT coalesce(count(*) FILTER (WHERE identical)
-                                  >= {UNSAMPLED_SHARE} * count(*) FILTER (WHERE total >= 2)
-                                  AND count(*) FILTER (WHERE total >= 2) > 0, false) AS yes FROM totals)
+                                  >= {UNSAMPLED_SHARE} * count(*) FILTER (WHERE total >= 2 AND telling)
+                                  AND count(*) FILTER (WHERE total >= 2 AND telling) > 0, false) AS yes FROM totals)
     SELECT s.row_id,
            (s.class IS NOT NULL AND NOT (o.identical AND u.yes) AND z.n = t.top_n AND t.tied = 1
             AND z.n / o.total >= {min_agreement}) AS passed,

@@ -10,6 +10,9 @@ from rich.console import Console
 
 from conftest import echo_teacher, make_pipeline, query, scripted_answers, synth_run
 
+# a solution long enough that identical copies say the teacher did not sample (vote.MIN_TELLING_CHARS)
+STEPS = "First add the two numbers, then check the sum once more before answering: "
+
 
 def run_and_read(pipeline) -> tuple[dict, str]:
     out = io.StringIO()
@@ -46,7 +49,7 @@ def test_identical_samples_are_said_and_cannot_vote(workspace):
     would) gives every input the same text in all its samples at temperature 0.8: the generate stage warns
     with the likely cause, and vote fails those groups `identical_samples` instead of reporting 100%
     agreement."""
-    greedy = [{"match": r"Q(\d+)", "reply": "It is \\boxed{ {{ match[1] }} }"}]
+    greedy = [{"match": r"Q(\d+)", "reply": STEPS + "\\boxed{ {{ match[1] }} }"}]
     pipeline = make_pipeline(workspace, teachers={"t": echo_teacher(greedy)}, stages={
         "problems": "kind: load, path: seeds.jsonl",
         "solutions": "kind: generate, input: problems, teacher: t, prompt: solve, samples: 3, "
@@ -79,8 +82,8 @@ def test_vote_still_counts_samples_that_differ(workspace):
 def test_a_confident_teacher_still_votes(workspace):
     """Identical groups below half of the groups are a confident model's (a sampling teacher writing the same
     solution every time on easy inputs), not a teacher that did not sample: they vote as usual."""
-    rules = [{"match": r"Q([0-3])\b", "reply": "It is \\boxed{ {{ match[1] }} }"},
-             {"match": r"Q(\d+)", "reply": "Sample {{ sample }}: \\boxed{ {{ match[1] }} }"}]
+    rules = [{"match": r"Q([0-3])\b", "reply": STEPS + "\\boxed{ {{ match[1] }} }"},
+             {"match": r"Q(\d+)", "reply": "Sample {{ sample }}: " + STEPS + "\\boxed{ {{ match[1] }} }"}]
     pipeline = make_pipeline(workspace, teachers={"t": echo_teacher(rules)}, stages={
         "problems": "kind: load, path: seeds.jsonl",
         "solutions": "kind: generate, input: problems, teacher: t, prompt: solve, samples: 3, "
@@ -88,6 +91,22 @@ def test_a_confident_teacher_still_votes(workspace):
         "agree": "kind: vote, input: solutions"})
     counts, out = run_and_read(pipeline)
     assert counts["stages"]["solutions"]["identical"]["inputs"] == 4  # Q0..Q3 of 12
+    assert query(workspace / "out" / "run.duckdb", "SELECT DISTINCT passed, reason FROM synth.verdicts") == \
+        [(True, None)]
+
+
+def test_short_answers_that_agree_are_votes_not_a_teacher_that_did_not_sample(workspace):
+    """A bare answer (a structured-output stage's `{"answer": 7}`, a one-word reply) repeats under any
+    temperature when the model is sure: identical short texts say nothing about sampling (vote.MIN_TELLING_CHARS),
+    so no warning, and they vote as agreement."""
+    rules = [{"match": r"Q(\d+)", "reply": "\\boxed{ {{ match[1] }} }"}]
+    pipeline = make_pipeline(workspace, teachers={"t": echo_teacher(rules)}, stages={
+        "problems": "kind: load, path: seeds.jsonl",
+        "solutions": "kind: generate, input: problems, teacher: t, prompt: solve, samples: 3, "
+                     "params: {temperature: 0.8}",
+        "agree": "kind: vote, input: solutions"})
+    counts, out = run_and_read(pipeline)
+    assert counts["stages"]["solutions"]["identical"] == {"inputs": 0, "of": 0} and "did not sample" not in out
     assert query(workspace / "out" / "run.duckdb", "SELECT DISTINCT passed, reason FROM synth.verdicts") == \
         [(True, None)]
 

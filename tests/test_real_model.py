@@ -249,7 +249,7 @@ def test_transformers_serve_as_it_ships_does_not_sample_and_synth_says_so(real_m
                                      stages={"problems": "kind: load, path: two.jsonl",
                                              "solutions": "kind: generate, input: problems, teacher: served, "
                                                           "prompt: solve, samples: 3, "
-                                                          "params: {temperature: 0.8, max_tokens: 8, seed: 0}",
+                                                          "params: {temperature: 0.8, max_tokens: 24, seed: 0}",
                                              "agree": "kind: vote, input: solutions, answer: text"})
             out = io.StringIO()
             counts = synth_run(pipeline, console=Console(file=out, width=400, color_system=None))
@@ -257,6 +257,7 @@ def test_transformers_serve_as_it_ships_does_not_sample_and_synth_says_so(real_m
             stop_server(proc)
         identical[label] = (counts["stages"]["solutions"]["identical"], out.getvalue())
     shipped, shipped_out = identical["as shipped"]
-    assert shipped == {"inputs": 2, "of": 2} and "the teacher did not sample" in shipped_out
+    # every input long enough to tell (a reply of a few words repeats under any sampling) got one text
+    assert shipped["of"] >= 1 and shipped["inputs"] == shipped["of"] and "the teacher did not sample" in shipped_out
     assert "identical_samples" in shipped_out
     assert identical["do_sample"][0]["inputs"] < 2 and "did not sample" not in identical["do_sample"][1]
