@@ -25,8 +25,9 @@ from synth.store import quote_ident
 
 UNSAMPLED_SHARE = 0.5  # groups all one text, of those with 2+ samples, from which the teacher "did not sample"
 # Texts shorter than this say nothing about sampling: a bare answer (`{"answer": 7}`, a structured-output
-# stage's whole text, or "Paris") repeats under any temperature when the model is sure. Groups of such
-# texts are left out of the unsampled share, and never fail `identical_samples`.
+# stage's whole text, or "Paris") repeats under any temperature when the model is sure. Groups all of one such
+# text are left out of the unsampled share, and never fail `identical_samples` (groups whose texts differ
+# count, whatever their length: they show sampling).
 MIN_TELLING_CHARS = 64
 
 
@@ -56,7 +57,8 @@ def vote_sql(source: str, answer: str, group: str, keys: str, min_agreement: flo
         FROM {source} i LEFT JOIN {keys} k ON k.answer = CAST(i.{answer} AS VARCHAR)),
     sizes AS (SELECT grp, class, count(*) AS n FROM s WHERE class IS NOT NULL GROUP BY ALL),
     totals AS (SELECT grp, count(*) AS total,
-                      coalesce(min(length(sample_text)) >= {MIN_TELLING_CHARS}, false) AS telling,
+                      (count(DISTINCT sample_text) > 1
+                       OR coalesce(min(length(sample_text)) >= {MIN_TELLING_CHARS}, false)) AS telling,
                       count(*) >= 2 AND count(sample_text) = count(*) AND count(DISTINCT sample_text) = 1
                           AND coalesce(min(length(sample_text)) >= {MIN_TELLING_CHARS}, false) AS identical
                FROM s GROUP BY ALL),

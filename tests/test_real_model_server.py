@@ -89,8 +89,9 @@ def test_real_text_and_samples_that_differ(run):
     identical = counts["stages"]["solutions"]["identical"]
     print(f"\nvllm server, solutions: {identical['inputs']}/{identical['of']} inputs got {SAMPLES} identical samples "
           f"at t=0.8; texts: {[r[1] for r in rows[:3]]}")
-    assert identical["of"] == len(ROWS) and identical["inputs"] <= 1
-    assert "solutions: 0/4 inputs got 3 identical samples" in out or "solutions: 1/4 inputs" in out
+    # `of`: the inputs that can tell (leaving out any all of one short text: vote.MIN_TELLING_CHARS)
+    assert 1 <= identical["of"] <= len(ROWS) and identical["inputs"] <= 1
+    assert re.search(rf"solutions: [01]/{identical['of']} inputs got 3 identical samples", out)
     assert not re.search(r"solutions: warning: \d+% of the inputs got the same text", out)  # no "did not sample"
     by_input: dict[str, set] = {}
     for input_id, text, *_ in rows:

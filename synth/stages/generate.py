@@ -306,8 +306,8 @@ HIGH_IDENTICAL = 0.5  # share of inputs whose samples are all the same text, at 
 def answer_stats(con, graph: Graph, name: str) -> dict:
     """What the stage's answers look like, from the store: `parsed` {readable, answers}: how many answers the
     template's parser could read (its answer contract: a \\boxed{}, a `Score: N`, a JSON object; absent for
-    parse: text); `identical` {inputs, of}: of the inputs with two or more answers (each of
-    MIN_TELLING_CHARS or more), how many got the same text every time (absent with one sample or temperature 0, where that is expected)."""
+    parse: text); `identical` {inputs, of}: of the inputs with two or more answers (leaving out those
+    all of one text shorter than MIN_TELLING_CHARS), how many got the same text every time (absent with one sample or temperature 0, where that is expected)."""
     stage: GenerateStage = graph.stage(name)
     parse = graph.templates[name].spec.parse
     out: dict = {}
@@ -318,10 +318,12 @@ def answer_stats(con, graph: Graph, name: str) -> dict:
         n, ok = fetch_one(con, f"SELECT count(*), count(*) FILTER (WHERE {readable}) {answers}", [name])
         out["parsed"] = {"readable": ok, "answers": n}
     if stage.samples > 1 and stage.params.temperature > 0:
-        # inputs whose answers are long enough to tell (vote.MIN_TELLING_CHARS: a bare answer repeats anyway)
+        # inputs that can tell: answers that differ, or one answer long enough (vote.MIN_TELLING_CHARS: a bare
+        # answer repeats anyway)
         of, same = fetch_one(con, "SELECT count(*), count(*) FILTER (WHERE texts = 1) FROM (SELECT g.input_id, "
                                   f"count(DISTINCT c.text) AS texts {answers} GROUP BY g.input_id HAVING count(*) >= 2 "
-                                  f"AND min(length(coalesce(c.text, ''))) >= {MIN_TELLING_CHARS})", [name])
+                                  f"AND (count(DISTINCT c.text) > 1 OR min(length(coalesce(c.text, ''))) >= {MIN_TELLING_CHARS}))",
+                             [name])
         out["identical"] = {"inputs": same, "of": of}
     return out
 
