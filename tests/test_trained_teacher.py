@@ -74,19 +74,3 @@ def test_a_trained_student_generates_through_vllm(workspace, tiny_model):
     assert query(store, "SELECT DISTINCT teacher, model FROM mine") == [("sft", model_dir)]
     assert all(t for (t,) in query(store, "SELECT text FROM mine"))
 
-
-def test_an_hf_teacher_lets_the_stage_commit_each_batch_before_the_next(tiny_model, tmp_path):
-    """hf generates a batch at a time: its answers arrive together, then nothing for the next batch's
-    generation. Before each next batch the teacher calls on_idle (the stage's commit), so `synth status`
-    and a reader see every finished batch, not one batch behind."""
-    from synth.teachers import HFTeacherConfig, Request, load_teacher
-
-    teacher = load_teacher("t", HFTeacherConfig(backend="hf", model=str(tiny_model), batch_size=2), tmp_path)
-    seen, idle_after = [], []
-    teacher.on_idle = lambda: idle_after.append(len(seen))
-    requests = [Request(f"r{i}", [{"role": "user", "content": f"Q{i}"}], {"max_tokens": 2, "temperature": 0.0}, 0)
-                for i in range(5)]
-    for c in teacher.generate(requests):
-        seen.append(c.request_id)
-    assert seen == [r.id for r in requests]
-    assert idle_after == [2, 4]  # after each full batch, before the next one is generated

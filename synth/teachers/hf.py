@@ -72,8 +72,6 @@ class HFTeacher(TeacherBase):
         for start in range(0, len(requests), size):
             if self._stopped:
                 return
-            if start:  # the previous batch's answers are all out: let the stage commit them before this batch's
-                self.on_idle()  # minutes of generating (else `synth status` lags a whole batch behind)
             batch = list(requests[start:start + size])
             # Requests of one batch must share sampling params; split where they differ.
             groups: dict[str, list[Request]] = {}
