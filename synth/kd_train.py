@@ -35,7 +35,9 @@ the ranks end identical (tests/test_multi_process_train.py).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -202,6 +204,11 @@ def student_parts(model):
     return lm.get_decoder(), head
 
 
+@functools.lru_cache(maxsize=None)  # asked at every training step: the signature is read once per model class
+def _takes_logits_to_keep(model_class) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def batch_loss(model, inputs: dict, kd: dict, student=None):
     """The KD loss of one collated batch (Collator): the student's final hidden states (the decoder's output,
     no lm_head), shifted so position t predicts token t+1, only the completion's positions kept, then
@@ -213,8 +220,6 @@ def batch_loss(model, inputs: dict, kd: dict, student=None):
     model unwrapped (default: `model`), where the decoder and the lm_head are found. The forward asks for
     the logits of the last position only (logits_to_keep, where the model takes it): the batch's full
     logits are never computed."""
-    import inspect
-
     from synth.kd_loss import SparseTargets, kd_loss
 
     student = model if student is None else student
@@ -225,7 +230,7 @@ def batch_loss(model, inputs: dict, kd: dict, student=None):
         captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
     lm = student.get_base_model() if hasattr(student, "get_base_model") else student
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(lm).forward).parameters else {}
+    extra = {"logits_to_keep": 1} if _takes_logits_to_keep(type(lm)) else {}
     handle = decoder.register_forward_hook(keep)
     try:
         model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, **extra)

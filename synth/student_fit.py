@@ -102,9 +102,9 @@ def source_generate(graph: Graph, export: str) -> str | None:
     return None
 
 
-def fit(graph: Graph, name: str, student: str | None, recipe: dict, max_length: int | None,
-        max_share: float) -> Fit:
-    """The fit of train stage `name`'s data to `student` (a model directory) under `recipe`."""
+def fit(graph: Graph, name: str, student: str | None, max_length: int | None, max_share: float) -> Fit:
+    """The fit of train stage `name`'s data to `student` (a model directory), under its recipe's max_length
+    and max_truncated_share."""
     stage = graph.stage(name)
     export = graph.stage(stage.data)
     result = Fit(max_length=max_length, max_share=max_share)

@@ -154,7 +154,7 @@ def data_fit(graph: Graph, name: str) -> student_fit.Fit:
     recipe = train.check_recipe(graph.resolve(stage.recipe), stage.method)
     max_length = recipe.get("max_length", train.config_default(stage.method, "max_length"))
     share = recipe.get("max_truncated_share", train.DEFAULT_MAX_TRUNCATED_SHARE)
-    fit = student_fit.fit(graph, name, str(student) if student else None, recipe, max_length, share)
+    fit = student_fit.fit(graph, name, str(student) if student else None, max_length, share)
     _FITS[key] = (graph, fit)
     return fit
 
@@ -164,14 +164,20 @@ def _data_readiness(data: str, mtime_ns: int, student: str, method: str, max_len
     return train.readiness(Path(data), student, method, max_length)
 
 
+def data_file(graph: Graph, name: str) -> Path:
+    """The file a train stage reads: its export's path, or a saved HF dataset directory's data.parquet (the
+    same rows)."""
+    data = graph.resolve(graph.stage(graph.stage(name).data).path)
+    return data / "data.parquet" if data.suffix == "" else data
+
+
 def estimate(graph: Graph, name: str, statuses, trained) -> dict:
     """For `synth plan`: how the data fits the student (student_fit), and once the export's file is written
     and fresh, its measured lengths (synth.train.readiness)."""
     stage: TrainStage = graph.stage(name)
     fit = data_fit(graph, name)
     note = fit.note()
-    data = graph.resolve(graph.stage(stage.data).path)
-    data = data / "data.parquet" if data.suffix == "" else data
+    data = data_file(graph, name)
     student = base_model(graph, name, None)
     if stage.method != "kd" and not statuses[stage.data].stale and data.is_file() and fit.max_length \
             and student and (Path(student) / "config.json").is_file():
@@ -257,9 +263,7 @@ def run(ctx: RunContext, name: str) -> dict:
     recipe = train.load_recipe(graph.resolve(stage.recipe), stage.method)
     if stage.seed is not None:  # a replica of `seeds`, or the stage's own override
         recipe["seed"] = stage.seed
-    data = graph.resolve(graph.stage(stage.data).path)
-    if data.suffix == "":  # a saved HF dataset directory: its data.parquet holds the same rows
-        data = data / "data.parquet"
+    data = data_file(graph, name)
     base = base_model(graph, name, ctx.trained)
     if stage.method == "kd":  # the ids in the file are its teacher's: the student must read them alike
         try:
