@@ -31,6 +31,13 @@ UNSAMPLED_SHARE = 0.5  # groups all one text, of those with 2+ samples, from whi
 MIN_TELLING_CHARS = 64
 
 
+def telling(text: str) -> str:
+    """SQL, an aggregate over one group's samples: whether the group can tell a teacher that did not sample
+    from one that did: its texts differ, or they are long enough (MIN_TELLING_CHARS; a null text counts as
+    empty). Read by vote below and by the generate stage's `identical` figure."""
+    return f"(count(DISTINCT {text}) > 1 OR min(length(coalesce({text}, ''))) >= {MIN_TELLING_CHARS})"
+
+
 def vote(con, source: str, answer: str, group_by: str, method: str, min_agreement: float,
          text: str | None = None) -> pa.Table:
     """Verdict table (row_id, passed, score, reason, details) for every row of `source`. `text`: the
@@ -57,10 +64,9 @@ def vote_sql(source: str, answer: str, group: str, keys: str, min_agreement: flo
         FROM {source} i LEFT JOIN {keys} k ON k.answer = CAST(i.{answer} AS VARCHAR)),
     sizes AS (SELECT grp, class, count(*) AS n FROM s WHERE class IS NOT NULL GROUP BY ALL),
     totals AS (SELECT grp, count(*) AS total,
-                      (count(DISTINCT sample_text) > 1
-                       OR coalesce(min(length(sample_text)) >= {MIN_TELLING_CHARS}, false)) AS telling,
+                      {telling("sample_text")} AS telling,
                       count(*) >= 2 AND count(sample_text) = count(*) AND count(DISTINCT sample_text) = 1
-                          AND coalesce(min(length(sample_text)) >= {MIN_TELLING_CHARS}, false) AS identical
+                          AND {telling("sample_text")} AS identical
                FROM s GROUP BY ALL),
     top AS (SELECT grp, top_n, count(*) FILTER (WHERE n = top_n) AS tied FROM (
               SELECT grp, n, max(n) OVER (PARTITION BY grp) AS top_n FROM sizes) GROUP BY grp, top_n),

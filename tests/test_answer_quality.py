@@ -44,18 +44,23 @@ def test_answers_that_parse_give_no_warning(workspace):
     assert "identical" not in counts["stages"]["solutions"]  # one sample: nothing to compare
 
 
+def sampled_vote(workspace, rules: list[dict], samples: int = 3, params: str = ", params: {temperature: 0.8}"):
+    """Run seeds -> `samples` samples per seed from an echo teacher with `rules` -> a vote stage `agree`:
+    run_and_read's (counts, console output)."""
+    pipeline = make_pipeline(workspace, teachers={"t": echo_teacher(rules)}, stages={
+        "problems": "kind: load, path: seeds.jsonl",
+        "solutions": f"kind: generate, input: problems, teacher: t, prompt: solve, samples: {samples}{params}",
+        "agree": "kind: vote, input: solutions"})
+    return run_and_read(pipeline)
+
+
 def test_identical_samples_are_said_and_cannot_vote(workspace):
     """A teacher that does not sample (here: an echo rule that ignores the sample, as a greedy server
     would) gives every input the same text in all its samples at temperature 0.8: the generate stage warns
     with the likely cause, and vote fails those groups `identical_samples` instead of reporting 100%
     agreement."""
     greedy = [{"match": r"Q(\d+)", "reply": STEPS + "\\boxed{ {{ match[1] }} }"}]
-    pipeline = make_pipeline(workspace, teachers={"t": echo_teacher(greedy)}, stages={
-        "problems": "kind: load, path: seeds.jsonl",
-        "solutions": "kind: generate, input: problems, teacher: t, prompt: solve, samples: 3, "
-                     "params: {temperature: 0.8}",
-        "agree": "kind: vote, input: solutions"})
-    counts, out = run_and_read(pipeline)
+    counts, out = sampled_vote(workspace, greedy)
     assert "12/12 inputs got 3 identical samples" in out
     assert "the teacher did not sample" in out and "transformers serve" in out
     assert counts["stages"]["solutions"]["identical"] == {"inputs": 12, "of": 12}
@@ -69,11 +74,7 @@ def test_vote_still_counts_samples_that_differ(workspace):
     """Different texts with the same answer are votes: a group is `identical_samples` only when every
     text is the same (two texts of one answer pass)."""
     rules = [{"match": r"Q(\d+)", "reply": "Sample {{ sample }}: \\boxed{ {{ match[1] }} }"}]
-    pipeline = make_pipeline(workspace, teachers={"t": echo_teacher(rules)}, stages={
-        "problems": "kind: load, path: seeds.jsonl",
-        "solutions": "kind: generate, input: problems, teacher: t, prompt: solve, samples: 2",
-        "agree": "kind: vote, input: solutions"})
-    counts, out = run_and_read(pipeline)
+    counts, out = sampled_vote(workspace, rules, samples=2, params="")
     assert query(workspace / "out" / "run.duckdb", "SELECT DISTINCT passed, reason FROM synth.verdicts") == \
         [(True, None)]
     assert "identical" not in out.split("agree", 1)[-1]
@@ -84,12 +85,7 @@ def test_a_confident_teacher_still_votes(workspace):
     solution every time on easy inputs), not a teacher that did not sample: they vote as usual."""
     rules = [{"match": r"Q([0-3])\b", "reply": STEPS + "\\boxed{ {{ match[1] }} }"},
              {"match": r"Q(\d+)", "reply": "Sample {{ sample }}: " + STEPS + "\\boxed{ {{ match[1] }} }"}]
-    pipeline = make_pipeline(workspace, teachers={"t": echo_teacher(rules)}, stages={
-        "problems": "kind: load, path: seeds.jsonl",
-        "solutions": "kind: generate, input: problems, teacher: t, prompt: solve, samples: 3, "
-                     "params: {temperature: 0.8}",
-        "agree": "kind: vote, input: solutions"})
-    counts, out = run_and_read(pipeline)
+    counts, out = sampled_vote(workspace, rules)
     assert counts["stages"]["solutions"]["identical"]["inputs"] == 4  # Q0..Q3 of 12
     assert query(workspace / "out" / "run.duckdb", "SELECT DISTINCT passed, reason FROM synth.verdicts") == \
         [(True, None)]
@@ -100,12 +96,7 @@ def test_short_answers_that_agree_are_votes_not_a_teacher_that_did_not_sample(wo
     temperature when the model is sure: identical short texts say nothing about sampling (vote.MIN_TELLING_CHARS),
     so no warning, and they vote as agreement."""
     rules = [{"match": r"Q(\d+)", "reply": "\\boxed{ {{ match[1] }} }"}]
-    pipeline = make_pipeline(workspace, teachers={"t": echo_teacher(rules)}, stages={
-        "problems": "kind: load, path: seeds.jsonl",
-        "solutions": "kind: generate, input: problems, teacher: t, prompt: solve, samples: 3, "
-                     "params: {temperature: 0.8}",
-        "agree": "kind: vote, input: solutions"})
-    counts, out = run_and_read(pipeline)
+    counts, out = sampled_vote(workspace, rules)
     assert counts["stages"]["solutions"]["identical"] == {"inputs": 0, "of": 0} and "did not sample" not in out
     assert query(workspace / "out" / "run.duckdb", "SELECT DISTINCT passed, reason FROM synth.verdicts") == \
         [(True, None)]

@@ -33,7 +33,7 @@ from synth.graph import ROWS, Graph, Kind, Ref
 from synth.ids import content_hash
 from synth.journal import Journal, leftover_segments, remove_segments, replay
 from synth import schemas
-from synth.vote import MIN_TELLING_CHARS
+from synth.vote import telling
 from synth.parsers import PARSER_COLUMNS, PARSERS, parse_json
 from synth.prompts import load_template
 from synth.requests import PAIR_COLUMNS, build_requests, cached_ids, input_rows
@@ -318,12 +318,10 @@ def answer_stats(con, graph: Graph, name: str) -> dict:
         n, ok = fetch_one(con, f"SELECT count(*), count(*) FILTER (WHERE {readable}) {answers}", [name])
         out["parsed"] = {"readable": ok, "answers": n}
     if stage.samples > 1 and stage.params.temperature > 0:
-        # inputs that can tell: answers that differ, or one answer long enough (vote.MIN_TELLING_CHARS: a bare
-        # answer repeats anyway)
+        # only inputs that can tell (vote.telling: answers that differ, or one long enough; a bare answer repeats)
         of, same = fetch_one(con, "SELECT count(*), count(*) FILTER (WHERE texts = 1) FROM (SELECT g.input_id, "
                                   f"count(DISTINCT c.text) AS texts {answers} GROUP BY g.input_id HAVING count(*) >= 2 "
-                                  f"AND (count(DISTINCT c.text) > 1 OR min(length(coalesce(c.text, ''))) >= {MIN_TELLING_CHARS}))",
-                             [name])
+                                  f"AND {telling('c.text')})", [name])
         out["identical"] = {"inputs": same, "of": of}
     return out
 
