@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -215,54 +216,93 @@ def rounds_stop(graph: Graph) -> tuple[int, str] | None:
 
 
 def _run_parallel(ctx: RunContext, batch: list[tuple[str, "StageStatus"]], jobs: int) -> dict[str, dict]:
-    """Train stages whose inputs are done, each in a worker process (synth/stage_worker.py), at most `jobs` at
-    a time, the cores divided among them (OMP_NUM_THREADS). Each records itself in the store as in process;
-    here its state is read back (its model becomes a teacher for what follows). A failed worker's line is on
-    stderr; the others finish, then one SynthError names the failed ones (a re-run resumes them). Any
-    exception here (Ctrl-C, SIGTERM) stops every worker first; a kill -9 of this process kills them too
-    (PR_SET_PDEATHSIG in the worker)."""
+    """Train stages whose inputs are done, in at most `jobs` worker processes (synth/stage_worker.py), the
+    cores divided among them (OMP_NUM_THREADS); each worker takes the next stage of the batch when it is
+    done with one, so torch, transformers and TRL are imported once per worker. Each stage records itself
+    in the store as in process; here its state is read back (its model becomes a teacher for what follows).
+    A failed stage's line is on stderr and its worker exits; a fresh worker takes what is left, the others
+    finish, then one SynthError names the failed ones (a re-run resumes them). Any exception here (Ctrl-C,
+    SIGTERM) stops every worker first; a kill -9 of this process kills them too (PR_SET_PDEATHSIG)."""
     graph, console = ctx.graph, ctx.console
     threads = max(1, (os.cpu_count() or 1) // min(jobs, len(batch) or 1))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SYNTH_WORKER_PARENT": str(os.getpid())}
-    queue, running, results, failed = list(batch), {}, {}, []
-    started: dict[str, float] = {}
+    queue, results, failed = list(batch), {}, []
+    workers: list[subprocess.Popen] = []
+    current: dict[subprocess.Popen, tuple[str, float]] = {}  # a worker's stage and when it was sent
     try:
-        while queue or running:
-            while queue and len(running) < jobs:
+        while queue or current:
+            idle = [w for w in workers if w not in current]
+            while queue and len(workers) < min(jobs, len(queue) + len(current)):
+                worker = subprocess.Popen([sys.executable, "-m", "synth.stage_worker", str(graph.path), ctx.run_id],
+                                          env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                workers.append(worker)
+                idle.append(worker)
+            for worker in idle:
+                if not queue:
+                    break
                 name, st = queue.pop(0)
                 console.print(f"[bold]{name}[/bold] ({st.kind}): {st.reason} · in a worker process ({threads} threads)")
-                started[name] = time.monotonic()
-                running[name] = subprocess.Popen(
-                    [sys.executable, "-m", "synth.stage_worker", str(graph.path), ctx.run_id, name,
-                     json.dumps(ctx.trained)], env=env, stdin=subprocess.DEVNULL)
-            time.sleep(0.1)
-            for name, proc in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[name]
+                current[worker] = (name, time.monotonic())
+                worker.stdin.write(json.dumps({"stage": name, "trained": ctx.trained}) + "\n")
+                worker.stdin.flush()
+            readable, _, _ = select.select([w.stdout for w in current], [], [], 0.5)
+            for worker in list(current):
+                line = worker.stdout.readline() if worker.stdout in readable else None
+                if line is None and worker.poll() is None:
+                    continue  # still training
+                name, sent = current.pop(worker)
                 state = graph.store.stage_states().get(name, {})
-                if proc.returncode != 0 or state.get("status") != "done" or state.get("run_id") != ctx.run_id:
+                rc = json.loads(line)["rc"] if line else (worker.poll() or 1)
+                if rc != 0 or state.get("status") != "done" or state.get("run_id") != ctx.run_id:
                     failed.append(name)
+                    _stop([worker])
+                    workers.remove(worker)
                     continue
                 detail = state["detail"]
                 ctx.set_trained(name, detail["model_dir"])
                 results[name] = {"rows": state["rows"], "model_dir": detail["model_dir"],
-                                 "seconds": round(time.monotonic() - started[name], 3)}
+                                 "seconds": round(time.monotonic() - sent, 3)}
+        for worker in workers:  # end of their input: each exits 0
+            worker.stdin.close()
+        for worker in workers:
+            worker.wait()
     except BaseException:
-        for proc in running.values():
-            proc.terminate()
-        for proc in running.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(workers)
         raise
     if failed:
         raise SynthError(f"train stage{'s' if len(failed) > 1 else ''} {', '.join(failed)} failed in "
                          f"{'their worker processes' if len(failed) > 1 else 'its worker process'} (the error is "
                          "above); a re-run resumes from the last checkpoint")
     return results
+
+
+def _stop(workers: list[subprocess.Popen]) -> None:
+    """Terminate the worker processes and wait for them (kill one that takes over 30 s)."""
+    for worker in workers:
+        if worker.poll() is None:
+            worker.terminate()
+    for worker in workers:
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def _feeder(graph: Graph, pending: list[str]) -> str | None:
+    """Under --jobs, before a batch of trainings starts: a pending stage that is no training, whose inputs
+    are all done, and that a pending training waits on (directly or through other pending stages), in the
+    first pending stage's round or an earlier one (a later round's stop rule must see its rounds first).
+    Running it first lets that training join the batch: in file order, a score or export stage between two
+    trainings (DPO and an on-policy round, both from one student) would otherwise split them into batches
+    that each end with one training alone on a core. None when there is none. Stages other than trainings
+    run one at a time either way, so running one earlier costs nothing."""
+    waiting = [n for n in pending if graph.stage(n).kind == "train" and any(i in pending for i in graph.inputs[n])]
+    if not waiting:
+        return None
+    needed, first_round = set(graph.upstream(waiting)), graph.round_number(pending[0])
+    return next((n for n in pending if n in needed and graph.stage(n).kind != "train"
+                 and not any(i in pending for i in graph.inputs[n]) and graph.round_number(n) <= first_round), None)
 
 
 def _run_stages(ctx: RunContext, names: list[str], targets: list[str] | None, force: bool, jobs: int = 1) -> dict:
@@ -294,6 +334,11 @@ def _run_stages(ctx: RunContext, names: list[str], targets: list[str] | None, fo
     try:
         while pending:
             if jobs > 1 and graph.stage(pending[0]).kind == "train":
+                feeder = _feeder(graph, pending)
+                if feeder is not None:  # it runs first, so that the training waiting on it joins the batch
+                    pending.remove(feeder)
+                    pending.insert(0, feeder)
+                    continue
                 ready = [n for n in pending if graph.stage(n).kind == "train"
                          and not any(i in pending for i in graph.inputs[n])]
                 if len(ready) > 1:  # independent trainings: in worker processes, `jobs` at a time

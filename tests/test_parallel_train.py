@@ -97,6 +97,47 @@ def test_a_failing_worker_is_one_line_and_the_others_finish(tmp_path, tiny_model
     assert states.get("one_s0") == "done" and states.get("one_s1") == "done" and states.get("bad") != "done"
 
 
+def test_a_worker_trains_one_stage_after_another(tmp_path, tiny_model):
+    """Three trainings under --jobs 2 take two worker processes, not three: a worker that is done with one
+    stage takes the next (torch, transformers and TRL imported once per worker)."""
+    root = tmp_path / "ws"
+    pipeline = workspace_with_two_students(root, tiny_model, steps=4)
+    pipeline.write_text(pipeline.read_text().replace("seeds: [0, 1]}", "seeds: [0, 1, 2]}"))
+    proc = subprocess.Popen([sys.executable, "-m", "synth.cli", "run", str(pipeline), "one_s0", "one_s1", "one_s2",
+                             "--jobs", "2"], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    seen: set[int] = set()
+    while proc.poll() is None:
+        seen.update(workers(root))
+        time.sleep(0.05)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 0, stderr[-3000:]
+    states = dict(query(root / "out" / "run.duckdb", "SELECT name, status FROM synth.stages WHERE kind = 'train'"))
+    assert states == {"one_s0": "done", "one_s1": "done", "one_s2": "done"}
+    assert len(seen) == 2, seen
+
+
+def test_a_stage_between_two_trainings_runs_first_so_they_train_together(tmp_path, tiny_model):
+    """In file order an export sits between two independent trainings (as a score stage sits between DPO
+    and an on-policy round from one student): under --jobs 2 it runs first, and both train at once."""
+    root = tmp_path / "ws"
+    pipeline = workspace_with_two_students(root, tiny_model, steps=4)
+    text = pipeline.read_text()
+    text = text[:text.index("  one:")] + """\
+  one: {kind: train, method: sft, data: data, student: base, recipe: sft.yaml}
+  data2: {kind: export, input: rows, format: sft, prompt: solve, response: answer_gold, path: out/sft2.parquet}
+  two: {kind: train, method: sft, data: data2, student: base, recipe: sft.yaml}
+"""
+    pipeline.write_text(text)
+    out = synth("run", pipeline, "--jobs", "2", timeout=600, check=True)
+    log = " ".join(out.stderr.split())  # rich wraps long lines at the console's width
+    assert "one (train): never run · in a worker process" in log, log[-3000:]
+    assert "two (train): never run · in a worker process" in log
+    assert log.index("data2 (export)") < log.index("one (train)")
+    states = dict(query(root / "out" / "run.duckdb", "SELECT name, status FROM synth.stages"))
+    assert states["one"] == states["two"] == states["data2"] == "done"
+
+
 def test_bench_quick():
     """bench/parallel_train.py --quick runs both ways, finds the same models, and ends with its JSON line."""
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "parallel_train.py"), "--quick"], capture_output=True,
