@@ -149,6 +149,16 @@ def test_dpo_export_from_verified_pairs(workspace):
         q = r["prompt"][1]["content"].split(":")[0][1:]
         assert f"\\boxed{{{q}}}" in r["chosen"][0]["content"]
         assert f"\\boxed{{{q}}}" not in r["rejected"][0]["content"]
+    # within a problem, pairs come in the order of their texts, not of their ids (which name the requests'
+    # model: a run-named directory when a trained student wrote them), so TRL's seeded shuffle sees one order
+    ids = [r["id"] for r in rows]
+    order = [(r["prompt"][1]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
+    problems = [p for p, _, _ in order]
+    assert len(set(problems)) < len(rows), "no problem with two pairs: the order within one is untested"
+    by_problem = {}
+    for p, chosen, rejected in order:
+        by_problem.setdefault(p, []).append((chosen, rejected))
+    assert all(pairs == sorted(pairs) for pairs in by_problem.values()) and len(set(ids)) == len(ids)
 
 
 def test_first_difference_on_one_line_answers_warns(workspace):

@@ -91,7 +91,10 @@ def run(ctx: RunContext, name: str) -> dict:
             rows = con.execute(
                 f"SELECT s.id, p.messages, s.chosen_text, s.rejected_text FROM {quote_ident(stage.input)} s "
                 "JOIN synth.requests r ON r.id = s.chosen_id JOIN synth.prompts p ON p.id = r.prompt_id "
-                "WHERE s.chosen_text IS NOT NULL AND s.rejected_text IS NOT NULL ORDER BY s.input_id, s.id").fetchall()
+                "WHERE s.chosen_text IS NOT NULL AND s.rejected_text IS NOT NULL "
+                # by content, not by pair id: ids name the requests, whose model is a run-named directory when
+                # a trained student wrote the samples, and TRL's seeded shuffle starts from this order
+                "ORDER BY s.input_id, s.chosen_text, s.rejected_text, s.id").fetchall()
         cut = first_difference if stage.rejected == "first_difference" else (lambda _, rejected: rejected)
         records = [dpo_record(rid, json.loads(msgs), chosen, cut(chosen, rejected), system=stage.system,
                               few_shot=stage.few_shot) for rid, msgs, chosen, rejected in rows]
