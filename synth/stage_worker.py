@@ -3,17 +3,16 @@
     python -m synth.stage_worker PIPELINE RUN_ID
 
 The parent `synth run` holds the store's writer lock for the whole run and starts at most N workers for a
-batch of train stages whose inputs are done (pipeline._run_parallel). A worker loads the pipeline once,
-then takes stages one at a time: a JSON line {"stage": NAME, "trained": {...}} on stdin, answered with a
-JSON line {"stage": NAME, "rc": RC} on its stdout once the stage is over (everything else it or a library
-prints goes to stderr). It runs each stage as the parent would (the same RunContext: run id, trained
-models so far) and writes its state, log rows and model exactly as an in-process run does (short DuckDB
-transactions, which wait for each other's). One process trains several stages so that torch,
-transformers and TRL are imported once per worker, not once per stage (~6 s each on 2 cores); the
-pipeline is read afresh for each stage. RC 0: done
-(the parent reads the stage's state); 2: a user's mistake or a failed training, its one line on stderr,
-and the worker exits (the parent starts a fresh one for what is left); 130: interrupted. End of stdin:
-exit 0.
+batch of train stages whose inputs are done (pipeline._run_parallel). A worker takes stages one at a
+time: a JSON line {"stage": NAME, "trained": {...}} on stdin, answered with a JSON line
+{"stage": NAME, "rc": RC} on its stdout once the stage is over (everything else it or a library prints
+goes to stderr). It reads the pipeline afresh and runs the stage as the parent would (the same
+RunContext: run id, trained models so far), writing its state, log rows and model exactly as an
+in-process run does (short DuckDB transactions, which wait for each other's). One process trains several
+stages so that torch, transformers and TRL are imported once per worker, not once per stage (~6 s each
+on 2 cores). RC 0: done (the parent reads the stage's state); 2: a user's mistake or a failed training,
+its one line on stderr, and the worker exits (the parent starts a fresh one for what is left); 130:
+interrupted. End of stdin: exit 0.
 
 A worker never outlives its parent: it asks the kernel for SIGKILL when the parent dies (prctl
 PR_SET_PDEATHSIG, Linux), so a `synth run` killed with kill -9 leaves no training behind; the killed
