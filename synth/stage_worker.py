@@ -12,7 +12,7 @@ in-process run does (short DuckDB transactions, which wait for each other's). On
 stages so that torch, transformers and TRL are imported once per worker, not once per stage (~6 s each
 on 2 cores). RC 0: done (the parent reads the stage's state); 2: a user's mistake or a failed training,
 its one line on stderr, and the worker exits (the parent starts a fresh one for what is left); 130:
-interrupted. End of stdin: exit 0.
+interrupted (no answer line). End of stdin: exit 0.
 
 A worker never outlives its parent: it asks the kernel for SIGKILL when the parent dies (prctl
 PR_SET_PDEATHSIG, Linux), so a `synth run` killed with kill -9 leaves no training behind; the killed
@@ -46,32 +46,23 @@ def main(argv: list[str]) -> int:
     sys.stdout = sys.stderr
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
     try:
-        tasks = iter(sys.stdin.readline, "")
-        return _serve(tasks, answers, pipeline_path, run_id, console)
-    except KeyboardInterrupt:
+        for line in iter(sys.stdin.readline, ""):  # one stage per line, until the parent closes stdin
+            task = json.loads(line)
+            name, rc = task["stage"], 0
+            try:
+                graph = load_pipeline(Path(pipeline_path))  # afresh per stage, as a worker per stage did (~0.5 s)
+                kind_of(graph.stage(name).kind).run(RunContext(graph, run_id, console, task["trained"]), name)
+            except SynthError as exc:
+                print(f"synth: error: {scrub(str(exc))}", file=sys.stderr, flush=True)
+                rc = 2
+            finally:
+                gc.collect()  # the finished trainer and its model, before the next stage loads its own
+            answers.write(json.dumps({"stage": name, "rc": rc}) + "\n")
+            answers.flush()
+            if rc:
+                return rc
+    except KeyboardInterrupt:  # no answer line: the parent reads a worker gone without one as a failed stage
         return 130
-
-
-def _serve(tasks, answers, pipeline_path: str, run_id: str, console: Console) -> int:
-    for line in tasks:
-        task = json.loads(line)
-        name = task["stage"]
-        rc = 0
-        try:
-            graph = load_pipeline(Path(pipeline_path))  # afresh per stage, as a worker per stage did (~0.5 s)
-            ctx = RunContext(graph, run_id, console, task["trained"])
-            kind_of(graph.stage(name).kind).run(ctx, name)
-        except SynthError as exc:
-            print(f"synth: error: {scrub(str(exc))}", file=sys.stderr, flush=True)
-            rc = 2
-        except KeyboardInterrupt:
-            rc = 130
-        finally:
-            gc.collect()  # the finished trainer and its model, before the next stage loads its own
-        answers.write(json.dumps({"stage": name, "rc": rc}) + "\n")
-        answers.flush()
-        if rc:
-            return rc
     return 0
 
 

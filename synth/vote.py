@@ -9,7 +9,8 @@ group| (samples without an answer count in the denominator). Verdicts:
 - plurality class but share < min_agreement -> failed, `low_agreement`;
 - a tie for the plurality                   -> failed, `low_agreement` (no class wins);
 - every sample of the group the same text (of MIN_TELLING_CHARS or more: a bare answer repeats under any
-  sampling), when at least UNSAMPLED_SHARE of such groups (of 2 or more samples) are so                          -> failed, `identical_samples`: the teacher did not sample (a
+  sampling), when at least UNSAMPLED_SHARE of such groups (of 2 or more samples) are so
+                                            -> failed, `identical_samples`: the teacher did not sample (a
   server that ignores temperature, greedy decoding), so copies are not independent votes. Below that
   share, identical groups are a confident model's (at temperature 0.7 a well-trained teacher writes the
   same solution 8 times for a third of the demo's problems) and vote as usual;

@@ -33,7 +33,6 @@ from synth.graph import ROWS, Graph, Kind, Ref
 from synth.ids import content_hash
 from synth.journal import Journal, leftover_segments, remove_segments, replay
 from synth import schemas
-from synth.vote import telling
 from synth.parsers import PARSER_COLUMNS, PARSERS, parse_json
 from synth.prompts import load_template
 from synth.requests import PAIR_COLUMNS, build_requests, cached_ids, input_rows
@@ -42,6 +41,7 @@ from synth.teachers import (Completion, OpenAITeacherConfig, Request, content_fi
                             prompt_token_counter, split_reasoning, vocabulary_of)
 from synth.teachers.openai import resolve_api_key
 from synth.vocab import load_tokenizer
+from synth.vote import telling
 
 MAX_API_LOGPROBS = 20  # top_logprobs: the most OpenAI's chat API (and vLLM's server, by default) return
 
@@ -307,7 +307,8 @@ def answer_stats(con, graph: Graph, name: str) -> dict:
     """What the stage's answers look like, from the store: `parsed` {readable, answers}: how many answers the
     template's parser could read (its answer contract: a \\boxed{}, a `Score: N`, a JSON object; absent for
     parse: text); `identical` {inputs, of}: of the inputs with two or more answers (leaving out those
-    all of one text shorter than MIN_TELLING_CHARS), how many got the same text every time (absent with one sample or temperature 0, where that is expected)."""
+    all of one text shorter than vote.MIN_TELLING_CHARS), how many got the same text every time (absent
+    with one sample or temperature 0, where that is expected)."""
     stage: GenerateStage = graph.stage(name)
     parse = graph.templates[name].spec.parse
     out: dict = {}
