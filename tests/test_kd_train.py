@@ -8,6 +8,7 @@ from its checkpoint. The KD loss's own maths: tests/test_kd_loss.py."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -55,7 +56,13 @@ def off_policy(workspace, teacher, student, *, steps=6, alpha=0.0, divergence="f
 
 
 def test_off_policy_kd_trains_from_the_stored_log_probs(workspace, tiny_model, student_model):
-    counts = synth_run(off_policy(workspace, tiny_model, student_model))
+    from rich.console import Console
+
+    console = Console(record=True, width=300, file=io.StringIO())
+    counts = synth_run(off_policy(workspace, tiny_model, student_model), console=console)
+    said = " ".join(console.export_text().split())
+    assert "kd_data: the teacher's top-1 token holds ≥ 90% of its probability at" in said
+    assert "completion positions (mean entropy" in said
     assert counts["stages_run"] == ["problems", "samples", "kd_data", "student_kd"]
     store = workspace / "out" / "run.duckdb"
     rows = pq.read_table(workspace / "out" / "kd.parquet").to_pylist()
@@ -71,9 +78,28 @@ def test_off_policy_kd_trains_from_the_stored_log_probs(workspace, tiny_model, s
     losses = [r[0] for r in query(store, "SELECT loss FROM synth.train_logs WHERE stage = 'student_kd' "
                                          "AND loss IS NOT NULL ORDER BY step")]
     assert len(losses) == 6 and all(loss > 0 for loss in losses)
+    export = json.loads(query(store, "SELECT detail FROM synth.stages WHERE name = 'kd_data'")[0][0])
+    assert export["teacher_positions"] == sum(len(r["completion_ids"]) for r in rows) and export["teacher_k"] == 4
     state = json.loads(query(store, "SELECT detail FROM synth.stages WHERE name = 'student_kd'")[0][0])
     assert (workspace / state["model_dir"] / "config.json").exists() or os.path.exists(
         os.path.join(state["model_dir"], "config.json"))
+
+
+def test_the_soft_target_summary_counts_confident_positions_and_the_tail_as_an_outcome():
+    """Hand-worked: a near one-hot position (0.95, 0.05), a spread one (0.5, 0.3 and a 0.2 tail), a padded
+    entry (-inf) that holds nothing, and rows of different k."""
+    import math
+
+    from synth.stages.export import soft_target_summary
+
+    records = [{"teacher_logprobs": [[math.log(0.95), math.log(0.05), float("-inf")]]},
+               {"teacher_logprobs": [[math.log(0.5), math.log(0.3)]]}]  # another k: padded
+    summary = soft_target_summary(records)
+    h = lambda *ps: -sum(p * math.log(p) for p in ps)  # noqa: E731
+    assert summary["teacher_positions"] == 2 and summary["teacher_k"] == 3
+    assert summary["teacher_confident_share"] == 0.5
+    assert summary["teacher_entropy_nats"] == pytest.approx((h(0.95, 0.05) + h(0.5, 0.3, 0.2)) / 2, abs=1e-4)
+    assert soft_target_summary([{"teacher_logprobs": []}]) == {}
 
 
 def test_the_kd_loss_goes_down_on_the_teachers_own_distribution(workspace, tiny_model, student_model):

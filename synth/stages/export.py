@@ -2,6 +2,8 @@
 
 `format: kd` writes one row per sequence with teacher log-probs (kd_records): prompt turns, the completion's
 token ids as generated, and the teacher's top-k ids and log-probs per position (.parquet or a directory).
+It also says how much those distributions hold beyond the sampled tokens (soft_target_summary): on
+templated text a teacher can be near one-hot almost everywhere, and then KD trains much like SFT.
 
 `format: dpo` writes one row per preference pair of a pairs stage:
     {"id": <chosen id>:<rejected id>, "prompt": [turns], "chosen": [assistant turn], "rejected": [...]}
@@ -109,6 +111,15 @@ def run(ctx: RunContext, name: str) -> dict:
                     "line, or set rejected: whole to say so[/bold yellow]", highlight=False)
     elif stage.format == "kd":
         records = kd_records(ctx, name)
+        if summary := soft_target_summary(records):
+            detail.update(summary)
+            ctx.console.print(
+                f"  {name}: the teacher's top-1 token holds ≥ {CONFIDENT:.0%} of its probability at "
+                f"{summary['teacher_confident_share']:.1%} of {summary['teacher_positions']:,} completion positions "
+                f"(mean entropy {summary['teacher_entropy_nats']:.3f} nats over its top-{summary['teacher_k']} and "
+                "the tail)" + (": its distributions add little to the sampled tokens, so KD will train much like SFT "
+                               "on this data" if summary["teacher_confident_share"] >= CONFIDENT else ""),
+                highlight=False)
     elif stage.prompt:  # a dataset's own rows: the template renders the prompt, a column is the response
         template = graph.templates[name]
         with ctx.store.read() as con:
@@ -209,6 +220,30 @@ def kd_records(ctx: RunContext, name: str) -> list[dict]:
                                                   "(generated without params.logprobs)") + "; left out[/yellow]",
                           highlight=False)
     return records
+
+
+CONFIDENT = 0.9  # a position whose top-1 token holds this share of the probability teaches KD little more than it
+
+
+def soft_target_summary(records: list[dict]) -> dict:
+    """How much a kd export's teacher distributions say beyond the tokens taken: over every completion
+    position, the share whose top-1 token holds >= CONFIDENT of the probability, and the mean entropy (nats)
+    of the top-k plus the tail bucket (1 - the top-k's sum, one outcome: the KD loss's view, synth/kd_loss.py).
+    Padding entries (log-prob -inf) hold nothing; rows captured with different k (a cache from an earlier
+    run) are padded to the largest. {} when there are no positions."""
+    import numpy as np
+    from scipy.special import entr  # -x log x, 0 at 0
+
+    rows = [pos for r in records for pos in r["teacher_logprobs"]]
+    if not rows:
+        return {}
+    k = max(map(len, rows))
+    p = np.exp(np.asarray([list(pos) + [-np.inf] * (k - len(pos)) for pos in rows], dtype=np.float64))
+    tail = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
+    entropy = entr(p).sum(axis=1) + entr(tail)
+    return {"teacher_positions": len(rows), "teacher_k": int(p.shape[1]),
+            "teacher_confident_share": round(float((p.max(axis=1) >= CONFIDENT).mean()), 4),
+            "teacher_entropy_nats": round(float(entropy.mean()), 4)}
 
 
 KD_SCHEMA_FIELDS = [("completion", "string"), ("completion_ids", "ids"), ("logprobs", "floats"),
