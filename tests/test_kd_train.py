@@ -62,7 +62,7 @@ def test_off_policy_kd_trains_from_the_stored_log_probs(workspace, tiny_model, s
     counts = synth_run(off_policy(workspace, tiny_model, student_model), console=console)
     said = " ".join(console.export_text().split())
     assert "kd_data: the teacher's top-1 token holds ≥ 90% of its probability at" in said
-    assert "completion positions (mean entropy" in said
+    assert "completion positions and differs from the token taken at" in said
     assert counts["stages_run"] == ["problems", "samples", "kd_data", "student_kd"]
     store = workspace / "out" / "run.duckdb"
     rows = pq.read_table(workspace / "out" / "kd.parquet").to_pylist()
@@ -87,19 +87,23 @@ def test_off_policy_kd_trains_from_the_stored_log_probs(workspace, tiny_model, s
 
 def test_the_soft_target_summary_counts_confident_positions_and_the_tail_as_an_outcome():
     """Hand-worked: a near one-hot position (0.95, 0.05), a spread one (0.5, 0.3 and a 0.2 tail), a padded
-    entry (-inf) that holds nothing, and rows of different k."""
+    entry (-inf) that holds nothing, rows of different k, and one position where the teacher's top-1 is not
+    the token taken."""
     import math
 
     from synth.stages.export import soft_target_summary
 
-    records = [{"teacher_logprobs": [[math.log(0.95), math.log(0.05), float("-inf")]]},
-               {"teacher_logprobs": [[math.log(0.5), math.log(0.3)]]}]  # another k: padded
+    records = [{"completion_ids": [7], "teacher_ids": [[7, 3, -1]],
+                "teacher_logprobs": [[math.log(0.95), math.log(0.05), float("-inf")]]},
+               {"completion_ids": [3], "teacher_ids": [[5, 3]],  # another k: padded; the teacher prefers 5
+                "teacher_logprobs": [[math.log(0.5), math.log(0.3)]]}]
     summary = soft_target_summary(records)
+    assert summary["teacher_differs_share"] == 0.5
     h = lambda *ps: -sum(p * math.log(p) for p in ps)  # noqa: E731
     assert summary["teacher_positions"] == 2 and summary["teacher_k"] == 3
     assert summary["teacher_confident_share"] == 0.5
     assert summary["teacher_entropy_nats"] == pytest.approx((h(0.95, 0.05) + h(0.5, 0.3, 0.2)) / 2, abs=1e-4)
-    assert soft_target_summary([{"teacher_logprobs": []}]) == {}
+    assert soft_target_summary([{"completion_ids": [], "teacher_ids": [], "teacher_logprobs": []}]) == {}
 
 
 def test_the_kd_loss_goes_down_on_the_teachers_own_distribution(workspace, tiny_model, student_model):

@@ -113,12 +113,14 @@ def run(ctx: RunContext, name: str) -> dict:
         records = kd_records(ctx, name)
         if summary := soft_target_summary(records):
             detail.update(summary)
+            off_policy = graph.stage(stage.input).kind != "score"  # the teacher's own samples, not scored ones
             ctx.console.print(
                 f"  {name}: the teacher's top-1 token holds ≥ {CONFIDENT:.0%} of its probability at "
                 f"{summary['teacher_confident_share']:.1%} of {summary['teacher_positions']:,} completion positions "
-                f"(mean entropy {summary['teacher_entropy_nats']:.3f} nats over its top-{summary['teacher_k']} and "
-                "the tail)" + (": its distributions add little to the sampled tokens, so KD will train much like SFT "
-                               "on this data" if summary["teacher_confident_share"] >= CONFIDENT else ""),
+                f"and differs from the token taken at {summary['teacher_differs_share']:.1%} (mean entropy "
+                f"{summary['teacher_entropy_nats']:.3f} nats over its top-{summary['teacher_k']} and the tail)"
+                + (": its distributions add little to the sampled tokens, so KD will train much like SFT on this "
+                   "data" if off_policy and summary["teacher_confident_share"] >= CONFIDENT else ""),
                 highlight=False)
     elif stage.prompt:  # a dataset's own rows: the template renders the prompt, a column is the response
         template = graph.templates[name]
@@ -226,23 +228,29 @@ CONFIDENT = 0.9  # a position whose top-1 token holds this share of the probabil
 
 
 def soft_target_summary(records: list[dict]) -> dict:
-    """How much a kd export's teacher distributions say beyond the tokens taken: over every completion
-    position, the share whose top-1 token holds >= CONFIDENT of the probability, and the mean entropy (nats)
-    of the top-k plus the tail bucket (1 - the top-k's sum, one outcome: the KD loss's view, synth/kd_loss.py).
-    Padding entries (log-prob -inf) hold nothing; rows captured with different k (a cache from an earlier
-    run) are padded to the largest. {} when there are no positions."""
+    """How much a kd export's teacher distributions say beyond the tokens taken, over every completion
+    position: the share whose top-1 token holds >= CONFIDENT of the probability; the share where the
+    teacher's top-1 is not the token taken (on-policy data: where the teacher would correct the student);
+    and the mean entropy (nats) of the top-k plus the tail bucket (1 - the top-k's sum, one outcome: the
+    KD loss's view, synth/kd_loss.py). Padding entries (id -1, log-prob -inf) hold nothing; rows captured
+    with different k (a cache from an earlier run) are padded to the largest. {} when there are no
+    positions."""
     import numpy as np
     from scipy.special import entr  # -x log x, 0 at 0
 
-    rows = [pos for r in records for pos in r["teacher_logprobs"]]
-    if not rows:
+    lps = [pos for r in records for pos in r["teacher_logprobs"]]
+    if not lps:
         return {}
-    k = max(map(len, rows))
-    p = np.exp(np.asarray([list(pos) + [-np.inf] * (k - len(pos)) for pos in rows], dtype=np.float64))
+    k = max(map(len, lps))
+    p = np.exp(np.asarray([list(pos) + [-np.inf] * (k - len(pos)) for pos in lps], dtype=np.float64))
+    ids = np.asarray([list(pos) + [-1] * (k - len(pos)) for r in records for pos in r["teacher_ids"]])
+    taken = np.asarray([t for r in records for t in r["completion_ids"]])
+    top1 = ids[np.arange(len(ids)), p.argmax(axis=1)]
     tail = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
     entropy = entr(p).sum(axis=1) + entr(tail)
-    return {"teacher_positions": len(rows), "teacher_k": int(p.shape[1]),
+    return {"teacher_positions": len(lps), "teacher_k": int(k),
             "teacher_confident_share": round(float((p.max(axis=1) >= CONFIDENT).mean()), 4),
+            "teacher_differs_share": round(float((top1 != taken).mean()), 4),
             "teacher_entropy_nats": round(float(entropy.mean()), 4)}
 
 
