@@ -113,7 +113,7 @@ def run(ctx: RunContext, name: str) -> dict:
         records = kd_records(ctx, name)
         if summary := soft_target_summary(records):
             detail.update(summary)
-            off_policy = graph.stage(stage.input).kind != "score"  # the teacher's own samples, not scored ones
+            off_policy = not scored_input(graph, stage)  # the teacher's own samples, not another model's
             ctx.console.print(
                 f"  {name}: the teacher's top-1 token holds ≥ {CONFIDENT:.0%} of its probability at "
                 f"{summary['teacher_confident_share']:.1%} of {summary['teacher_positions']:,} completion positions "
@@ -173,6 +173,11 @@ def run(ctx: RunContext, name: str) -> dict:
     return {"rows": len(records), "path": str(out), **detail}
 
 
+def scored_input(graph: Graph, stage: ExportStage) -> bool:
+    """Whether the export reads a score stage: a teacher's scores of sequences another model wrote."""
+    return graph.stage(stage.input).kind == "score"
+
+
 def kd_records(ctx: RunContext, name: str) -> list[dict]:
     """format kd: one row per sequence with teacher log-probs: the prompt turns (trimmed as sft's), the
     completion's token ids exactly as the teacher wrote or scored them (never re-tokenised: the positions
@@ -183,7 +188,7 @@ def kd_records(ctx: RunContext, name: str) -> list[dict]:
     the export refuses. Rows without log-probs (captured without them, or not scored yet) are left out and
     counted in a warning."""
     graph, stage = ctx.graph, ctx.graph.stage(name)
-    scored = graph.stage(stage.input).kind == "score"
+    scored = scored_input(graph, stage)
     join = (f"JOIN synth.scores m ON m.id = s.id AND m.stage = {sql_str(stage.input)} "
             "JOIN synth.token_logprobs t ON t.id = m.score_id") if scored else "JOIN synth.token_logprobs t ON t.id = s.id"
     with ctx.store.read() as con:
@@ -432,7 +437,7 @@ def _check_source(graph: Graph, name: str) -> None:
     where = graph.where
     root_kind = graph.stage(graph.root(stage.input)).kind
     if stage.format == "kd":
-        rows_of = graph.stage(stage.input).input if graph.stage(stage.input).kind == "score" else stage.input
+        rows_of = graph.stage(stage.input).input if scored_input(graph, stage) else stage.input
         if graph.stage(graph.root(rows_of)).kind != "generate":
             raise SynthError(f"{where(name, 'input')}: key 'input': format 'kd' exports generated rows with the "
                              f"teacher's log-probs; {stage.input!r} carries {graph.root(stage.input)!r}'s rows")
