@@ -209,19 +209,17 @@ def _takes_logits_to_keep(model_class) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def batch_loss(model, inputs: dict, kd: dict, student=None):
-    """The KD loss of one collated batch (Collator): the student's final hidden states (the decoder's output,
-    no lm_head), shifted so position t predicts token t+1, only the completion's positions kept, then
-    kd_loss with the lm_head weight (logits chunk by chunk) or, as kd["kernel"] says (kernel_choice),
-    the fused Triton kernel (logits tile by tile).
+def completion_hidden(model, inputs: dict, student=None):
+    """(hidden, weight, labels, kept) of one collated batch: the student's final hidden states (the decoder's
+    output, no lm_head) at every position whose next token is a target, in the lm_head weight's dtype
+    (n_kept, H); that weight (V, H); the labels shifted so position t predicts token t+1, flattened
+    (batch * (length - 1),); and kept = those labels != -100 (the rows of `hidden`).
 
     `model` runs the forward: the Trainer's model as compute_loss gets it (wrapped by DDP, and by
     accelerate's autocast, where they apply), so that DDP all-reduces the gradients; `student` is the same
     model unwrapped (default: `model`), where the decoder and the lm_head are found. The forward asks for
     the logits of the last position only (logits_to_keep, where the model takes it): the batch's full
-    logits are never computed."""
-    from synth.kd_loss import SparseTargets, kd_loss
-
+    logits are never computed. Shared by method kd (batch_loss) and SFT's chunked CE (synth/sft_train.py)."""
     student = model if student is None else student
     decoder, head = student_parts(student)
     captured = []
@@ -242,13 +240,23 @@ def batch_loss(model, inputs: dict, kd: dict, student=None):
     # under autocast (float32 weights, bf16/fp16 mixed precision) the hidden states arrive in the autocast
     # dtype; kd_loss takes one dtype (and computes the logits in float32 at least)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[kept].to(head.weight.dtype)
+    return h, head.weight, labels, kept
+
+
+def batch_loss(model, inputs: dict, kd: dict, student=None):
+    """The KD loss of one collated batch (Collator): the completion's hidden states (completion_hidden: one
+    forward of `model`, see there for `model` and `student`), then kd_loss with the lm_head weight (logits
+    chunk by chunk) or, as kd["kernel"] says (kernel_choice), the fused Triton kernel (logits tile by tile)."""
+    from synth.kd_loss import SparseTargets, kd_loss
+
+    h, weight, labels, kept = completion_hidden(model, inputs, student)
     k = inputs["teacher_ids"].shape[-1]
     targets = SparseTargets(labels=labels[kept], top_ids=inputs["teacher_ids"][:, 1:].reshape(-1, k)[kept],
                             top_logprobs=inputs["teacher_logprobs"][:, 1:].reshape(-1, k)[kept])
     loss = kd_loss
     if kernel_choice(kd.get("kernel", "auto"), cuda=h.is_cuda, triton=triton_installed()) == "triton":
         from synth.kd_kernel import kd_loss_triton as loss
-    return loss(h, head.weight, targets, alpha=kd["alpha"], temperature=kd["temperature"],
+    return loss(h, weight, targets, alpha=kd["alpha"], temperature=kd["temperature"],
                 divergence=kd["divergence"], beta=kd["beta"], chunk_size=kd["chunk_size"])
 
 

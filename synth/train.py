@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import yaml
 
-from synth import kd_train
+from synth import kd_train, sft_train
 from synth.errors import SynthError, one_line
 from synth.paths import export_sidecar
 
@@ -1007,8 +1007,8 @@ def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Pat
 
     dataset = Dataset.from_list(rows)
     extra = {}
-    if method == "sft":
-        from trl import SFTTrainer as Trainer
+    if method == "sft":  # TRL's SFTTrainer; its loss by synth's chunked CE on CPU (synth/sft_train.py)
+        Trainer = sft_train.sft_trainer_class()
     elif method == "kd":
         Trainer, extra = kd_train.kd_trainer_class(), {"kd": kd, "data_collator": collator}
     else:

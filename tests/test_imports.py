@@ -57,6 +57,7 @@ LAZY = {
     ("synth.inspection", "synth.config"): "a pipeline file's schema, only when store_for is given one",
     ("synth.inspection", "synth.graph"): "the store-path rules, only when store_for is given a pipeline file",
     ("synth.kd_train", "synth.kd_loss"): "the loss imports torch; the kd recipe checks (synth plan) must not",
+    ("synth.sft_train", "synth.kd_loss"): "the loss imports torch; synth.train's recipe checks must not",
     ("synth.kd_train", "synth.kd_kernel"): "the kernel imports torch and triton; only a batch that runs it imports it",
 }
 # the CLI imports each command's modules inside the command: `synth --help` loads no torch, duckdb,

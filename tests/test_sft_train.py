@@ -1,0 +1,130 @@
+"""synth/sft_train.py: SFT's loss by synth's chunked CE on CPU equals TRL's own loss, on a real tiny student
+built by prepare() exactly as a train stage builds it (TRL's SFTTrainer, its collator, its batches).
+
+    .venv/bin/python -m pytest -q tests/test_sft_train.py
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from synth.tiny import build_model
+from synth.train import prepare, train
+
+RECIPE = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+          "max_length": 64, "seed": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: results are deterministic and a tiny model gains nothing from two."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sft_train")
+
+
+@pytest.fixture(scope="module")
+def student(work) -> Path:
+    return build_model(work / "student")
+
+
+@pytest.fixture(scope="module")
+def data(work) -> Path:
+    rng = random.Random(0)
+    rows = []
+    for i in range(24):  # uneven lengths: the batches are padded
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        answer = f"{a}+{b}={a + b}." + " Check: yes." * rng.randint(0, 3)
+        rows.append({"id": f"r{i}", "messages": [{"role": "user", "content": f"What is {a}+{b}?"},
+                                                 {"role": "assistant", "content": answer}]})
+    path = work / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("recipe_extra", [{}, {"assistant_only_loss": True}], ids=["all_tokens", "assistant_only"])
+def test_chunked_loss_and_gradients_equal_trls(work, student, data, recipe_extra):
+    """The same trainer, the same batch: synth's compute_loss and TRL's give the same loss and the same
+    gradient for every parameter, with the Trainer's num_items_in_batch (tokens over accumulated batches)
+    and without it (the batch's own count). Prompt and padding positions are in the batch: TRL's head masks
+    them, ours never scores them."""
+    import torch
+    from trl import SFTTrainer
+
+    prepared = prepare("sft", data, str(student), {**RECIPE, **recipe_extra}, work / f"out-{len(recipe_extra)}")
+    trainer = prepared.trainer
+    assert trainer.trl_loss_reason is None
+    batch = next(iter(trainer.get_train_dataloader()))
+    targets = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < targets < batch["labels"][:, 1:].numel()  # some positions are masked: the test means something
+    model = trainer.model.train()
+    for count in (None, torch.tensor(3 * targets)):
+        model.zero_grad(set_to_none=True)
+        ours = trainer.compute_loss(model, dict(batch), num_items_in_batch=count)
+        ours.backward()
+        ours_grads = _grads(model)
+        model.zero_grad(set_to_none=True)
+        theirs = SFTTrainer.compute_loss(trainer, model, dict(batch), num_items_in_batch=count)
+        theirs.backward()
+        theirs_grads = _grads(model)
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+        assert ours_grads.keys() == theirs_grads.keys() and ours_grads
+        for name, g in theirs_grads.items():
+            torch.testing.assert_close(ours_grads[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()) + 1e-9,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+def test_training_with_the_chunked_loss_logs_what_trl_does(work, student, data, monkeypatch):
+    """Three steps with each loss from the same seed: the same train_loss (to float rounding) and the same
+    num_tokens log (TRL's count of non-padding tokens), so a stage's tokens_per_s is unchanged."""
+    import synth.sft_train as sft_train
+
+    ours = train("sft", data, str(student), RECIPE, work / "fit-ours")
+    monkeypatch.setattr(sft_train, "chunked_ce_reason", lambda trainer: "forced by the test")
+    theirs = train("sft", data, str(student), RECIPE, work / "fit-trl")
+    assert ours["steps"] == theirs["steps"] == 3
+    assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+    tokens = [[e["num_tokens"] for e in r["log"] if "num_tokens" in e] for r in (ours, theirs)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 3 and tokens[0][-1] > 0
+    # TRL's per-token metrics are TRL's loss's own; the chunked loss does not compute them
+    assert any("mean_token_accuracy" in e for e in theirs["log"])
+    assert not any("mean_token_accuracy" in e for e in ours["log"])
+
+
+@pytest.mark.parametrize("recipe_extra, reason", [({"label_smoothing_factor": 0.1}, "label smoothing"),
+                                                  ({"loss_type": "dft"}, "loss_type dft")],
+                         ids=["label_smoothing", "dft"])
+def test_losses_other_than_plain_nll_keep_trls(work, student, data, recipe_extra, reason):
+    """A recipe whose loss is not next-token NLL trains with TRL's compute_loss, untouched."""
+    prepared = prepare("sft", data, str(student), {**RECIPE, **recipe_extra}, work / f"keep-{reason[:5]}")
+    assert prepared.trainer.trl_loss_reason == reason
+
+
+def test_bench_quick():
+    """bench/sft_step.py --quick times both losses on one trainer and ends with its JSON line."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "sft_step.py"), "--quick"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "sft_step" and result["value"] > 0 and result["baseline"] > 0
+    assert result["loss_chunked"] == pytest.approx(result["loss_trl"], rel=1e-4)
