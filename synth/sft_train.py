@@ -5,8 +5,8 @@ device it scores the target positions only; everywhere else it scores every posi
 prompt and padding included, and computes each one's entropy and top-1 for its metrics. On the demo's
 CPU student that was ~43 ms of a 132 ms step (py-spy). kd_loss with alpha 1 is the same loss (the mean
 negative log-likelihood of the next token, chunked, never the batch x length x vocabulary logits) over
-the target positions only: measured on the demo's student B recipe, ~0.6x TRL's step time on CPU
-(bench/sft_step.py).
+the target positions only: ~0.66x TRL's forward + backward on a student of the demo's shape, one CPU
+thread (bench/sft_step.py).
 
 Contract: `ChunkedSFTTrainer` is TRL's SFTTrainer. Its compute_loss is TRL's own unless
 `chunked_ce_reason` finds nothing that makes the two losses differ (`trl_loss_reason` says what kept
