@@ -38,6 +38,19 @@ SEEDS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (its modules ask for it with an autouse fixture): a tiny model
+    gains nothing from two, results stay deterministic, and two OpenMP threads slow down by 10-30x when
+    another process is busy on this 2-core machine (the suite runs two workers)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A randomly initialised Llama-shaped model (hidden 128, 2 heads of 64) with a locally trained

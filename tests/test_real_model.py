@@ -55,15 +55,8 @@ JUDGE_REASONS = {None, "low_score", "unparseable_judgment"}  # passed, or a judg
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread (as tests/test_train.py): two OpenMP threads slow down many times over when
-    another process is busy on this 2-core machine, and the suite runs two workers."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """One torch thread for this module (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from synth.tiny import build_model
 from synth.train import prepare, train
 
 RECIPE = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
@@ -20,14 +19,8 @@ RECIPE = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: results are deterministic and a tiny model gains nothing from two."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """One torch thread for this module (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +29,9 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def student(work) -> Path:
-    return build_model(work / "student")
+def student(tiny_model) -> Path:
+    """conftest's tiny model: TRL loads it read-only, nothing here writes to it."""
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

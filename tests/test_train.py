@@ -20,15 +20,8 @@ THINK_ROWS = 8
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: a tiny model gains nothing from two, and two OpenMP threads slow down by
-    10-30x when another process is busy on this 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """One torch thread for this module (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")
