@@ -110,7 +110,7 @@ def main() -> None:
           f"chunked / TRL {ratio:.2f} (goal < {GOAL:g})", flush=True)
     print(json.dumps({"bench": "sft_step", "value": med["chunked"], "baseline": med["trl"], "unit": "s/step",
                       "ratio": ratio, "goal": GOAL, "loss_chunked": ours, "loss_trl": theirs,
-                      "rounds": {k: v for k, v in runs.items()}}))
+                      "rounds": runs}))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ SEEDS = [
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """One torch thread for a module's tests (its modules ask for it with an autouse fixture): a tiny model
+    """One torch thread for a module's tests (its modules ask for it: pytestmark usefixtures): a tiny model
     gains nothing from two, results stay deterministic, and two OpenMP threads slow down by 10-30x when
     another process is busy on this 2-core machine (the suite runs two workers)."""
     import torch

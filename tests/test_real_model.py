@@ -18,7 +18,7 @@ import pytest
 
 from conftest import SEEDS, fill_workspace, make_pipeline, query, synth_run, write
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 ROWS = SEEDS[:2]
 SFT_RECIPE = """\
@@ -52,11 +52,6 @@ lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: all-linear}
 kd: {alpha: 0.5, temperature: 1.0, divergence: forward_kl, chunk_size: 8}
 """
 JUDGE_REASONS = {None, "low_score", "unparseable_judgment"}  # passed, or a judgment that came back
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread(one_torch_thread):
-    """One torch thread for this module (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -17,21 +17,12 @@ from synth.train import prepare, train
 RECIPE = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
           "max_length": 64, "seed": 0}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread(one_torch_thread):
-    """One torch thread for this module (conftest.one_torch_thread)."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("sft_train")
-
-
-@pytest.fixture(scope="module")
-def student(tiny_model) -> Path:
-    """conftest's tiny model: TRL loads it read-only, nothing here writes to it."""
-    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +44,7 @@ def _grads(model) -> dict:
 
 
 @pytest.mark.parametrize("recipe_extra", [{}, {"assistant_only_loss": True}], ids=["all_tokens", "assistant_only"])
-def test_chunked_loss_and_gradients_equal_trls(work, student, data, recipe_extra):
+def test_chunked_loss_and_gradients_equal_trls(work, tiny_model, data, recipe_extra):
     """The same trainer, the same batch: synth's compute_loss and TRL's give the same loss and the same
     gradient for every parameter, with the Trainer's num_items_in_batch (tokens over accumulated batches)
     and without it (the batch's own count). Prompt and padding positions are in the batch: TRL's head masks
@@ -61,7 +52,7 @@ def test_chunked_loss_and_gradients_equal_trls(work, student, data, recipe_extra
     import torch
     from trl import SFTTrainer
 
-    prepared = prepare("sft", data, str(student), {**RECIPE, **recipe_extra}, work / f"out-{len(recipe_extra)}")
+    prepared = prepare("sft", data, str(tiny_model), {**RECIPE, **recipe_extra}, work / f"out-{len(recipe_extra)}")
     trainer = prepared.trainer
     assert trainer.trl_loss_reason is None
     batch = next(iter(trainer.get_train_dataloader()))
@@ -84,14 +75,14 @@ def test_chunked_loss_and_gradients_equal_trls(work, student, data, recipe_extra
                                        msg=lambda m: f"{name}: {m}")
 
 
-def test_training_with_the_chunked_loss_logs_what_trl_does(work, student, data, monkeypatch):
+def test_training_with_the_chunked_loss_logs_what_trl_does(work, tiny_model, data, monkeypatch):
     """Three steps with each loss from the same seed: the same train_loss (to float rounding) and the same
     num_tokens log (TRL's count of non-padding tokens), so a stage's tokens_per_s is unchanged."""
     import synth.sft_train as sft_train
 
-    ours = train("sft", data, str(student), RECIPE, work / "fit-ours")
+    ours = train("sft", data, str(tiny_model), RECIPE, work / "fit-ours")
     monkeypatch.setattr(sft_train, "chunked_ce_reason", lambda trainer: "forced by the test")
-    theirs = train("sft", data, str(student), RECIPE, work / "fit-trl")
+    theirs = train("sft", data, str(tiny_model), RECIPE, work / "fit-trl")
     assert ours["steps"] == theirs["steps"] == 3
     assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
     tokens = [[e["num_tokens"] for e in r["log"] if "num_tokens" in e] for r in (ours, theirs)]
@@ -104,9 +95,9 @@ def test_training_with_the_chunked_loss_logs_what_trl_does(work, student, data, 
 @pytest.mark.parametrize("recipe_extra, reason", [({"label_smoothing_factor": 0.1}, "label smoothing"),
                                                   ({"loss_type": "dft"}, "loss_type dft")],
                          ids=["label_smoothing", "dft"])
-def test_losses_other_than_plain_nll_keep_trls(work, student, data, recipe_extra, reason):
+def test_losses_other_than_plain_nll_keep_trls(work, tiny_model, data, recipe_extra, reason):
     """A recipe whose loss is not next-token NLL trains with TRL's compute_loss, untouched."""
-    prepared = prepare("sft", data, str(student), {**RECIPE, **recipe_extra}, work / f"keep-{reason[:5]}")
+    prepared = prepare("sft", data, str(tiny_model), {**RECIPE, **recipe_extra}, work / f"keep-{reason[:5]}")
     assert prepared.trainer.trl_loss_reason == reason
 
 

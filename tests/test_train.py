@@ -18,10 +18,7 @@ from synth.train import load_recipe, readiness, train
 REPO = Path(__file__).resolve().parent.parent
 THINK_ROWS = 8
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread(one_torch_thread):
-    """One torch thread for this module (conftest.one_torch_thread)."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")
