@@ -14,6 +14,7 @@ Each stage runs through one lookup in synth/stages' KINDS table: `kind_of(kind).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -22,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 
@@ -215,20 +217,57 @@ def rounds_stop(graph: Graph) -> tuple[int, str] | None:
     return None
 
 
-def _run_parallel(ctx: RunContext, batch: list[tuple[str, "StageStatus"]], jobs: int) -> dict[str, dict]:
+def _run_parallel(ctx: RunContext, batch: list[tuple[str, "StageStatus"]], jobs: int, pending: list[str],
+                  to_run: Callable[[str], "StageStatus | None"], run_here: Callable[[str], None]) -> dict[str, dict]:
     """Train stages whose inputs are done, in at most `jobs` worker processes (synth/stage_worker.py), the
     cores divided among them (OMP_NUM_THREADS); each worker takes the next stage of the batch when it is
     done with one, so torch, transformers and TRL are imported once per worker. Each stage records itself
     in the store as in process; here its state is read back (its model becomes a teacher for what follows).
+
+    The batch grows while it runs, so that no core waits while there is work: a training of `pending`
+    whose inputs become done (one that starts from a student of the batch, or reads a stage run here)
+    joins it; and while fewer than `jobs` workers are busy and no training waits for one, this process
+    runs the first pending stage that is no training and whose inputs are done (`run_here`, on the cores
+    the busy workers leave; it counts as one of the `jobs`), in file order and never ahead of an earlier
+    round (the stop rule must see its rounds first). Those stages are removed from `pending`.
+
     A failed stage's line is on stderr and its worker exits; a fresh worker takes what is left, the others
-    finish, then one SynthError names the failed ones (a re-run resumes them). Any exception here (Ctrl-C,
-    SIGTERM) stops every worker first; a kill -9 of this process kills them too (PR_SET_PDEATHSIG)."""
+    finish (nothing new joins), then one SynthError names the failed ones (a re-run resumes them). A stage
+    run here that fails (a SynthError) lets the batch finish (nothing new joins), then its error is raised.
+    Any other exception (Ctrl-C, SIGTERM) stops every worker first; a kill -9 of this process kills them
+    too (PR_SET_PDEATHSIG)."""
     graph, console = ctx.graph, ctx.console
-    threads = max(1, (os.cpu_count() or 1) // min(jobs, len(batch) or 1))
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // jobs)  # for every worker of the batch, those that join it included
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SYNTH_WORKER_PARENT": str(os.getpid())}
     queue, results, failed = list(batch), {}, []
     workers: list[subprocess.Popen] = []
     current: dict[subprocess.Popen, tuple[str, float]] = {}  # a worker's stage and when it was sent
+    here_error: SynthError | None = None
+
+    def done(name: str) -> bool:  # (a stage of this run that failed is not done; nothing joins after one)
+        return name not in pending and name not in queued() and name not in busy() and name not in failed
+
+    def queued() -> set[str]:
+        return {n for n, _ in queue}
+
+    def busy() -> set[str]:
+        return {n for n, _ in current.values()}
+
+    def join_ready() -> None:
+        """Trainings of `pending` whose inputs are all done join the queue (up-to-date ones leave `pending`)."""
+        for name in [n for n in pending if graph.stage(n).kind == "train"]:
+            if all(done(i) for i in graph.inputs[name]):
+                pending.remove(name)
+                if (st := to_run(name)) is not None:
+                    queue.append((name, st))
+
+    def beside() -> str | None:
+        """The stage to run in this process now, beside the busy workers: see the docstring."""
+        rounds = [graph.round_number(n) for n in [*pending, *queued(), *busy()]]
+        return next((n for n in pending if graph.stage(n).kind != "train" and graph.round_number(n) <= min(rounds)
+                     and all(done(i) for i in graph.inputs[n])), None)
+
     try:
         while queue or current:
             idle = [w for w in workers if w not in current]
@@ -245,7 +284,19 @@ def _run_parallel(ctx: RunContext, batch: list[tuple[str, "StageStatus"]], jobs:
                 current[worker] = (name, time.monotonic())
                 worker.stdin.write(json.dumps({"stage": name, "trained": ctx.trained}) + "\n")
                 worker.stdin.flush()
-            readable, _, _ = select.select([w.stdout for w in current], [], [], 0.5)
+            name = beside() if not queue and current and len(current) < jobs and not failed and not here_error \
+                else None
+            if name is not None:
+                pending.remove(name)
+                try:
+                    with _torch_threads(max(1, cores - threads * len(current))):
+                        run_here(name)
+                except SynthError as exc:  # the batch finishes first; then it is raised
+                    here_error = exc
+                else:
+                    join_ready()
+            # after a stage here, the workers that finished meanwhile are read at once (no wait)
+            readable, _, _ = select.select([w.stdout for w in current], [], [], 0 if name else 0.5)
             for worker in list(current):
                 line = worker.stdout.readline() if worker.stdout in readable else None
                 if line is None and worker.poll() is None:
@@ -262,6 +313,8 @@ def _run_parallel(ctx: RunContext, batch: list[tuple[str, "StageStatus"]], jobs:
                 ctx.set_trained(name, detail["model_dir"])
                 results[name] = {"rows": state["rows"], "model_dir": detail["model_dir"],
                                  "seconds": round(time.monotonic() - sent, 3)}
+                if not failed and here_error is None:
+                    join_ready()
         for worker in workers:  # end of their input: each exits 0
             worker.stdin.close()
         for worker in workers:
@@ -269,11 +322,27 @@ def _run_parallel(ctx: RunContext, batch: list[tuple[str, "StageStatus"]], jobs:
     except BaseException:
         _stop(workers)
         raise
+    if here_error is not None:
+        raise here_error
     if failed:
         raise SynthError(f"train stage{'s' if len(failed) > 1 else ''} {', '.join(failed)} failed in "
                          f"{'their worker processes' if len(failed) > 1 else 'its worker process'} (the error is "
                          "above); a re-run resumes from the last checkpoint")
     return results
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op threads in this process set to n for the block, then back (a stage run here beside
+    busy workers gets the cores they leave, not all of them)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _stop(workers: list[subprocess.Popen]) -> None:
@@ -330,6 +399,17 @@ def _run_stages(ctx: RunContext, names: list[str], targets: list[str] | None, fo
             counts[key] += result.get(key, 0)
         counts.setdefault("stages", {})[name] = result
 
+    def run_here(name: str) -> None:
+        """One stage in this process, if it is to run."""
+        st = to_run(name)
+        if st is None:
+            return
+        console.print(f"[bold]{name}[/bold] ({st.kind}): {st.reason}")
+        started = time.monotonic()
+        result = kind_of(st.kind).run(ctx, name)
+        result["seconds"] = round(time.monotonic() - started, 3)
+        add(name, result)
+
     pending = list(names)
     try:
         while pending:
@@ -345,18 +425,10 @@ def _run_stages(ctx: RunContext, names: list[str], targets: list[str] | None, fo
                     for name in ready:
                         pending.remove(name)
                     batch = [(n, st) for n in ready if (st := to_run(n)) is not None]
-                    for name, result in _run_parallel(ctx, batch, jobs).items():
+                    for name, result in _run_parallel(ctx, batch, jobs, pending, to_run, run_here).items():
                         add(name, result)
                     continue
-            name = pending.pop(0)
-            st = to_run(name)
-            if st is None:
-                continue
-            console.print(f"[bold]{name}[/bold] ({st.kind}): {st.reason}")
-            started = time.monotonic()
-            result = kind_of(st.kind).run(ctx, name)
-            result["seconds"] = round(time.monotonic() - started, 3)
-            add(name, result)
+            run_here(pending.pop(0))
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         try:

@@ -138,6 +138,58 @@ def test_a_stage_between_two_trainings_runs_first_so_they_train_together(tmp_pat
     assert states["one"] == states["two"] == states["data2"] == "done"
 
 
+def workspace_with_a_long_training(root: Path, tiny_model: Path, extra: str = "") -> Path:
+    """`long` trains many steps while `short` trains few; `after` starts from `short` and `gen` samples from
+    it; `tail` reads `gen`. Only `long` and `short` are ready when the batch starts."""
+    pipeline = workspace_with_two_students(root, tiny_model, steps=4)
+    write(root / "long.yaml", (REPO / "train" / "sft-tiny.yaml").read_text().replace("max_steps: 30", "max_steps: 1500")
+          .replace("logging_steps: 1 ", "logging_steps: 100 "))
+    text = pipeline.read_text()
+    return write(pipeline, text[:text.index("  one:")] + """\
+  long: {kind: train, method: sft, data: data, student: base, recipe: long.yaml}
+  short: {kind: train, method: sft, data: data, student: base, recipe: sft.yaml}
+  after: {kind: train, method: sft, data: data, init: short, recipe: sft.yaml}
+  gen: {kind: generate, input: rows, teacher: short, prompt: solve, params: {temperature: 0.0, max_tokens: 8}}
+  tail: {kind: export, input: gen, format: sft, path: out/tail.parquet}
+""" + extra)
+
+
+def test_the_batch_grows_and_the_run_works_beside_its_workers(tmp_path, tiny_model):
+    """Under --jobs 2, while `long` trains: `after` (its input `short` done) joins the batch in the free
+    worker, and then the run itself samples from `short` and exports (no training waits for a worker),
+    all before `long` is done, instead of after it. Everything ends as an in-process run would."""
+    root = tmp_path / "ws"
+    pipeline = workspace_with_a_long_training(root, tiny_model)
+    out = synth("run", pipeline, "--jobs", "2", timeout=900, check=True)
+    log = " ".join(out.stderr.split())
+    assert "after (train): never run · in a worker process" in log, log[-3000:]
+    assert "gen (generate): never run" in log and "gen (generate): never run · in a worker" not in log
+    store = root / "out" / "run.duckdb"
+    states = {n: (s, t) for n, s, t in query(store, "SELECT name, status, updated_at FROM synth.stages")}
+    assert {n: s for n, (s, _) in states.items()} == dict.fromkeys(
+        ["rows", "data", "long", "short", "after", "gen", "tail"], "done")
+    for name in ("short", "after", "gen", "tail"):
+        assert states[name][1] < states["long"][1], (name, states)
+    assert query(store, "SELECT count(*) FROM gen")[0][0] == 16
+    assert "7 stages run" in out.stderr
+    again = synth("run", pipeline, "--jobs", "2", check=True)
+    assert "0 stages run" in again.stderr
+
+
+def test_a_failure_beside_the_workers_lets_them_finish_then_is_one_line(tmp_path, tiny_model):
+    """A stage the run does beside its workers fails (here an export whose folder is a file): `long` still
+    trains to the end and is recorded, then the run exits 2 with that stage's one line; nothing reads it."""
+    root = tmp_path / "ws"
+    pipeline = workspace_with_a_long_training(root, tiny_model)
+    pipeline.write_text(pipeline.read_text().replace("path: out/tail.parquet", "path: rows.jsonl/tail.parquet"))
+    out = synth("run", pipeline, "--jobs", "2", timeout=900)
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("synth: error:")]
+    assert len(errors) == 1 and "tail" in errors[0], out.stderr[-3000:]
+    states = dict(query(root / "out" / "run.duckdb", "SELECT name, status FROM synth.stages"))
+    assert states["long"] == states["after"] == states["gen"] == "done" and states.get("tail") != "done"
+
+
 def test_bench_quick():
     """bench/parallel_train.py --quick runs both ways, finds the same models, and ends with its JSON line."""
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "parallel_train.py"), "--quick"], capture_output=True,

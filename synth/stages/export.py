@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from synth.config import ExportStage
 from synth.context import RunContext
-from synth.errors import SynthError
+from synth.errors import SynthError, one_line
 from synth.graph import Graph, Kind, Ref
 from synth.paths import export_sidecar
 from synth.prompts import load_template
@@ -145,13 +145,17 @@ def run(ctx: RunContext, name: str) -> dict:
         # with_reasoning; counted so the export's row count is explained
         if unanswered := sum(1 for _, _, text, _, trace in rows if trace and not (text or "").strip()):
             detail["unanswered"] = unanswered
-    if out.suffix == "":
-        _write_dataset_dir(out, records, stage.format, dataset_card(ctx, name, len(records)))
-    else:
-        _write_atomic(out, records, stage.format)
     vocabulary = records[0]["tokenizer"] if stage.format == "kd" and records else None
-    _write_atomic_text(export_sidecar(out), json.dumps(provenance(ctx, name, len(records), vocabulary), indent=2,
-                                                     default=str))
+    try:
+        if out.suffix == "":
+            _write_dataset_dir(out, records, stage.format, dataset_card(ctx, name, len(records)))
+        else:
+            _write_atomic(out, records, stage.format)
+        _write_atomic_text(export_sidecar(out), json.dumps(provenance(ctx, name, len(records), vocabulary), indent=2,
+                                                         default=str))
+    except OSError as exc:  # a folder that is a file, no permission, a full disk: the user's to fix
+        raise SynthError(f"{graph.where(name, 'path')}: cannot write {out}: {one_line(exc)}; point `path` at a "
+                         "writable place") from None
     with ctx.store.write() as con:
         if out.suffix == "":
             source = f"read_parquet({sql_str(str(out / 'data.parquet'))})"
