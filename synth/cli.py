@@ -170,12 +170,15 @@ def demo(target: Path) -> None:
     \b
     The world: arithmetic word problems with integer answers ("Ann has 7 pens. Ann buys 3 more,
     then doubles them. How many pens does Ann have?"), 2-4 steps, made by a seeded program with
-    gold answers and gold step-by-step solutions, in disjoint train / seed / held-out splits.
+    gold answers and gold step-by-step solutions, in disjoint train / seed / held-out splits,
+    and new problems (prompts) that nobody trains on.
     The teacher: a small transformer trained from scratch on the gold solutions (synth's own
     train stage); sampled at temperature 0.7 it is right often, not always.
-    The loop: the teacher writes 8 solutions per seed problem; verify, vote and keep judge them;
-    a smaller student is trained on all samples (A) and on the verified ones (B); B then gets DPO
-    on pairs of its own verified vs failed samples; all are evaluated on held-out problems.
+    The loop: the teacher writes 8 solutions per seed problem, keeping its top-8 log-probs;
+    verify, vote and keep judge them; a smaller student is trained, under three seeds, on all
+    samples (A), on the verified ones (B), and by KD on their top-8 (C); B samples the new
+    problems, for DPO on pairs of its verified vs failed samples and for one on-policy KD round
+    on its samples scored by the teacher (D); all are evaluated on held-out problems.
 
     Prints the report and writes DIR/report.json and DIR/report.png. DIR keeps the pipeline,
     world, template and recipes: edit them and re-run; only what changed runs again (a second

@@ -78,6 +78,16 @@ def fill_workspace(folder: Path) -> Path:
     return folder
 
 
+def journaled(journal: Path, pattern: str, nonempty: bool = False) -> bool:
+    """Whether a run's journal folder holds a file matching `pattern` now (with `nonempty`, one with bytes in
+    it). The run creates and removes that folder and its files while a test polls them: one that goes
+    between listing and looking is "not yet", not an error."""
+    try:
+        return any(not nonempty or f.stat().st_size > 0 for f in journal.glob(pattern))
+    except FileNotFoundError:
+        return False
+
+
 def write(path: Path, text: str) -> Path:
     path.write_text(textwrap.dedent(text))
     return path

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 WORLD = """\
 seed: 0
 splits: {teacher_train: 2000, seeds: 40, heldout: 40}
+prompts: 40
 ops: [2, 2]
 vocab_size: 500
 models:
@@ -86,6 +87,22 @@ TEACHER_STEPS, STUDENT_STEPS = 400, 60
 KEYS = {"teacher": "teacher_greedy_accuracy", "student_a": "student_unfiltered_accuracy",
         "student_b": "student_filtered_accuracy", "student_c": "student_kd_accuracy",
         "student_b_dpo": "student_dpo_accuracy", "student_d": "student_onpolicy_accuracy"}
+
+
+def test_the_world_writes_new_prompts_for_b_disjoint_from_every_split(demo_dir):
+    """world.yaml's `prompts: 40`: data/prompts.jsonl, problems no split holds, and what B samples."""
+    target, _ = demo_dir
+    rows = {split: [json.loads(line) for line in (target / "data" / f"{split}.jsonl").read_text().splitlines()]
+            for split in ("teacher_train", "seeds", "heldout", "prompts")}
+    assert len(rows["prompts"]) == 40 and all(r["id"].startswith("prompts-") for r in rows["prompts"])
+    questions = {split: {r["question"] for r in split_rows} for split, split_rows in rows.items()}
+    assert all(not questions["prompts"] & questions[s] for s in ("teacher_train", "seeds", "heldout"))
+    con = duckdb.connect(str(target / "out" / "demo.duckdb"), read_only=True)
+    try:
+        sampled = {q for (q,) in con.execute("SELECT DISTINCT question FROM new_problems").fetchall()}
+    finally:
+        con.close()
+    assert sampled == questions["prompts"]
 
 
 def test_report_is_written_and_recomputes_from_per_row_results(demo_dir):
@@ -186,8 +203,11 @@ def test_second_run_reuses_everything_and_a_recipe_edit_reruns_only_downstream(d
     assert report["this_run"]["requests_sent"] == 3 * 40  # the new models' held-out outputs only
 
 
-def test_bad_world_file_is_one_line(tmp_path):
-    (tmp_path / "world.yaml").write_text("seed: 0\nsplits: {seeds: many}\n")
+@pytest.mark.parametrize("world", ["seed: 0\nsplits: {seeds: many}\n",
+                                   WORLD.replace("heldout: 40}", "heldout: 40, prompts: 10}"),
+                                   WORLD.replace("prompts: 40", "prompts: -3")])
+def test_bad_world_file_is_one_line(tmp_path, world):
+    (tmp_path / "world.yaml").write_text(world)
     out = demo(tmp_path, timeout=120)
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("synth: error:")]

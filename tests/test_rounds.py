@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli_env, echo_teacher, graded_pipeline, make_pipeline, query, scripted_answers, synth, \
-    synth_run, write
+from conftest import REPO, cli_env, echo_teacher, graded_pipeline, journaled, make_pipeline, query, scripted_answers, \
+    synth, synth_run, write
 from synth import load as synth_load
 from synth.errors import SynthError
 
@@ -162,7 +162,7 @@ def test_rounds_run_resume_after_kill_and_stop(tmp_path, tiny_model):
         proc = subprocess.Popen([sys.executable, "-m", "synth.cli", "run", str(killed)], env=cli_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None and not list(journal.glob("more_r2.*")):
+        while time.monotonic() < deadline and proc.poll() is None and not journaled(journal, "more_r2.*"):
             time.sleep(0.01)
         assert proc.poll() is None, "the run ended before round 2's samples: nothing was killed"
         proc.send_signal(signal.SIGKILL)

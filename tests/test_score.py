@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import cli_env, echo_teacher, make_pipeline, query, synth, synth_run
+from conftest import cli_env, echo_teacher, journaled, make_pipeline, query, synth, synth_run
 from synth import load as synth_load
 
 
@@ -160,7 +160,7 @@ def test_kill_during_scoring_then_rerun(workspace, tiny_model, second_model):
     journal = store.parent / (store.name + ".journal")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if journal.is_dir() and any(f.stat().st_size > 0 for f in journal.glob("scored.*")):
+        if journaled(journal, "scored.*", nonempty=True):
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -31,6 +31,9 @@ from synth.paths import builtin_dir
 from synth.pipeline import load_pipeline, run
 from synth.tiny import build_models
 
+PROMPTS = "prompts"  # world.yaml's `prompts: N`: data/prompts.jsonl, N problems after the splits
+
+
 def demo_files() -> Path:
     return builtin_dir("examples") / "demo"
 
@@ -65,10 +68,17 @@ def read_world(target: Path) -> dict:
                   for k, v in world["models"].items()}
         low, high = (int(x) for x in world.get("ops", [2, 4]))
         spec = {"seed": int(world.get("seed", 0)), "splits": splits, "vocab_size": int(world.get("vocab_size", 600)),
-                "ops": [low, high], "models": models}
+                "ops": [low, high], "models": models, "prompts": int(world.get("prompts", 0))}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SynthError(f"{path}: expected seed, splits {{name: size}}, ops [min, max], vocab_size and models "
                          f"{{name: {{hidden, layers, heads}}}} ({type(exc).__name__}: {exc})") from None
+    negative = next((f"splits.{k}" for k, v in splits.items() if v < 0), None) or \
+        ("prompts" if spec["prompts"] < 0 else None)
+    if negative:
+        raise SynthError(f"{path}: {negative}: a number of problems, 0 or more")
+    if PROMPTS in splits and spec["prompts"]:
+        raise SynthError(f"{path}: splits: a split named {PROMPTS!r} would be overwritten by `prompts: "
+                         f"{spec['prompts']}` (data/{PROMPTS}.jsonl); rename the split")
     if not 1 <= spec["ops"][0] <= spec["ops"][1]:
         raise SynthError(f"{path}: ops: [min, max] steps per problem, 1 <= min <= max (got {spec['ops']})")
     for name, m in models.items():
@@ -85,15 +95,18 @@ def build_world(target: Path, console: Console | None = None) -> dict:
     hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
     console = console or Console(stderr=True)
     spec = read_world(target)
-    splits = make_splits(spec["splits"], spec["seed"], tuple(spec["ops"]))
+    sizes = {**spec["splits"], **({PROMPTS: spec["prompts"]} if spec["prompts"] else {})}
+    problems = make_splits(sizes, spec["seed"], tuple(spec["ops"]))  # the prompts come after the splits
+    splits = {name: rows for name, rows in problems.items() if name in spec["splits"]}
     data_dir = target / "data"
-    for split, rows in splits.items():
+    for split, rows in problems.items():
         text = "".join(json.dumps(r) + "\n" for r in rows)
         path = data_dir / f"{split}.jsonl"
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             write_splits(data_dir, {split: rows})
             console.print(f"world: wrote {len(rows)} problems to {path}")
-    # the starting models: `synth models`' builder (synth.tiny.build_models), on the world's text
+    # the starting models: `synth models`' builder (synth.tiny.build_models), on the splits' text; the prompts
+    # are not in the tokenizer's corpus (new prompts reach a student after its tokenizer was made)
     build_models(target / "models", corpus(splits), spec["models"], vocab_size=spec["vocab_size"],
                  split_digits=True, max_positions=256, seed=spec["seed"],
                  key_extra={"splits": spec["splits"], "ops": spec["ops"]}, console=console)

@@ -13,6 +13,8 @@ files on every machine):
 - seeds: problems the teacher has never seen; the teacher writes solutions for them (the distillation
   data), and their gold answers are what the verify stage checks against;
 - heldout: problems nobody trains on; every model is evaluated on them.
+`synth demo` draws world.yaml's `prompts` after them from the same stream (data/prompts.jsonl): more problems
+nobody trains on, which student B samples for DPO's pairs and the on-policy round.
 """
 
 from __future__ import annotations
