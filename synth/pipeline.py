@@ -238,7 +238,10 @@ def _run_parallel(ctx: RunContext, batch: list[tuple[str, "StageStatus"]], jobs:
     too (PR_SET_PDEATHSIG)."""
     graph, console = ctx.graph, ctx.console
     cores = os.cpu_count() or 1
-    threads = max(1, cores // jobs)  # for every worker of the batch, those that join it included
+    # every worker's threads, fixed when it starts: the cores divided among as many workers as could ever be
+    # busy at once (the batch and every pending training that may join it), at most `jobs`
+    could_train = len(batch) + sum(1 for n in pending if graph.stage(n).kind == "train")
+    threads = max(1, cores // min(jobs, could_train or 1))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SYNTH_WORKER_PARENT": str(os.getpid())}
     queue, results, failed = list(batch), {}, []
     workers: list[subprocess.Popen] = []

@@ -6,6 +6,7 @@ worker behind, and the re-run finishes the trainings; a failing worker is one li
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def test_a_stage_between_two_trainings_runs_first_so_they_train_together(tmp_pat
     assert states["one"] == states["two"] == states["data2"] == "done"
 
 
-def workspace_with_a_long_training(root: Path, tiny_model: Path, extra: str = "") -> Path:
+def workspace_with_a_long_training(root: Path, tiny_model: Path) -> Path:
     """`long` trains many steps while `short` trains few; `after` starts from `short` and `gen` samples from
     it; `tail` reads `gen`. Only `long` and `short` are ready when the batch starts."""
     pipeline = workspace_with_two_students(root, tiny_model, steps=4)
@@ -151,7 +152,7 @@ def workspace_with_a_long_training(root: Path, tiny_model: Path, extra: str = ""
   after: {kind: train, method: sft, data: data, init: short, recipe: sft.yaml}
   gen: {kind: generate, input: rows, teacher: short, prompt: solve, params: {temperature: 0.0, max_tokens: 8}}
   tail: {kind: export, input: gen, format: sft, path: out/tail.parquet}
-""" + extra)
+""")
 
 
 def test_the_batch_grows_and_the_run_works_beside_its_workers(tmp_path, tiny_model):
@@ -188,6 +189,19 @@ def test_a_failure_beside_the_workers_lets_them_finish_then_is_one_line(tmp_path
     assert len(errors) == 1 and "tail" in errors[0], out.stderr[-3000:]
     states = dict(query(root / "out" / "run.duckdb", "SELECT name, status FROM synth.stages"))
     assert states["long"] == states["after"] == states["gen"] == "done" and states.get("tail") != "done"
+
+
+def test_a_training_that_can_have_no_company_gets_every_core(tmp_path, tiny_model):
+    """Two trainings are ready, but one is up to date (a re-run after it finished): the other trains in a
+    worker with all the cores, since nothing pending could train beside it."""
+    root = tmp_path / "ws"
+    pipeline = workspace_with_two_students(root, tiny_model, steps=4)
+    synth("run", pipeline, "one_s0", timeout=600, check=True)
+    out = synth("run", pipeline, "one_s0", "one_s1", "--jobs", "2", timeout=600, check=True)
+    log = " ".join(out.stderr.split())
+    cores = os.cpu_count() or 1
+    assert f"one_s1 (train): never run · in a worker process ({cores} threads)" in log, log[-3000:]
+    assert "one_s0: up to date" in log
 
 
 def test_bench_quick():
