@@ -72,9 +72,8 @@ def read_world(target: Path) -> dict:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SynthError(f"{path}: expected seed, splits {{name: size}}, ops [min, max], vocab_size and models "
                          f"{{name: {{hidden, layers, heads}}}} ({type(exc).__name__}: {exc})") from None
-    negative = next((f"splits.{k}" for k, v in splits.items() if v < 0), None) or \
-        ("prompts" if spec["prompts"] < 0 else None)
-    if negative:
+    sizes = {**{f"splits.{k}": v for k, v in splits.items()}, "prompts": spec["prompts"]}
+    if negative := next((key for key, size in sizes.items() if size < 0), None):
         raise SynthError(f"{path}: {negative}: a number of problems, 0 or more")
     if PROMPTS in splits and spec["prompts"]:
         raise SynthError(f"{path}: splits: a split named {PROMPTS!r} would be overwritten by `prompts: "
