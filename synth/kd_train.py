@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from synth.errors import SynthError
+from synth.packed_forward import packed_hidden
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 KD_DEFAULTS = {"alpha": 0.0, "temperature": 1.0, "divergence": "forward_kl", "beta": 0.5, "chunk_size": 1024,
@@ -219,24 +220,32 @@ def completion_hidden(model, inputs: dict, student=None):
     accelerate's autocast, where they apply), so that DDP all-reduces the gradients; `student` is the same
     model unwrapped (default: `model`), where the decoder and the lm_head are found. The forward asks for
     the logits of the last position only (logits_to_keep, where the model takes it): the batch's full
-    logits are never computed. Shared by method kd (batch_loss) and SFT's chunked CE (synth/sft_train.py)."""
+    logits are never computed. On CPU it runs on the batch's real tokens only (synth/packed_forward.py: the
+    padding is not computed; the same hidden states) where every target follows a real token. Shared by
+    method kd (batch_loss) and SFT's chunked CE (synth/sft_train.py)."""
     student = model if student is None else student
     decoder, head = student_parts(student)
+    labels = inputs["labels"][:, 1:].reshape(-1)
+    kept = labels != -100
     captured = []
 
     def keep(module, args, output):  # the decoder's output: the final hidden states, normed
         captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
+    def padded():
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, **extra)
+
     lm = student.get_base_model() if hasattr(student, "get_base_model") else student
     extra = {"logits_to_keep": 1} if _takes_logits_to_keep(type(lm)) else {}
+    on_real = bool(inputs["attention_mask"][:, :-1].reshape(-1)[kept].all())  # no target's hidden state is padding
     handle = decoder.register_forward_hook(keep)
     try:
-        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, **extra)
+        hidden = packed_hidden(model, lm, inputs, padded, captured, extra) if on_real else None
+        if hidden is None:
+            padded()
+            hidden = captured[-1]
     finally:
         handle.remove()
-    hidden = captured[-1]
-    labels = inputs["labels"][:, 1:].reshape(-1)
-    kept = labels != -100
     # under autocast (float32 weights, bf16/fp16 mixed precision) the hidden states arrive in the autocast
     # dtype; kd_loss takes one dtype (and computes the logits in float32 at least)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[kept].to(head.weight.dtype)
