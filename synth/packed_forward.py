@@ -111,11 +111,13 @@ def _forward(model, lm, inputs: dict, segments: Segments, capture: list, extra: 
     positions = torch.arange(segments.length, device=keep.device).repeat(segments.rows).index_select(0, keep)[None]
     config = lm.config
     before = config._attn_implementation
-    config._attn_implementation = ATTENTION  # read by every attention module at call time; restored below
+    # read by every attention module at call time; restored below. The {"": name} form sets this config's
+    # own and leaves any sub-config's (a vision tower's, say) as it is
+    config._attn_implementation = {"": ATTENTION}
     try:
         model(input_ids=ids, position_ids=positions, use_cache=False, synth_segments=segments, **extra)
     finally:
-        config._attn_implementation = before
+        config._attn_implementation = {"": before}
     packed = capture[-1][0]  # [T, H]
     out = packed.new_zeros(segments.rows * segments.length, packed.shape[-1]).index_copy(0, keep, packed)
     return out.view(segments.rows, segments.length, -1)
