@@ -88,6 +88,22 @@ def journaled(journal: Path, pattern: str, nonempty: bool = False) -> bool:
         return False
 
 
+def arithmetic_sft(path: Path, rows: int, most_checks: int) -> Path:
+    """SFT rows (id, messages) written to `path` as JSON lines: "What is a+b?" answered "a+b=c." plus 0 to
+    most_checks " Check: yes." — uneven lengths, so that a batch of them is padded."""
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for i in range(rows):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        answer = f"{a}+{b}={a + b}." + " Check: yes." * rng.randint(0, most_checks)
+        lines.append(json.dumps({"id": f"r{i}", "messages": [{"role": "user", "content": f"What is {a}+{b}?"},
+                                                             {"role": "assistant", "content": answer}]}) + "\n")
+    path.write_text("".join(lines))
+    return path
+
+
 def write(path: Path, text: str) -> Path:
     path.write_text(textwrap.dedent(text))
     return path

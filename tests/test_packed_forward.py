@@ -9,12 +9,12 @@ it must not pack are left to the padded forward; a model it gets wrong is caught
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
 import synth.packed_forward as packed_forward
+from conftest import arithmetic_sft
 from synth.kd_train import completion_hidden
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread per module
@@ -153,16 +153,7 @@ def test_a_model_the_packed_forward_gets_wrong_trains_padded_with_one_warning(mo
 
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    rows = []
-    for i in range(32):  # uneven lengths: the batches are padded
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        answer = f"{a}+{b}={a + b}." + " Check: yes." * rng.randint(0, 4)
-        rows.append({"id": f"r{i}", "messages": [{"role": "user", "content": f"What is {a}+{b}?"},
-                                                 {"role": "assistant", "content": answer}]})
-    path = tmp_path_factory.mktemp("packed") / "sft.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return arithmetic_sft(tmp_path_factory.mktemp("packed") / "sft.jsonl", 32, most_checks=4)
 
 
 def test_an_sft_training_packs_and_logs_what_the_padded_training_does(tiny_model, sft_data, tmp_path):

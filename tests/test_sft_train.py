@@ -7,11 +7,11 @@ built by prepare() exactly as a train stage builds it (TRL's SFTTrainer, its col
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
+from conftest import arithmetic_sft
 from synth.train import prepare, train
 
 RECIPE = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
@@ -27,16 +27,7 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(work) -> Path:
-    rng = random.Random(0)
-    rows = []
-    for i in range(24):  # uneven lengths: the batches are padded
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        answer = f"{a}+{b}={a + b}." + " Check: yes." * rng.randint(0, 3)
-        rows.append({"id": f"r{i}", "messages": [{"role": "user", "content": f"What is {a}+{b}?"},
-                                                 {"role": "assistant", "content": answer}]})
-    path = work / "sft.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return arithmetic_sft(work / "sft.jsonl", 24, most_checks=3)
 
 
 def _grads(model) -> dict:
