@@ -8,10 +8,11 @@ the model as one row (position ids restart per sequence), and each attention lay
 the batch's rows, runs SDPA (causal) and packs the result again: every token-wise op runs on the real tokens
 only, attention costs what it did. Measured: bench/packed_forward.py.
 
-Contract: `packed_hidden(model, lm, inputs)` returns the final hidden states laid out as the padded batch,
-[B, L, H], equal to the padded forward's at every real position (bit-equal on the demo's student; padding
-positions are zeros, never targets) — or None where packing does not apply, and the caller runs the padded
-forward. (A model with dropout, LoRA's say, draws its masks on the packed tensor: other draws, the same
+Contract: `packed_hidden(model, lm, inputs, run_padded, capture, extra)` (kd_train.completion_hidden's
+forward, its decoder hook's list and its extra model arguments) returns the final hidden states laid out as
+the padded batch, [B, L, H], equal to the padded forward's at every real position (bit-equal on the demo's
+student; padding positions are zeros, never targets) — or None where packing does not apply, and the caller
+runs the padded forward. (A model with dropout, LoRA's say, draws its masks on the packed tensor: other draws, the same
 law.) It applies when all hold:
 - the student is on CPU (elsewhere it is unmeasured) and its attention implementation is `sdpa` (the
   default: the user's explicit choice of another is left alone);
@@ -143,6 +144,8 @@ def packed_hidden(model, lm, inputs: dict, run_padded, capture: list, extra: dic
 
 
 def _verify(model, lm, inputs: dict, segments: Segments, run_padded, capture: list, extra: dict) -> bool:
+    """Whether the packed forward gives the padded forward's hidden states on this batch (eval mode, no
+    gradients; the model's training mode restored); a warning line on stderr when not."""
     import torch
 
     training = model.training
@@ -158,7 +161,7 @@ def _verify(model, lm, inputs: dict, segments: Segments, run_padded, capture: li
                                                                **TOLERANCE)
         why = "its hidden states differ from the padded forward's"
     except Exception as exc:  # noqa: BLE001 — any failure of the packed path means: do not pack this model
-        same, why = False, f"{type(exc).__name__}: {exc}"
+        same, why = False, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     finally:
         model.train(training)
     if not same:
