@@ -12,8 +12,8 @@ Contract: `packed_hidden(model, lm, inputs, run_padded, capture, extra)` (kd_tra
 forward, its decoder hook's list and its extra model arguments) returns the final hidden states laid out as
 the padded batch, [B, L, H], equal to the padded forward's at every real position (bit-equal on the demo's
 student; padding positions are zeros, never targets) — or None where packing does not apply, and the caller
-runs the padded forward. (A model with dropout, LoRA's say, draws its masks on the packed tensor: other draws, the same
-law.) It applies when all hold:
+runs the padded forward. (A model with dropout, LoRA's say, draws its masks on the packed tensor: other
+draws, the same law.) It applies when all hold:
 - the student is on CPU (elsewhere it is unmeasured) and its attention implementation is `sdpa` (the
   default: the user's explicit choice of another is left alone);
 - every layer attends causally over the whole sequence: no sliding window, no logit softcapping;
