@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -113,25 +114,94 @@ def kernel_choice(setting: str, *, cuda: bool, triton: bool, at: str = "the reci
     return "triton"
 
 
+def read_parquet(data_path: Path, table) -> list[dict]:
+    """The kd rows of a `format: kd` Parquet file (a pyarrow table) with the completion ids and the teacher's
+    arrays as numpy views into the file's buffers: completion_ids (n,) and teacher_ids / teacher_logprobs (n, k)
+    per row. Arrow's nested lists turned into Python lists cost ~1.3 s per 5,000 demo rows, and back into
+    arrays at every batch; these views cost neither. A row missing a column, or whose positions carry
+    different numbers of teacher targets: one SynthError line naming the row."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    missing = [c for c in KD_COLUMNS if c not in table.column_names]
+    if missing:
+        raise SynthError(f"{data_path}: no column {', '.join(missing)}: kd data needs columns {', '.join(KD_COLUMNS)}")
+    empty = np.zeros(table.num_rows, dtype=bool)
+    for c in KD_COLUMNS:
+        column = table.column(c)
+        if not pa.types.is_list(column.type) and not pa.types.is_large_list(column.type):
+            raise SynthError(f"{data_path}: column {c} is {column.type}, not a list (export it again with format: kd)")
+        empty |= pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False) == 0
+    if empty.any():
+        n = int(empty.argmax())
+        gone = [c for c in KD_COLUMNS if not table.column(c)[n].is_valid or len(table.column(c)[n]) == 0]
+        raise SynthError(f"{data_path}: row {n + 1} has no {', '.join(gone)}: kd data needs columns "
+                         f"{', '.join(KD_COLUMNS)}")
+
+    def flat(name: str, depth: int):
+        """(values, offsets per level) of a list column, its chunks combined: each level's offsets index its
+        child array (`values`, which a sliced array shares whole), the innermost values as numpy."""
+        array = table.column(name).combine_chunks()
+        offsets = []
+        for _ in range(depth):
+            offsets.append(array.offsets.to_numpy())
+            array = array.values
+        return array.to_numpy(zero_copy_only=False), offsets
+
+    completion, (c_off,) = flat("completion_ids", 1)
+    targets = {name: (values, *offsets) for name in ("teacher_ids", "teacher_logprobs")
+               for values, offsets in [flat(name, 2)]}
+    out = []
+    for n, prompt in enumerate(table.column("prompt").to_pylist()):
+        row = {"prompt": prompt, "completion_ids": completion[c_off[n]:c_off[n + 1]]}
+        for name, (values, outer, inner) in targets.items():
+            first, last = inner[outer[n]], inner[outer[n + 1]]
+            positions = outer[n + 1] - outer[n]
+            if positions and (last - first) % positions == 0 and \
+                    (np.diff(inner[outer[n]:outer[n + 1] + 1]) == (last - first) // positions).all():
+                row[name] = values[first:last].reshape(positions, (last - first) // positions)
+            else:
+                raise SynthError(f"{data_path}: row {n + 1}: its positions carry different numbers of {name}; a kd "
+                                 "row has the same k at every position (padding: id -1, log-prob -inf): export it "
+                                 "again")
+        out.append(row)
+    return out
+
+
 def tokenize(rows: list[dict], tokenizer, max_length: int | None) -> tuple[list[dict], dict]:
     """KD rows -> the trainer's examples (input_ids, labels, prompt_length, and teacher_ids/teacher_logprobs:
-    one list of k per completion token, from position prompt_length on) and the readiness figures. A row
-    longer than max_length keeps its start (its completion is cut, targets with it); one whose prompt alone
-    fills max_length is left out. Both count as truncated."""
+    arrays (n, k), one row of k per completion token from position prompt_length on) and the readiness
+    figures. A row longer than max_length keeps its start (its completion is cut, targets with it); one whose
+    prompt alone fills max_length is left out. Both count as truncated. The rows' arrays may be lists
+    (.jsonl) or numpy (read_parquet). Each distinct prompt is rendered once (the demo's 5,373 rows have 800)."""
+    import numpy as np
+
     if getattr(tokenizer, "chat_template", None) is None:
         raise SynthError(f"the student's tokenizer ({tokenizer.name_or_path}) has no chat template to render the "
                          "prompts with: start from an instruct model or add a chat_template.jinja")
     examples, lengths, truncated = [], [], 0
+    rendered: dict[str, list[int]] = {}  # a prompt's JSON (its turns in their own key order) -> its ids
     for n, row in enumerate(rows, 1):
+        key = json.dumps(row["prompt"], ensure_ascii=False, default=str)
+        prompt = rendered.get(key)
+        if prompt is None:
+            try:
+                prompt = list(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
+                                                            return_dict=True)["input_ids"])
+            except Exception as exc:  # jinja2 errors, a message without role/content, ...
+                raise SynthError(f"row {n}: the student's chat template cannot render its prompt: "
+                                 f"{' '.join(str(exc).split())[:200]}") from None
+            rendered[key] = prompt
         try:
-            prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]
-        except Exception as exc:  # jinja2 errors, a message without role/content, ...
-            raise SynthError(f"row {n}: the student's chat template cannot render its prompt: "
-                             f"{' '.join(str(exc).split())[:200]}") from None
-        completion = list(row["completion_ids"])
-        top_ids, top_lps = list(row["teacher_ids"]), list(row["teacher_logprobs"])
-        if not (len(completion) == len(top_ids) == len(top_lps)) or not completion:
+            completion = np.asarray(row["completion_ids"], dtype=np.int64).reshape(-1)
+            top_ids = np.asarray(row["teacher_ids"], dtype=np.int64)
+            top_lps = np.asarray(row["teacher_logprobs"], dtype=np.float32)
+        except (TypeError, ValueError):  # ragged lists, strings
+            raise SynthError(f"row {n}: its teacher targets are not one list of k ids and k log-probs per completion "
+                             "token (export it again)") from None
+        if not (len(completion) == len(top_ids) == len(top_lps)) or not len(completion) \
+                or top_ids.ndim != 2 or top_lps.shape != top_ids.shape:
             raise SynthError(f"row {n}: {len(completion)} completion ids but teacher targets for {len(top_ids)} "
                              "positions; a kd row needs one target list per completion token (export it again)")
         total = len(prompt) + len(completion)
@@ -142,9 +212,11 @@ def tokenize(rows: list[dict], tokenizer, max_length: int | None) -> tuple[list[
             if keep <= 0:
                 continue
             completion, top_ids, top_lps = completion[:keep], top_ids[:keep], top_lps[:keep]
-        examples.append({"input_ids": list(prompt) + completion, "labels": [-100] * len(prompt) + completion,
-                         "prompt_length": len(prompt),  # teacher targets start here: one list per completion token
-                         "teacher_ids": [list(x) for x in top_ids], "teacher_logprobs": [list(x) for x in top_lps]})
+        start = np.asarray(prompt, dtype=np.int64)
+        examples.append({"input_ids": np.concatenate([start, completion]),
+                         "labels": np.concatenate([np.full(len(start), -100, dtype=np.int64), completion]),
+                         "prompt_length": len(prompt),  # teacher targets start here: one row per completion token
+                         "teacher_ids": top_ids, "teacher_logprobs": top_lps})
     ordered = sorted(lengths)
 
     def pct(p):
@@ -159,24 +231,29 @@ def tokenize(rows: list[dict], tokenizer, max_length: int | None) -> tuple[list[
 class Collator:
     """Pads a batch: input_ids with the pad id, labels with -100, teacher ids/log-probs to (batch, length, k)
     with id 0 and log-prob -inf (no mass: kd_loss ignores them; a -1 from the export is padding too),
-    attention_mask. One numpy array per example and field (not one tensor per position: collation ran
-    ~1,000 small tensor copies a step and made a KD step 1.3x an SFT step on the demo's student)."""
+    attention_mask. The batch's items are examples (tokenize) or, when the collator holds the examples,
+    {"row": i} indices into them: the training dataset holds only the indices (TRL takes a datasets.Dataset,
+    and reading the teacher arrays back out of Arrow at every batch cost ~3 ms of a ~45 ms demo step). One
+    numpy array per example and field (not one tensor per position: collation ran ~1,000 small tensor copies
+    a step and made a KD step 1.3x an SFT step on the demo's student)."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, examples: list[dict] | None = None):
         self.pad = pad_token_id
+        self.examples = examples
 
-    def __call__(self, examples: list[dict]) -> dict:
+    def __call__(self, batch: list[dict]) -> dict:
         import numpy as np
         import torch
 
+        examples = batch if self.examples is None else [self.examples[item["row"]] for item in batch]
         width = max(len(e["input_ids"]) for e in examples)
         k = max((len(t) for e in examples for t in e["teacher_ids"][:1]), default=1) or 1
-        batch = len(examples)
-        ids = np.full((batch, width), self.pad, dtype=np.int64)
-        mask = np.zeros((batch, width), dtype=np.int64)
-        labels = np.full((batch, width), -100, dtype=np.int64)
-        top_ids = np.zeros((batch, width, k), dtype=np.int64)
-        top_lps = np.full((batch, width, k), -np.inf, dtype=np.float32)
+        size = len(examples)
+        ids = np.full((size, width), self.pad, dtype=np.int64)
+        mask = np.zeros((size, width), dtype=np.int64)
+        labels = np.full((size, width), -100, dtype=np.int64)
+        top_ids = np.zeros((size, width, k), dtype=np.int64)
+        top_lps = np.full((size, width, k), -np.inf, dtype=np.float32)
         for i, e in enumerate(examples):
             n, start = len(e["input_ids"]), e["prompt_length"]
             ids[i, :n], mask[i, :n], labels[i, :n] = e["input_ids"], 1, e["labels"]
@@ -296,9 +373,12 @@ def kd_trainer_class():
     return KDTrainer
 
 
-def kd_setup(rows: list[dict], tokenizer, recipe: dict, max_length: int | None, data_path: Path):
-    """(dataset examples, readiness, collator, kd settings) for train.prepare."""
-    examples, ready = tokenize(rows, tokenizer, max_length)
+def kd_setup(rows: list[dict] | None, tokenizer, recipe: dict, max_length: int | None, data_path: Path,
+             tokenised: tuple[list[dict], dict] | None = None):
+    """(examples, readiness, collator, kd settings) for train.prepare: the collator holds the examples, the
+    training dataset their indices ({"row": i}: Collator). `tokenised`: (examples, readiness) of these very
+    rows, tokenised before (train._data_key); rows is then not read."""
+    examples, ready = tokenised if tokenised is not None else tokenize(rows, tokenizer, max_length)
     if not examples:
         raise SynthError(f"{data_path}: every row's prompt fills max_length {max_length}; raise max_length")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -307,4 +387,4 @@ def kd_setup(rows: list[dict], tokenizer, recipe: dict, max_length: int | None, 
         import torch
 
         kernel_choice("triton", cuda=torch.cuda.is_available(), triton=triton_installed(), at="the kd recipe")
-    return examples, ready, Collator(pad), kd
+    return examples, ready, Collator(pad, examples), kd

@@ -656,9 +656,14 @@ def load_rows(data_path: Path, method: str) -> list[dict]:
     if data_path.suffix == ".parquet":
         import pyarrow.parquet as pq
         try:
-            rows = pq.read_table(data_path).to_pylist()
+            table = pq.read_table(data_path)
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise SynthError(f"{data_path}: cannot read Parquet: {_clipped_line(exc)}") from None
+        if table.num_rows == 0:
+            raise SynthError(f"{data_path}: no rows to train on")
+        if method == "kd":  # the teacher's arrays as numpy views, not millions of Python numbers
+            return kd_train.read_parquet(data_path, table)
+        rows = table.to_pylist()
     elif data_path.suffix in (".jsonl", ".json"):
         rows = []
         with open(data_path, encoding="utf-8") as fh:
@@ -916,6 +921,42 @@ class Prepared:
     log: list[dict]            # every logging step, the resumed-from run's first
     lora: bool
     began: float               # time.perf_counter() when the trainer was being built
+    data_reused: bool = False  # the data tokenised by this process's training before (_data_key)
+
+
+# This process's last training data, tokenised: {_data_key: (readiness, the trainer's train_dataset, kd's
+# examples or None)}, one entry at most.
+_TOKENISED: dict[str, tuple] = {}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def _data_key(method: str, data_path: Path, start: Path, recipe: dict) -> str | None:
+    """What a training's tokenised data depends on, as one hash; None where it is not reused (dpo).
+
+    Seed replicas of a train stage (`seeds: [0, 1, 2]`) read one file with one student and one recipe, and a
+    worker process of `synth run --jobs N` (or `synth run` itself) trains stage after stage: the second of
+    them in a process tokenises nothing (TRL's SFT preparation took ~4 s of a demo student, kd's ~2 s).
+    The key holds the data file's bytes and its export sidecar's (the think tags), the starting model's
+    files other than weights (tokenizer, chat template, config: name, size, mtime), and the recipe, whose
+    seed is left out where the preparation does not read it: TRL's SFT preparation shuffles with it only
+    under packing or shuffle_dataset; kd's never reads it."""
+    if method not in ("sft", "kd"):
+        return None
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in (data_path, export_sidecar(data_path)):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        digest.update(b"\0")
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in start.iterdir()
+                   if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES)) if start.is_dir() else []
+    seeded = method == "sft" and bool(recipe.get("packing") or recipe.get("shuffle_dataset"))
+    settings = {k: v for k, v in recipe.items() if k != "seed" or seeded}
+    digest.update(json.dumps([method, str(start.resolve()), files, settings], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path, init: str | None = None,
@@ -950,12 +991,17 @@ def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Pat
     max_share = recipe.get("max_truncated_share", DEFAULT_MAX_TRUNCATED_SHARE)
     max_length = recipe.get("max_length", next(f.default for f in dataclasses.fields(cls) if f.name == "max_length"))
 
-    rows = load_rows(data_path, method)
     tokenizer = AutoTokenizer.from_pretrained(start)
+    key = _data_key(method, Path(data_path), Path(start), recipe)
+    reused = _TOKENISED.pop(key, None) if key else None
+    _TOKENISED.clear()  # at most one training's data held: the one this training reuses, or none
+    rows = None if reused else load_rows(data_path, method)
     if method == "kd":
-        rows, ready, collator, kd = kd_train.kd_setup(rows, tokenizer, recipe, max_length, data_path)
+        examples, ready, collator, kd = kd_train.kd_setup(rows, tokenizer, recipe, max_length, data_path,
+                                                          tokenised=(reused[2], reused[0]) if reused else None)
     else:
-        ready, collator, kd = _readiness(rows, tokenizer, method, max_length, export_think_tags(data_path)), None, None
+        ready = reused[0] if reused else _readiness(rows, tokenizer, method, max_length, export_think_tags(data_path))
+        collator = kd = None
     if ready["truncated_share"] > max_share:
         raise SynthError(
             f"{data_path}: {ready['truncated']} of {ready['rows']} rows ({ready['truncated_share']:.1%}) exceed "
@@ -963,7 +1009,7 @@ def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Pat
             f"the recipe or filter long rows (or raise max_truncated_share, now {max_share:g})")
     mask = loss_mask(tokenizer, recipe) if method == "sft" else None
     if mask == "completion":
-        rows = prompt_completion_rows(rows, data_path)
+        rows = rows and prompt_completion_rows(rows, data_path)
         recipe["assistant_only_loss"] = False
         recipe["completion_only_loss"] = True
 
@@ -1005,7 +1051,14 @@ def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Pat
             if on_log is not None:
                 on_log(state.global_step, dict(logs or {}))
 
-    dataset = Dataset.from_list(rows)
+    if reused:  # TRL's own preparation of this data, done by the training before (sft); kd's: below
+        dataset = reused[1]
+        if method == "sft":
+            config.dataset_kwargs = {**(config.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    elif method == "kd":  # the collator holds the examples; the dataset their indices (kd_train.Collator)
+        dataset = Dataset.from_dict({"row": list(range(len(examples)))})
+    else:
+        dataset = Dataset.from_list(rows)
     extra = {}
     if method == "sft":  # TRL's SFTTrainer; its loss by synth's chunked CE on CPU (synth/sft_train.py)
         Trainer = sft_train.sft_trainer_class()
@@ -1025,8 +1078,11 @@ def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Pat
             raise SynthError(f"{Trainer.__name__} rejects the recipe: {_clipped_line(exc)}") from None
     # With disable_tqdm, transformers prints every log dict to stdout; on_log is the channel.
     trainer.remove_callback(PrinterCallback)
+    if key:  # for the next training of this process with the same data (a replica under another seed)
+        _TOKENISED[key] = (ready, trainer.train_dataset, examples if method == "kd" else None)
     return Prepared(trainer=trainer, tokenizer=tokenizer, ready=ready, loss_mask=mask, checkpoint=checkpoint,
-                    resumed_from=resumed_from, log=log, lora=peft_config is not None, began=began)
+                    resumed_from=resumed_from, log=log, lora=peft_config is not None, began=began,
+                    data_reused=bool(reused))
 
 
 def train(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path, init: str | None = None,

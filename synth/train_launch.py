@@ -310,11 +310,14 @@ def _trace_rows(trainer) -> list[str]:
     fetches one batch ahead, so a run of max_steps also lists the batch after its last)."""
     seen: list[str] = []
     collate = trainer.data_collator
+    held = getattr(collate, "examples", None)  # kd's collator holds the examples; the batch their indices
 
-    def traced(examples):
+    def traced(items):
+        examples = [held[item["row"]] for item in items] if held is not None else items
         # the token ids of each example, whatever the trainer names them (input_ids; DPO: prompt_ids, chosen_ids...)
-        seen.extend(content_hash({k: v for k, v in e.items() if k.endswith("ids")}) for e in examples)
-        return collate(examples)
+        seen.extend(content_hash({k: v.tolist() if hasattr(v, "tolist") else v for k, v in e.items()
+                                  if k.endswith("ids")}) for e in examples)
+        return collate(items)
 
     trainer.data_collator = traced
     return seen

@@ -264,3 +264,108 @@ def test_the_batch_loss_puts_each_teacher_target_on_the_position_that_predicts_i
         torch.tensor(labels), torch.tensor(top_ids), torch.tensor(top_lps, dtype=torch.float32)),
         alpha=0.3, temperature=2.0)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _kd_records(tok, lengths=(5, 9, 7, 6, 8, 5), k=3, seed=0) -> list[dict]:
+    """Rows as a `format: kd` export writes them: prompt turns, completion ids, the teacher's top-k per
+    position (one alternative padded with id -1 and log-prob -inf), and the prompts repeating (samples)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    records = []
+    for i, n in enumerate(lengths):
+        lps = [sorted(torch.log_softmax(torch.randn(k + 1, generator=gen), -1)[:k].tolist(), reverse=True)
+               for _ in range(n)]
+        top = [torch.randint(5, len(tok), (k,), generator=gen).tolist() for _ in range(n)]
+        top[n // 2][-1], lps[n // 2][-1] = -1, float("-inf")
+        records.append({"id": f"r{i}", "prompt": [{"role": "user", "content": f"what is {i % 3} + 2?"}],
+                        "completion": "", "completion_ids": torch.randint(5, len(tok), (n,), generator=gen).tolist(),
+                        "logprobs": [p[0] for p in lps], "teacher_ids": top, "teacher_logprobs": lps,
+                        "tokenizer": "student"})
+    return records
+
+
+def test_kd_parquet_rows_read_as_arrays_collate_exactly_as_the_rows_as_lists(tiny_model, tmp_path):
+    """A kd Parquet file is read as numpy views (train.load_rows -> kd_train.read_parquet) and the collator
+    takes the dataset's row indices: every batch equals the one collated from the same rows as Python lists
+    (as a .jsonl file gives them), and each distinct prompt is rendered once with the same ids."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from synth.kd_train import Collator, tokenize
+    from synth.stages.export import _write_atomic
+    from synth.train import load_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    records = _kd_records(tok)
+    _write_atomic(tmp_path / "kd.parquet", records, "kd")
+    rows = load_rows(tmp_path / "kd.parquet", "kd")
+    assert isinstance(rows[0]["teacher_ids"], np.ndarray) and rows[0]["teacher_ids"].shape == (5, 3)
+    as_lists = [{c: r[c] for c in ("prompt", "completion_ids", "teacher_ids", "teacher_logprobs")} for r in records]
+    for max_length in (128, 20):  # 20: some completions cut
+        arrays, ready = tokenize(rows, tok, max_length)
+        lists, ready_lists = tokenize(as_lists, tok, max_length)
+        assert ready == ready_lists and (max_length == 128) == (ready["truncated"] == 0)
+        by_index = Collator(tok.pad_token_id, arrays)([{"row": i} for i in range(len(arrays))])
+        by_example = Collator(tok.pad_token_id)(lists)
+        assert by_index.keys() == by_example.keys()
+        for key in by_index:
+            assert by_index[key].dtype == by_example[key].dtype and torch.equal(by_index[key], by_example[key]), key
+    prompt = tok.apply_chat_template(records[4]["prompt"], add_generation_prompt=True, tokenize=True,
+                                     return_dict=True)["input_ids"]
+    assert arrays[4]["input_ids"][:arrays[4]["prompt_length"]].tolist() == list(prompt)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("ragged", r"kd\.parquet: row 2: its positions carry different numbers of teacher_ids; a kd row has the same k"),
+    ("empty", r"kd\.parquet: row 3 has no completion_ids: kd data needs columns prompt, completion_ids"),
+    ("column", r"kd\.parquet: no column teacher_logprobs: kd data needs columns"),
+])
+def test_a_damaged_kd_parquet_file_is_one_line_naming_the_row(tiny_model, tmp_path, damage, expected):
+    """A row whose positions carry different k, a row without completion ids, a file without a column: one
+    SynthError line naming the file and the row (before anything is tokenised)."""
+    from transformers import AutoTokenizer
+
+    from synth.errors import SynthError
+    from synth.stages.export import _write_atomic
+    from synth.train import load_rows
+
+    records = _kd_records(AutoTokenizer.from_pretrained(tiny_model))
+    if damage == "ragged":
+        records[1]["teacher_ids"][2] = records[1]["teacher_ids"][2][:2]
+    elif damage == "empty":
+        records[2]["completion_ids"] = []
+    _write_atomic(tmp_path / "kd.parquet", records, "kd")
+    if damage == "column":
+        table = pq.read_table(tmp_path / "kd.parquet")
+        pq.write_table(table.drop_columns(["teacher_logprobs"]), tmp_path / "kd.parquet")
+    with pytest.raises(SynthError, match=expected) as caught:
+        load_rows(tmp_path / "kd.parquet", "kd")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_kd_seed_replica_reuses_the_examples_and_trains_exactly_alike(tiny_model, tmp_path):
+    """Two kd trainings of one file in one process: the second reuses the first's examples (nothing read or
+    tokenised) and its batches and logged losses are those of a fresh preparation."""
+    from transformers import AutoTokenizer
+
+    from synth import train as train_module
+    from synth.stages.export import _write_atomic
+    from synth.train import fit, prepare
+
+    _write_atomic(tmp_path / "kd.parquet", _kd_records(AutoTokenizer.from_pretrained(tiny_model), lengths=(5, 9) * 6),
+                  "kd")
+    recipe = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+              "max_length": 64, "seed": 0, "kd": {"alpha": 0.5}}
+    train_module._TOKENISED.clear()
+    first = prepare("kd", tmp_path / "kd.parquet", str(tiny_model), recipe, tmp_path / "r0")
+    again = prepare("kd", tmp_path / "kd.parquet", str(tiny_model), {**recipe, "seed": 1}, tmp_path / "r1")
+    train_module._TOKENISED.clear()
+    fresh = prepare("kd", tmp_path / "kd.parquet", str(tiny_model), {**recipe, "seed": 1}, tmp_path / "r2")
+    assert (first.data_reused, again.data_reused, fresh.data_reused) == (False, True, False)
+    batches = [[{k: v.tolist() for k, v in b.items()} for b in p.trainer.get_train_dataloader()] for p in (again, fresh)]
+    assert batches[0] == batches[1] and len(batches[0]) == 3
+    logs = [[e["loss"] for e in fit(p, tmp_path / n, tmp_path / n / "ckpt")["log"] if "loss" in e]
+            for p, n in ((again, "r1"), (fresh, "r2"))]
+    assert logs[0] == logs[1] and len(logs[0]) == 3

@@ -92,6 +92,57 @@ def test_losses_other_than_plain_nll_keep_trls(work, tiny_model, data, recipe_ex
     assert prepared.trainer.trl_loss_reason == reason
 
 
+def _fresh_prepare(*args, **kwargs):
+    """prepare() with nothing tokenised before in this process."""
+    from synth import train as train_module
+
+    train_module._TOKENISED.clear()
+    return prepare(*args, **kwargs)
+
+
+def test_a_seed_replica_reuses_the_tokenised_data_and_trains_exactly_alike(work, tiny_model, data):
+    """Seed replicas in one process (a worker of `synth run --jobs N`): the second prepare() reuses the
+    first's tokenised data (TRL's preparation skipped) and its trainer is the one a fresh preparation builds:
+    the same dataset, the same batches, the same logged losses over a short training."""
+    from synth.train import fit
+
+    first = _fresh_prepare("sft", data, str(tiny_model), {**RECIPE, "seed": 0}, work / "replica-0")
+    again = prepare("sft", data, str(tiny_model), {**RECIPE, "seed": 1}, work / "replica-1")
+    fresh = _fresh_prepare("sft", data, str(tiny_model), {**RECIPE, "seed": 1}, work / "replica-1-fresh")
+    assert (first.data_reused, again.data_reused, fresh.data_reused) == (False, True, False)
+    assert again.ready == fresh.ready
+    assert again.trainer.train_dataset.to_list() == fresh.trainer.train_dataset.to_list()
+    batches = [[{k: v.tolist() for k, v in b.items()} for b in p.trainer.get_train_dataloader()] for p in (again, fresh)]
+    assert batches[0] == batches[1] and len(batches[0]) > 1
+    logs = [[e["loss"] for e in fit(p, work / name, work / name / "ckpt")["log"] if "loss" in e]
+            for p, name in ((again, "replica-1"), (fresh, "replica-1-fresh"))]
+    assert logs[0] == logs[1] and len(logs[0]) == 3
+
+
+@pytest.mark.parametrize("change", ["data", "max_length", "student", "seed_with_shuffle"])
+def test_data_tokenised_under_other_inputs_is_never_reused(work, tiny_model, data, change):
+    """What the tokenised data depends on, changed between two trainings of one process, makes the second
+    tokenise afresh: the data file's bytes, a recipe key (max_length), the student (another directory with
+    the same weights), the seed where TRL's preparation reads it (shuffle_dataset)."""
+    import shutil
+
+    path, student, recipe = work / f"changed-{change}.jsonl", work / f"student-{change}", dict(RECIPE)
+    path.write_text(data.read_text())
+    if change == "seed_with_shuffle":
+        recipe["shuffle_dataset"] = True
+    _fresh_prepare("sft", path, str(tiny_model), recipe, work / f"change-{change}-0")
+    model = tiny_model
+    if change == "data":
+        path.write_text(data.read_text().replace("What is", "What's", 1))
+    elif change == "max_length":
+        recipe["max_length"] = 60
+    elif change == "student":
+        model = shutil.copytree(tiny_model, student)
+    else:
+        recipe["seed"] = 1
+    assert not prepare("sft", path, str(model), recipe, work / f"change-{change}-1").data_reused
+
+
 def test_bench_quick():
     """bench/sft_step.py --quick times both losses on one trainer and ends with its JSON line."""
     import subprocess
