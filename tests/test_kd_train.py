@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -369,3 +370,34 @@ def test_a_kd_seed_replica_reuses_the_examples_and_trains_exactly_alike(tiny_mod
     logs = [[e["loss"] for e in fit(p, tmp_path / n, tmp_path / n / "ckpt")["log"] if "loss" in e]
             for p, n in ((again, "r1"), (fresh, "r2"))]
     assert logs[0] == logs[1] and len(logs[0]) == 3
+
+
+def test_kd_data_bench_quick():
+    """bench/kd_data.py --quick: both data paths give the same batches, and its JSON line closes the output."""
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "kd_data.py"), "--quick"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "kd_data" and result["value"] > 0 and result["baseline"] > 0 and result["rows"] == 200
+
+
+def test_a_kd_export_writes_the_same_files_from_arrays_as_from_lists(tiny_model, tmp_path):
+    """kd_records hands the writers numpy arrays; Parquet, JSON lines and a saved dataset directory hold
+    exactly what the same rows as Python lists give (the float log-probs as float32 in Parquet, as before)."""
+    import numpy as np
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from synth.stages.export import _write_atomic, _write_dataset_dir
+
+    lists = _kd_records(AutoTokenizer.from_pretrained(tiny_model))
+    arrays = [{**r, **{c: np.asarray(r[c], dtype=np.float64 if "logprobs" in c else np.int64)
+                       for c in ("completion_ids", "logprobs", "teacher_ids", "teacher_logprobs")}} for r in lists]
+    for name, records in (("lists", lists), ("arrays", arrays)):
+        _write_atomic(tmp_path / name / "kd.parquet", records, "kd")
+        _write_atomic(tmp_path / name / "kd.jsonl", records, "kd")
+        _write_dataset_dir(tmp_path / name / "kd", records, "kd", "card")
+    assert pq.read_table(tmp_path / "arrays" / "kd.parquet").equals(pq.read_table(tmp_path / "lists" / "kd.parquet"))
+    assert (tmp_path / "arrays" / "kd.jsonl").read_text() == (tmp_path / "lists" / "kd.jsonl").read_text()
+    assert load_from_disk(str(tmp_path / "arrays" / "kd")).to_list() == load_from_disk(str(tmp_path / "lists" / "kd")).to_list()

@@ -33,6 +33,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -222,9 +223,11 @@ def kd_records(ctx: RunContext, name: str) -> list[dict]:
         n = len(ids)
         records.append({
             "id": rid, "prompt": sft_messages(json.loads(msgs), "", system=stage.system, few_shot=stage.few_shot)[:-1],
-            "completion": text or "", "completion_ids": list(ids), "logprobs": list(lps),
-            "teacher_ids": [list(top_ids[t * k:(t + 1) * k]) for t in range(n)],
-            "teacher_logprobs": [list(top_lps[t * k:(t + 1) * k]) for t in range(n)], "tokenizer": vocabulary})
+            "completion": text or "", "completion_ids": np.asarray(ids, dtype=np.int64),
+            "logprobs": np.asarray(lps, dtype=np.float64),
+            # (n, k) arrays, not n Python lists: ~236,000 positions x 8 in the demo's export
+            "teacher_ids": np.asarray(top_ids, dtype=np.int64).reshape(n, k),
+            "teacher_logprobs": np.asarray(top_lps, dtype=np.float64).reshape(n, k), "tokenizer": vocabulary})
     if len(records) < total:
         ctx.console.print(f"  [yellow]{name}: {total - len(records)} of the {total} rows of '{stage.input}' have no "
                           "teacher log-probs " + ("(not scored: see `synth status`)" if scored else
@@ -244,23 +247,59 @@ def soft_target_summary(records: list[dict]) -> dict:
     KD loss's view, synth/kd_loss.py). Padding entries (id -1, log-prob -inf) hold nothing; rows captured
     with different k (a cache from an earlier run) are padded to the largest. {} when there are no
     positions."""
-    import numpy as np
     from scipy.special import entr  # -x log x, 0 at 0
 
-    lps = [pos for r in records for pos in r["teacher_logprobs"]]
-    if not lps:
+    lps = [_positions(r["teacher_logprobs"], -np.inf, np.float64) for r in records]
+    k = max((a.shape[1] for a in lps if a.size), default=0)
+    if not k:
         return {}
-    k = max(map(len, lps))
-    p = np.exp(np.asarray([list(pos) + [-np.inf] * (k - len(pos)) for pos in lps], dtype=np.float64))
-    ids = np.asarray([list(pos) + [-1] * (k - len(pos)) for r in records for pos in r["teacher_ids"]])
-    taken = np.asarray([t for r in records for t in r["completion_ids"]])
+    p = np.exp(np.concatenate([_widened(a, k, -np.inf) for a in lps]))
+    ids = np.concatenate([_widened(_positions(r["teacher_ids"], -1, np.int64), k, -1) for r in records])
+    taken = np.concatenate([np.asarray(r["completion_ids"], dtype=np.int64).reshape(-1) for r in records])
     top1 = ids[np.arange(len(ids)), p.argmax(axis=1)]
     tail = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
     entropy = entr(p).sum(axis=1) + entr(tail)
-    return {"teacher_positions": len(lps), "teacher_k": int(k),
+    return {"teacher_positions": len(p), "teacher_k": int(k),
             "teacher_confident_share": round(float((p.max(axis=1) >= CONFIDENT).mean()), 4),
             "teacher_differs_share": round(float((top1 != taken).mean()), 4),
             "teacher_entropy_nats": round(float(entropy.mean()), 4)}
+
+
+def _positions(cells, fill, dtype) -> np.ndarray:
+    """One row's teacher arrays as (positions, k): an (n, k) array as it is, nested lists padded to their
+    longest with `fill` (a hand-written row may vary k between positions)."""
+    if isinstance(cells, np.ndarray) and cells.ndim == 2:
+        return cells.astype(dtype, copy=False)
+    k = max(map(len, cells), default=0)
+    return np.asarray([list(pos) + [fill] * (k - len(pos)) for pos in cells], dtype=dtype).reshape(len(cells), k)
+
+
+def _widened(a: np.ndarray, k: int, fill) -> np.ndarray:
+    return a if a.shape[1] == k else np.pad(a, ((0, 0), (0, k - a.shape[1])), constant_values=fill)
+
+
+def _list_column(cells: list, kind: pa.ListType) -> pa.Array:
+    """A list or list-of-lists column (`kind`) from per-row numpy arrays ((n,) or (n, k)), built from their
+    concatenated values and offsets; rows of Python lists go through pa.array."""
+    depth = 2 if pa.types.is_list(kind.value_type) else 1
+    value_type = kind.value_type.value_type if depth == 2 else kind.value_type
+    if not cells or not all(isinstance(c, np.ndarray) and c.ndim == depth for c in cells):
+        return pa.array([c.tolist() if isinstance(c, np.ndarray) else c for c in cells], type=kind)
+    values = pa.array(np.concatenate([c.reshape(-1) for c in cells]).astype(value_type.to_pandas_dtype()))
+    rows = np.asarray([len(c) for c in cells], dtype=np.int64)
+    if depth == 2:
+        widths = np.repeat([c.shape[1] for c in cells], rows)
+        values = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(widths)]).astype(np.int32)), values)
+    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)), values)
+
+
+def _plain(value):
+    """json.dumps' fallback and the dataset directory's: numpy arrays and numbers as Python lists and numbers."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 KD_SCHEMA_FIELDS = [("completion", "string"), ("completion_ids", "ids"), ("logprobs", "floats"),
@@ -354,7 +393,9 @@ def _write_dataset_dir(out: Path, records: list[dict], fmt: str, card: str) -> N
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        Dataset.from_list(records).save_to_disk(str(tmp))
+        rows = [{k: _plain(v) if isinstance(v, (np.ndarray, np.generic)) else v for k, v in r.items()}
+                for r in records] if fmt == "kd" else records  # kd's arrays: the lists datasets typed before
+        Dataset.from_list(rows).save_to_disk(str(tmp))
         _write_atomic(tmp / "data.parquet", records, fmt)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         if out.exists():
@@ -375,13 +416,14 @@ def _write_atomic(out: Path, records: list[dict], fmt: str = "sft") -> None:
                      "ids2": pa.list_(pa.list_(pa.int32())), "floats2": pa.list_(pa.list_(pa.float32()))}
             extra = [(c, types[t]) for c, t in KD_SCHEMA_FIELDS] if fmt == "kd" else []
             table = pa.table({"id": [r["id"] for r in records], **{c: [r[c] for r in records] for c in columns},
-                              **{c: [r[c] for r in records] for c, _ in extra}},
+                              **{c: _list_column([r[c] for r in records], kind) if pa.types.is_list(kind)
+                                 else [r[c] for r in records] for c, kind in extra}},
                              schema=pa.schema([("id", pa.string())] + [(c, turns) for c in columns] + extra))
             pq.write_table(table, tmp)
         else:
             with open(tmp, "w", encoding="utf-8") as fh:
                 for r in records:
-                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    fh.write(json.dumps(r, ensure_ascii=False, default=_plain) + "\n")
         os.replace(tmp, out)
     finally:
         if tmp.exists():
