@@ -959,6 +959,26 @@ def _data_key(method: str, data_path: Path, start: Path, recipe: dict) -> str | 
     return digest.hexdigest()
 
 
+def keep_freed_memory() -> None:
+    """Make glibc keep the memory a training step frees for the next step, for the rest of this process.
+
+    A step allocates and frees the same buffers (activations, logits chunks, the batch): by default glibc
+    returns a freed top of the heap to the OS (trim threshold) and serves blocks above its mmap threshold
+    with fresh mappings, so the next step faults the same pages back in. Measured on the demo's KD student:
+    2.5x the page faults and ~10% slower steps when little else had grown the heap. The process then keeps
+    up to its peak memory, which a training holds anyway. No-op where libc is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: trim only above 1 GiB of free top
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's 64-bit maximum (larger blocks still mmap)
+    except (OSError, AttributeError):  # another libc (musl: no libc.so.6 or no mallopt)
+        pass
+
+
 def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Path, init: str | None = None,
             on_log: Callable[[int, dict], None] | None = None, *, checkpoint_dir: Path | None = None,
             resume: bool = False, on_resume: Callable[[int, Path], None] | None = None) -> Prepared:
@@ -984,6 +1004,7 @@ def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Pat
     from transformers import AutoTokenizer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
+    keep_freed_memory()
     if torch.cuda.is_available():  # peak_memory_mb covers loading the model too
         torch.cuda.reset_peak_memory_stats()
     recipe = dict(recipe)
