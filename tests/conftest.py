@@ -104,6 +104,15 @@ def arithmetic_sft(path: Path, rows: int, most_checks: int) -> Path:
     return path
 
 
+def bench_quick(script: str, timeout: int = 600, env: dict | None = None) -> dict:
+    """Run `bench/<script> --quick` (each benchmark's smoke test) and return the JSON object its output ends
+    with; a failed run fails the test with the end of its stderr."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick"], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def write(path: Path, text: str) -> Path:
     path.write_text(textwrap.dedent(text))
     return path

@@ -22,19 +22,15 @@ Proven here, in float64 on small random shapes unless said otherwise:
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import bench_quick
 from synth.kd_loss import DIVERGENCES, SparseTargets, kd_loss, reference_kd_loss
 
-REPO = Path(__file__).resolve().parent.parent
 INF = math.inf
 
 
@@ -345,10 +341,7 @@ def test_bad_inputs(case, match):
 
 
 def test_bench_quick():
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "kd_loss.py"), "--quick"], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = bench_quick("kd_loss.py", timeout=300)
     assert out["bench"] == "kd_loss" and out["unit"].startswith("MiB")
     assert out["value"] > 0 and out["baseline"] > 0 and out["ratio"] == pytest.approx(out["value"] / out["baseline"],
                                                                                         rel=1e-2)

@@ -15,12 +15,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import cli_env, echo_teacher, make_pipeline, query, synth, synth_run, write
+from conftest import bench_quick, cli_env, echo_teacher, make_pipeline, query, synth, synth_run, write
 from synth.train import latest_checkpoint
 
 pytest.importorskip("trl")
@@ -374,11 +373,7 @@ def test_a_kd_seed_replica_reuses_the_examples_and_trains_exactly_alike(tiny_mod
 
 def test_kd_data_bench_quick():
     """bench/kd_data.py --quick: both data paths give the same batches, and its JSON line closes the output."""
-    repo = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(repo / "bench" / "kd_data.py"), "--quick"], capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = bench_quick("kd_data.py")
     assert result["bench"] == "kd_data" and result["value"] > 0 and result["baseline"] > 0 and result["rows"] == 200
 
 

@@ -8,13 +8,12 @@ it must not pack are left to the padded forward; a model it gets wrong is caught
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 import synth.packed_forward as packed_forward
-from conftest import arithmetic_sft
+from conftest import arithmetic_sft, bench_quick
 from synth.kd_train import completion_hidden
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread per module
@@ -177,14 +176,7 @@ def test_an_sft_training_packs_and_logs_what_the_padded_training_does(tiny_model
 
 def test_bench_quick():
     """bench/packed_forward.py --quick times both forwards on one trainer and ends with its JSON line."""
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(repo / "bench" / "packed_forward.py"), "--quick"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = bench_quick("packed_forward.py")
     assert result["bench"] == "packed_forward" and result["value"] > 0 and result["baseline"] > 0
     assert 0 < result["padding_share"] < 1
     assert result["loss_packed"] == pytest.approx(result["loss_padded"], rel=1e-5)

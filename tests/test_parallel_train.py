@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli_env, live_processes, query, synth, write
+from conftest import REPO, bench_quick, cli_env, live_processes, query, synth, write
 
 pytestmark = pytest.mark.slow
 
@@ -206,8 +206,5 @@ def test_a_training_that_can_have_no_company_gets_every_core(tmp_path, tiny_mode
 
 def test_bench_quick():
     """bench/parallel_train.py --quick runs both ways, finds the same models, and ends with its JSON line."""
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "parallel_train.py"), "--quick"], capture_output=True,
-                          text=True, env=cli_env(), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = bench_quick("parallel_train.py", timeout=900, env=cli_env())
     assert result["bench"] == "parallel_train" and result["baseline"] > 0 and result["value"] > 0

@@ -6,12 +6,11 @@ built by prepare() exactly as a train stage builds it (TRL's SFTTrainer, its col
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from conftest import arithmetic_sft
+from conftest import arithmetic_sft, bench_quick
 from synth.train import prepare, train
 
 RECIPE = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
@@ -145,13 +144,6 @@ def test_data_tokenised_under_other_inputs_is_never_reused(work, tiny_model, dat
 
 def test_bench_quick():
     """bench/sft_step.py --quick times both losses on one trainer and ends with its JSON line."""
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(repo / "bench" / "sft_step.py"), "--quick"], capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = bench_quick("sft_step.py")
     assert result["bench"] == "sft_step" and result["value"] > 0 and result["baseline"] > 0
     assert result["loss_chunked"] == pytest.approx(result["loss_trl"], rel=1e-4)
