@@ -1030,7 +1030,8 @@ def prepare(method: str, data_path: Path, model: str, recipe: dict, out_dir: Pat
             f"the recipe or filter long rows (or raise max_truncated_share, now {max_share:g})")
     mask = loss_mask(tokenizer, recipe) if method == "sft" else None
     if mask == "completion":
-        rows = rows and prompt_completion_rows(rows, data_path)
+        if rows is not None:  # None: the data is reused, already in prompt-completion form
+            rows = prompt_completion_rows(rows, data_path)
         recipe["assistant_only_loss"] = False
         recipe["completion_only_loss"] = True
 

@@ -99,22 +99,25 @@ def _fresh_prepare(*args, **kwargs):
     return prepare(*args, **kwargs)
 
 
-def test_a_seed_replica_reuses_the_tokenised_data_and_trains_exactly_alike(work, tiny_model, data):
+@pytest.mark.parametrize("recipe_extra", [{}, {"assistant_only_loss": True}], ids=["all_tokens", "assistant_only"])
+def test_a_seed_replica_reuses_the_tokenised_data_and_trains_exactly_alike(work, tiny_model, data, recipe_extra):
     """Seed replicas in one process (a worker of `synth run --jobs N`): the second prepare() reuses the
     first's tokenised data (TRL's preparation skipped) and its trainer is the one a fresh preparation builds:
-    the same dataset, the same batches, the same logged losses over a short training."""
+    the same dataset, the same batches, the same logged losses over a short training; with the assistant-only
+    loss too (loss_mask: the same mask, the same recipe keys)."""
     from synth.train import fit
 
-    first = _fresh_prepare("sft", data, str(tiny_model), {**RECIPE, "seed": 0}, work / "replica-0")
-    again = prepare("sft", data, str(tiny_model), {**RECIPE, "seed": 1}, work / "replica-1")
-    fresh = _fresh_prepare("sft", data, str(tiny_model), {**RECIPE, "seed": 1}, work / "replica-1-fresh")
+    recipe, tag = {**RECIPE, **recipe_extra}, f"replica-{len(recipe_extra)}"
+    first = _fresh_prepare("sft", data, str(tiny_model), {**recipe, "seed": 0}, work / f"{tag}-0")
+    again = prepare("sft", data, str(tiny_model), {**recipe, "seed": 1}, work / f"{tag}-1")
+    fresh = _fresh_prepare("sft", data, str(tiny_model), {**recipe, "seed": 1}, work / f"{tag}-1-fresh")
     assert (first.data_reused, again.data_reused, fresh.data_reused) == (False, True, False)
-    assert again.ready == fresh.ready
+    assert again.ready == fresh.ready and again.loss_mask == fresh.loss_mask
     assert again.trainer.train_dataset.to_list() == fresh.trainer.train_dataset.to_list()
     batches = [[{k: v.tolist() for k, v in b.items()} for b in p.trainer.get_train_dataloader()] for p in (again, fresh)]
     assert batches[0] == batches[1] and len(batches[0]) > 1
     logs = [[e["loss"] for e in fit(p, work / name, work / name / "ckpt")["log"] if "loss" in e]
-            for p, name in ((again, "replica-1"), (fresh, "replica-1-fresh"))]
+            for p, name in ((again, f"{tag}-1"), (fresh, f"{tag}-1-fresh"))]
     assert logs[0] == logs[1] and len(logs[0]) == 3
 
 
