@@ -936,29 +936,28 @@ def _data_key(method: str, data_path: Path, start: Path, recipe: dict) -> str | 
     Seed replicas of a train stage (`seeds: [0, 1, 2]`) read one file with one student and one recipe, and a
     worker process of `synth run --jobs N` (or `synth run` itself) trains stage after stage: the second of
     them in a process tokenises nothing (TRL's SFT preparation took ~4 s of a demo student, kd's ~2 s).
-    The key holds the data file's bytes and its export sidecar's (the think tags), the starting model's
-    files other than weights (tokenizer, chat template, config: name, size, mtime), and the recipe, whose
-    seed is left out where the preparation does not read it: TRL's SFT preparation shuffles with it only
-    under packing or shuffle_dataset; kd's never reads it."""
-    if method not in ("sft", "kd"):
+    The key holds the data file's bytes and the think tags its export declares (export_think_tags, which
+    the readiness check reads), the starting model's files other than weights (tokenizer, chat template,
+    config: name, size, mtime), and the recipe, whose seed is left out where the preparation does not read
+    it: TRL's SFT preparation shuffles with it only under packing or shuffle_dataset; kd's never reads it."""
+    if method not in ("sft", "kd") or not data_path.is_file():  # no file: load_rows says so, in one line
         return None
     import hashlib
 
     digest = hashlib.sha256()
-    for path in (data_path, export_sidecar(data_path)):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-        digest.update(b"\0")
+    with open(data_path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in start.iterdir()
                    if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES)) if start.is_dir() else []
     seeded = method == "sft" and bool(recipe.get("packing") or recipe.get("shuffle_dataset"))
     settings = {k: v for k, v in recipe.items() if k != "seed" or seeded}
-    digest.update(json.dumps([method, str(start.resolve()), files, settings], sort_keys=True, default=str).encode())
+    digest.update(json.dumps([method, str(start.resolve()), files, settings, export_think_tags(data_path)],
+                             sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
+@functools.cache  # once per process: the setting lasts
 def keep_freed_memory() -> None:
     """Make glibc keep the memory a training step frees for the next step, for the rest of this process.
 
