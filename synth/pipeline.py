@@ -246,6 +246,7 @@ def _run_parallel(ctx: RunContext, batch: list[tuple[str, "StageStatus"]], jobs:
     queue, results, failed = list(batch), {}, []
     workers: list[subprocess.Popen] = []
     current: dict[subprocess.Popen, tuple[str, float]] = {}  # a worker's stage and when it was sent
+    last: dict[subprocess.Popen, str] = {}  # the stage in the file (replica_of) a worker trained last
     here_error: SynthError | None = None
 
     def done(name: str) -> bool:  # (a stage of this run that failed is not done; nothing joins after one)
@@ -282,7 +283,9 @@ def _run_parallel(ctx: RunContext, batch: list[tuple[str, "StageStatus"]], jobs:
             for worker in idle:
                 if not queue:
                     break
-                name, st = queue.pop(0)
+                name, st = queue.pop(_next_for(graph, queue, last.get(worker),
+                                               {last[w] for w in current if w in last}))
+                last[worker] = graph.replica_of.get(name, name)
                 console.print(f"[bold]{name}[/bold] ({st.kind}): {st.reason} · in a worker process ({threads} threads)")
                 current[worker] = (name, time.monotonic())
                 worker.stdin.write(json.dumps({"stage": name, "trained": ctx.trained}) + "\n")
@@ -332,6 +335,18 @@ def _run_parallel(ctx: RunContext, batch: list[tuple[str, "StageStatus"]], jobs:
                          f"{'their worker processes' if len(failed) > 1 else 'its worker process'} (the error is "
                          "above); a re-run resumes from the last checkpoint")
     return results
+
+
+def _next_for(graph: Graph, queue: list[tuple[str, "StageStatus"]], own: str | None, others: set[str]) -> int:
+    """The index in `queue` of the stage an idle worker takes: the next replica of the stage in the file it
+    trained last (`own`; the same data and recipe but the seed, so train.prepare reuses the tokenised data
+    that worker holds), else the first of a stage no busy worker is on (`others`: the workers then keep to
+    their own stages' replicas), else the first. Seeds [0, 1, 2] of A, B and C on two workers: A0 A1 A2
+    C0 C2 and B0 B1 B2 C1, five reuses of nine instead of three in file order."""
+    family = [graph.replica_of.get(name, name) for name, _ in queue]
+    if own in family:
+        return family.index(own)
+    return next((i for i, f in enumerate(family) if f not in others), 0)
 
 
 @contextlib.contextmanager

@@ -93,6 +93,37 @@ def test_each_replica_trains_with_its_seed_and_is_evaluated(workspace, tiny_mode
     assert "models over seeds" in synth("report", p, check=True).stdout
 
 
+def test_workers_keep_to_the_replicas_of_one_stage(workspace, tiny_model):
+    """`synth run --jobs 2` hands an idle worker the next replica of the stage it trained last (same data and
+    recipe but the seed: train.prepare reuses the tokenised data that worker holds), and otherwise a stage the
+    other worker is not on. Simulated with trainings of equal length, as the demo's students are."""
+    from synth.pipeline import _next_for
+
+    stages = {f"{arm}_stu": {"kind": "train", "method": "sft", "data": "sft_data", "student": str(tiny_model),
+                             "recipe": "r.yaml", "seeds": [0, 1, 2]} for arm in ("a", "b", "c")}
+    graph = synth_load(replicated(workspace, tiny_model, extra=stages))
+    queue = [(f"{arm}_stu_s{s}", None) for arm in ("a", "b", "c") for s in range(3)]
+    last, busy, took = {}, {}, {0: [], 1: []}  # busy: worker -> when its stage ends
+    clock = 0
+    while queue:
+        for worker in sorted((w for w in (0, 1) if busy.get(w, 0) <= clock), key=lambda w: busy.get(w, 0)):
+            if not queue:
+                break
+            name = queue.pop(_next_for(graph, queue, last.get(worker),
+                                       {last[w] for w in busy if busy[w] > clock and w in last}))[0]
+            last[worker] = graph.replica_of[name]
+            took[worker].append(name)
+            busy[worker] = clock + 10
+        clock = min(busy.values())
+    assert took == {0: ["a_stu_s0", "a_stu_s1", "a_stu_s2", "c_stu_s0", "c_stu_s2"],
+                    1: ["b_stu_s0", "b_stu_s1", "b_stu_s2", "c_stu_s1"]}
+    reused = sum(graph.replica_of[x] == graph.replica_of[y] for names in took.values() for x, y in zip(names, names[1:]))
+    assert reused == 5  # of nine; three in file order
+    # a stage that is no replica is its own family, and a worker with nothing of its own takes the first
+    assert _next_for(graph, [("problems", None), ("a_stu_s1", None)], "b_stu", {"problems"}) == 1
+    assert _next_for(graph, [("problems", None)], None, {"problems"}) == 0
+
+
 def test_mcnemar_and_the_paired_test_by_hand():
     items = [(f"q{i}", 0) for i in range(20)]
     a = {i: True for i in items}
