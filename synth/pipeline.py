@@ -283,8 +283,7 @@ def _run_parallel(ctx: RunContext, batch: list[tuple[str, "StageStatus"]], jobs:
             for worker in idle:
                 if not queue:
                     break
-                name, st = queue.pop(_next_for(graph, queue, last.get(worker),
-                                               {last[w] for w in current if w in last}))
+                name, st = queue.pop(_next_for(graph, queue, last.get(worker), {last[w] for w in current}))
                 last[worker] = graph.replica_of.get(name, name)
                 console.print(f"[bold]{name}[/bold] ({st.kind}): {st.reason} · in a worker process ({threads} threads)")
                 current[worker] = (name, time.monotonic())
