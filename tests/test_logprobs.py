@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from conftest import synth_run, query, synth, write
+from conftest import bench_quick, synth_run, query, synth, write
 from scripted_teacher import ScriptedTeacher
 
 
@@ -177,6 +177,48 @@ def test_hf_logprobs_match_a_forward_pass(workspace, tiny_model):
         logits = model(torch.tensor([prompt + generated])).logits[0].float().log_softmax(-1)
     expected = [logits[len(prompt) - 1 + t, token].item() for t, token in enumerate(generated)]
     assert [r[1] for r in rows] == pytest.approx(expected, abs=1e-3)
+
+
+def test_hf_batch_logprobs_equal_each_rows_own_computation(tiny_model):
+    """synth/teachers/hf.py takes a generated batch's log-probs one step at a time over all rows; each row's
+    values must be exactly those of that row's positions alone (its logits stacked, log_softmax, its token
+    gathered, top-k): bit for bit, on a real model's sampled batch whose rows end at different lengths."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from synth.teachers.hf import _step_logprobs
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    messages = [[{"role": "user", "content": f"Q{i}: what is {i} + {i}?" * (1 + i % 3)}] for i in range(6)]
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, padding=True, return_tensors="pt",
+                                        return_dict=True)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=12, do_sample=True, temperature=1.0, top_k=0,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    taken = out.sequences[:, enc["input_ids"].shape[1]:]
+    k = 5
+    steps = _step_logprobs(out.logits, taken, k)
+    for i in range(len(messages)):
+        for n in (1, len(out.logits) // 2, len(out.logits)):  # any row length: a row that ended early too
+            tokens = taken[i, :n].tolist()
+            rows = torch.stack([out.logits[t][i] for t in range(n)]).float().log_softmax(-1)
+            top_values, top_ids = rows.topk(k, dim=-1)
+            got = steps.row(i, tokens)
+            assert got["token_ids"] == tokens
+            assert got["logprobs"] == rows.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1).tolist()
+            assert got["top_ids"] == top_ids.flatten().tolist()
+            assert got["top_logprobs"] == top_values.flatten().tolist()
+
+
+def test_hf_logprobs_bench_quick():
+    """bench/hf_logprobs.py --quick: both extraction paths build the same log-probs, and its JSON line closes
+    the output."""
+    result = bench_quick("hf_logprobs.py")
+    assert result["bench"] == "hf_logprobs" and result["value"] > 0 and result["baseline"] > 0
 
 
 def test_the_stored_tokenizer_is_an_absolute_path(workspace, tiny_model):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -121,6 +122,7 @@ class HFTeacher(TeacherBase):
             return
         latency = time.monotonic() - started
         sequences = out.sequences if top_k is not None else out
+        steps = None if top_k is None else _step_logprobs(out.logits, sequences[:, prompt_len:], top_k)
         for i, r in enumerate(batch):
             new = sequences[i, prompt_len:].tolist()
             stop_at = next((j for j, t in enumerate(new) if t in self.eos_ids), None)
@@ -132,7 +134,7 @@ class HFTeacher(TeacherBase):
             yield Completion(r.id, text=text, finish_reason=finish,
                              prompt_tokens=int(enc["attention_mask"][i].sum()), completion_tokens=generated,
                              latency_s=latency,
-                             logprobs=None if top_k is None else self._logprobs(out.logits, i, new[:generated], top_k))
+                             logprobs=None if steps is None else steps.row(i, new[:generated]))
 
     def score(self, requests: Sequence[ScoreRequest]) -> Iterator[Completion]:
         """Each sequence scored in one forward pass per batch (right-padded): the prompt as generate renders it
@@ -216,19 +218,45 @@ class HFTeacher(TeacherBase):
             self._grammars[key] = self._grammar_compiler.compile_json_schema(key, any_whitespace=False)
         return LogitsProcessor(self._grammars[key])
 
-    def _logprobs(self, logits, row: int, tokens: list[int], k: int) -> dict:
-        """Completion.logprobs of one sequence (base.token_logprobs): for each generated token, its
-        log-probability under the model and the k most likely tokens at that step (log_softmax of the raw
-        logits, before temperature and top-p), by token id."""
-        import torch
-
-        return self._top(torch.stack([logits[t][row] for t in range(len(tokens))]).float().log_softmax(-1), tokens, k)
-
     def stop(self) -> None:
         self._stopped = True  # checked between batches
 
     def close(self) -> None:
         self.lm = None
+
+
+@dataclass(frozen=True)
+class _StepLogprobs:
+    """A generated batch's log-probabilities (log_softmax of the raw logits, before temperature and top-p):
+    at each step, of the token each row took and of its k most likely tokens. [rows, steps(, k)] on the CPU."""
+    chosen: object      # FloatTensor [B, S]
+    top_values: object  # FloatTensor [B, S, k]
+    top_ids: object     # LongTensor [B, S, k]
+    k: int
+
+    def row(self, i: int, tokens: list[int]) -> dict:
+        """Completion.logprobs of row i, whose generated tokens (the end-of-sequence one included) are `tokens`."""
+        n = len(tokens)
+        return token_logprobs(self.k, self.chosen[i, :n].tolist(), token_ids=list(tokens),
+                              top_ids=self.top_ids[i, :n].reshape(-1).tolist(),
+                              top_logprobs=self.top_values[i, :n].reshape(-1).tolist())
+
+
+def _step_logprobs(logits, taken, k: int) -> _StepLogprobs:
+    """`logits`: generate's raw logits, one [B, vocabulary] tensor per step; `taken`: [B, >= steps] the tokens
+    generated. One log_softmax, gather and top-k per step over the whole batch, not per row and position
+    (a row's values are the same: each row's vocabulary is reduced on its own), with at most one step's
+    [B, vocabulary] log-probabilities alive at a time (a real model's vocabulary is ~150k)."""
+    import torch
+
+    chosen, values, ids = [], [], []
+    for t, step in enumerate(logits):
+        lp = step.float().log_softmax(-1)
+        chosen.append(lp.gather(1, taken[:, t:t + 1]).squeeze(1))
+        top_values, top_ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        values.append(top_values)
+        ids.append(top_ids)
+    return _StepLogprobs(torch.stack(chosen, 1).cpu(), torch.stack(values, 1).cpu(), torch.stack(ids, 1).cpu(), k)
 
 
 def _apply_stop_strings(text: str, finish: str, stop: list[str] | None) -> tuple[str, str]:
