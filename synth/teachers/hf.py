@@ -191,17 +191,10 @@ class HFTeacher(TeacherBase):
         for i, r in enumerate(ready):
             p, n = prompts[i], len(r.tokens)
             steps = logits[i, p - 1:p - 1 + n].float().log_softmax(-1)
+            chosen, top_values, top_ids = _taken_and_top(steps, torch.tensor(r.tokens, device=steps.device), r.k)
+            row = _StepLogprobs(chosen[None].cpu(), top_values[None].cpu(), top_ids[None].cpu(), r.k)
             yield Completion(r.id, prompt_tokens=p, completion_tokens=n, latency_s=latency,
-                             logprobs=self._top(steps, list(r.tokens), r.k))
-
-    def _top(self, steps, tokens: list[int], k: int) -> dict:
-        """token_logprobs from per-position log-probabilities (n x vocabulary) and the tokens taken."""
-        import torch
-
-        chosen = steps.gather(1, torch.tensor(tokens, device=steps.device).unsqueeze(1)).squeeze(1).tolist()
-        top_values, top_ids = steps.topk(min(k, steps.shape[-1]), dim=-1)
-        return token_logprobs(k, chosen, token_ids=list(tokens), top_ids=top_ids.flatten().tolist(),
-                              top_logprobs=top_values.flatten().tolist())
+                             logprobs=row.row(0, list(r.tokens)))
 
     def _constrained(self, schema: dict):
         """A fresh xgrammar logits processor for one generate() call (it keeps per-sequence state)."""
@@ -225,10 +218,19 @@ class HFTeacher(TeacherBase):
         self.lm = None
 
 
+def _taken_and_top(lp, taken, k: int):
+    """From log-probabilities [n, vocabulary] and the token taken at each of the n positions [n]: the taken
+    tokens' log-probs [n] and the k best per position, values and ids [n, k] (fewer if the vocabulary is)."""
+    top_values, top_ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    return lp.gather(1, taken.unsqueeze(1)).squeeze(1), top_values, top_ids
+
+
 @dataclass(frozen=True)
 class _StepLogprobs:
-    """A generated batch's log-probabilities (log_softmax of the raw logits, before temperature and top-p):
-    at each step, of the token each row took and of its k most likely tokens. [rows, steps(, k)] on the CPU."""
+    """A batch's log-probabilities (log_softmax of the raw logits, before temperature and top-p): at each
+    step, of the token each row took and of its k most likely tokens. [rows, steps(, k)] on the CPU. A
+    generated batch's (_step_logprobs) and a scored sequence's (a batch of one) become Completion.logprobs
+    through `row`."""
     chosen: object      # FloatTensor [B, S]
     top_values: object  # FloatTensor [B, S, k]
     top_ids: object     # LongTensor [B, S, k]
@@ -251,9 +253,8 @@ def _step_logprobs(logits, taken, k: int) -> _StepLogprobs:
 
     chosen, values, ids = [], [], []
     for t, step in enumerate(logits):
-        lp = step.float().log_softmax(-1)
-        chosen.append(lp.gather(1, taken[:, t:t + 1]).squeeze(1))
-        top_values, top_ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        step_chosen, top_values, top_ids = _taken_and_top(step.float().log_softmax(-1), taken[:, t], k)
+        chosen.append(step_chosen)
         values.append(top_values)
         ids.append(top_ids)
     return _StepLogprobs(torch.stack(chosen, 1).cpu(), torch.stack(values, 1).cpu(), torch.stack(ids, 1).cpu(), k)
