@@ -4,7 +4,7 @@
         [--threads 1] [--quick]
 
 One trainer, built by synth.train.prepare exactly as a train stage builds it (ChunkedSFTTrainer, TRL's
-collator and batches), on a random-init student of the demo's shape (synth.tiny: Llama-shaped, --hidden,
+batches), on a random-init student of the demo's shape (synth.tiny: Llama-shaped, --hidden,
 2 layers, a tokenizer of --vocab trained on the rows) and demo-like rows (a short question, a ~60-120
 token multi-line answer, assistant-only loss). The baseline is the same trainer with its loss switched to
 TRL's (`trl_loss_reason` set), on the same batches and the same weights: each round times --steps calls of

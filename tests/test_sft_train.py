@@ -150,3 +150,44 @@ def test_bench_quick():
     result = bench_quick("sft_step.py")
     assert result["bench"] == "sft_step" and result["value"] > 0 and result["baseline"] > 0
     assert result["loss_chunked"] == pytest.approx(result["loss_trl"], rel=1e-4)
+
+
+def test_padded_batches_are_trls_batches_and_train_bit_identically(work, tiny_model, data, monkeypatch):
+    """PaddedBatches (numpy) gives TRL's collator's tensors exactly (keys, dtypes, values) on the trainer's own
+    examples, with labels and without (labels default to input_ids); a collator it does not reproduce is kept;
+    and a short training with each collator ends in bit-identical weights."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    import synth.sft_train as sft_train
+
+    prepared = prepare("sft", data, str(tiny_model), {**RECIPE, "assistant_only_loss": True}, work / "padded")
+    trainer = prepared.trainer
+    assert isinstance(trainer.data_collator, sft_train.PaddedBatches)
+    trl_collator = trainer.data_collator.trl_collator
+    examples = trainer.train_dataset.to_list()
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # rows of several lengths: padding happens
+    for batch in (examples[:5], examples[3:4], [{"input_ids": e["input_ids"]} for e in examples[:6]]):
+        ours, theirs = trainer.data_collator(batch), trl_collator(batch)
+        assert ours.keys() == theirs.keys()
+        for key in theirs:
+            assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+    for kept in (DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True),
+                 DataCollatorForLanguageModeling(pad_token_id=0, pad_to_multiple_of=8), lambda batch: batch):
+        assert sft_train.padded_batches(kept) is kept
+
+    def weights(name: str) -> dict:
+        result = train("sft", data, str(tiny_model), {**RECIPE, "max_steps": 4}, work / name)
+        from safetensors.torch import load_file
+        return load_file(str(Path(result["model_dir"]) / "model.safetensors"))
+
+    ours = weights("padded-ours")
+    monkeypatch.setattr(sft_train, "padded_batches", lambda collator: collator)
+    theirs = weights("padded-trl")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_collate_bench_quick():
+    """bench/sft_collate.py --quick checks both collators build the same batches and ends with its JSON line."""
+    result = bench_quick("sft_collate.py")
+    assert result["bench"] == "sft_collate" and result["value"] > 0 and result["baseline"] > 0 and result["step_s"] > 0
