@@ -55,21 +55,15 @@ def main() -> None:
     import torch
 
     import synth.packed_forward as packed_forward
-    from synth.tiny import build_model
     from synth.train import prepare
-    from sft_step import rows
+    from sft_step import demo_like
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data, student = args.data, args.model
         if data is None:
-            examples = rows(max(64, args.batch * 4))
-            data = root / "sft.jsonl"
-            data.write_text("".join(json.dumps(r) + "\n" for r in examples))
-            corpus = [m["content"] for r in examples for m in r["messages"]]
-            student = build_model(root / "student", corpus, hidden=args.hidden, layers=2, heads=4,
-                                  vocab_size=args.vocab, split_digits=True)
+            data, student = demo_like(root, max(64, args.batch * 4), args.hidden, args.vocab)
         recipe = {"max_steps": 1, "per_device_train_batch_size": args.batch, "max_length": 256, "seed": 0,
                   **({"assistant_only_loss": True} if args.method == "sft" else {})}
         trainer = prepare(args.method, data, str(student), recipe, root / "out").trainer

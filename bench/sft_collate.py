@@ -51,24 +51,19 @@ def main() -> None:
 
     import torch
 
-    from sft_step import rows
+    from sft_step import demo_like
     from synth.sft_train import PaddedBatches
-    from synth.tiny import build_model
     from synth.train import prepare
 
     torch.set_num_threads(1)  # a train stage's worker under --jobs on 2 cores
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if args.data is None:
-            data = rows(max(64, args.batch * 8))
-            (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
-            corpus = [m["content"] for r in data for m in r["messages"]]
-            student = build_model(root / "student", corpus, hidden=args.hidden, layers=2, heads=4,
-                                  vocab_size=args.vocab, split_digits=True)
+        data, student = args.data, args.model
+        if data is None:
+            data, student = demo_like(root, max(64, args.batch * 8), args.hidden, args.vocab)
         recipe = {"max_steps": 1, "per_device_train_batch_size": args.batch, "max_length": 256,
                   "assistant_only_loss": True, "seed": 0}
-        trainer = prepare("sft", args.data or root / "sft.jsonl", str(args.model or student), recipe,
-                          root / "out").trainer
+        trainer = prepare("sft", data, str(student), recipe, root / "out").trainer
         ours = trainer.data_collator
         if not isinstance(ours, PaddedBatches):
             sys.exit(f"sft_collate: the trainer does not use PaddedBatches ({type(ours).__name__})")

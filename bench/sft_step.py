@@ -47,6 +47,19 @@ def rows(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def demo_like(root: Path, n: int, hidden: int, vocab: int) -> tuple[Path, Path]:
+    """(an SFT jsonl of n demo-like rows, a random-init student of the demo's shape with a tokenizer of `vocab`
+    trained on them) under root: the default data and student of the CPU training benches."""
+    from synth.tiny import build_model
+
+    data = rows(n)
+    path = root / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in data))
+    corpus = [m["content"] for r in data for m in r["messages"]]
+    return path, build_model(root / "student", corpus, hidden=hidden, layers=2, heads=4, vocab_size=vocab,
+                             split_digits=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=64)
@@ -63,20 +76,15 @@ def main() -> None:
     import torch
     from trl import SFTTrainer
 
-    from synth.tiny import build_model
     from synth.train import prepare
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = rows(max(64, args.batch * 4))
-        (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
-        corpus = [m["content"] for r in data for m in r["messages"]]
-        student = build_model(root / "student", corpus, hidden=args.hidden, layers=2, heads=4,
-                              vocab_size=args.vocab, split_digits=True)
+        data, student = demo_like(root, max(64, args.batch * 4), args.hidden, args.vocab)
         recipe = {"max_steps": 1, "per_device_train_batch_size": args.batch, "max_length": 256,
                   "assistant_only_loss": True, "seed": 0}
-        trainer = prepare("sft", root / "sft.jsonl", str(student), recipe, root / "out").trainer
+        trainer = prepare("sft", data, str(student), recipe, root / "out").trainer
         if trainer.trl_loss_reason is not None:
             sys.exit(f"sft_step: the chunked CE is not used here ({trainer.trl_loss_reason})")
         model = trainer.model.train()

@@ -25,6 +25,16 @@ def content_hash(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()[:ID_HEX_CHARS]
 
 
+def file_sha256(path, digest=None):
+    """`digest` (a new sha256 by default) updated with a file's bytes, read in 1 MiB blocks; returns it. OSError
+    propagates (a caller decides what a missing file means)."""
+    digest = hashlib.sha256() if digest is None else digest
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
 def request_id(model: str, messages: list[dict], params: dict, sample: int) -> str:
     return content_hash({"model": model, "messages": messages, "params": params, "sample": sample})
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from synth.errors import SynthError, decode_utf8, one_line
-from synth.ids import content_hash
+from synth.ids import content_hash, file_sha256
 
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 MAX_ROW_BYTES = 2 ** 20
@@ -44,9 +44,7 @@ def file_fingerprint(path: Path) -> str:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
         h.update(str(f.relative_to(path) if f != path else f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        file_sha256(f, h)
     return h.hexdigest()[:32]
 
 

@@ -40,6 +40,7 @@ import yaml
 
 from synth import kd_train, sft_train
 from synth.errors import SynthError, one_line
+from synth.ids import file_sha256
 from synth.paths import export_sidecar
 
 METHODS = ("sft", "dpo", "kd")
@@ -942,12 +943,7 @@ def _data_key(method: str, data_path: Path, start: Path, recipe: dict) -> str | 
     it: TRL's SFT preparation shuffles with it only under packing or shuffle_dataset; kd's never reads it."""
     if method not in ("sft", "kd") or not data_path.is_file():  # no file: load_rows says so, in one line
         return None
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(data_path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    digest = file_sha256(data_path)
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in start.iterdir()
                    if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES)) if start.is_dir() else []
     seeded = method == "sft" and bool(recipe.get("packing") or recipe.get("shuffle_dataset"))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -38,7 +37,7 @@ from synth.config import TrainStage
 from synth.context import RunContext
 from synth.errors import SynthError
 from synth.graph import Graph, Kind, Ref
-from synth.ids import content_hash
+from synth.ids import content_hash, file_sha256
 from synth.paths import export_sidecar
 from synth.store import Store, now, sql_str
 from synth.teachers import HFTeacherConfig, VLLMTeacherConfig, model_signature, resolve_model_path, vocabulary_of
@@ -211,14 +210,10 @@ def missing_output(graph: Graph, name: str, state: dict) -> str | None:
 
 
 def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        return file_sha256(path).hexdigest()[:16]
     except OSError:
         return "missing"
-    return digest.hexdigest()[:16]
 
 
 @contextlib.contextmanager
